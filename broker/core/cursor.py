@@ -1,0 +1,31 @@
+"""Cursor syntax (DESIGN.md §3, §5).
+
+- workflow cursor: `<epoch>:<seq>` (the SSE id of single-workflow streams)
+- journal cursor: `<node-epoch>.<offset>` (the SSE id of multi-workflow streams)
+- `since`: a bare seq, 0 meaning "from the first event".
+
+Parsers return None for anything malformed; callers decide whether that is a
+400 (since=) or a `resync` (Last-Event-ID). Pure.
+"""
+
+from __future__ import annotations
+
+import re
+
+_WF_RE = re.compile(r"^([A-Za-z0-9_-]{1,32}):(\d{1,19})$")
+_JOURNAL_RE = re.compile(r"^([A-Za-z0-9_-]{1,32})\.(\d{1,19})$")
+_SINCE_RE = re.compile(r"^\d{1,19}$")
+
+
+def parse_workflow_cursor(text: str) -> tuple[str, int] | None:
+    m = _WF_RE.match(text.strip())
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def parse_journal_cursor(text: str) -> tuple[str, int] | None:
+    m = _JOURNAL_RE.match(text.strip())
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def parse_since(text: str) -> int | None:
+    return int(text) if _SINCE_RE.match(text.strip()) else None

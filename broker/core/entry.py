@@ -1,0 +1,102 @@
+"""Stream messages and their wire encodings, built once per event.
+
+An `Entry` is one released event (or gap) as every subscriber sees it. Its
+JSON body is encoded once at ingest; its SSE frames are built on first use
+and cached, so a thousand subscribers cost one encoding, not a thousand
+(DESIGN.md §5, FIELD-NOTES "pre-encode each event once").
+
+A `Message` is a message made for one reader (snapshot, resync, end, a
+reader-side gap): same interface, encoded on demand.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .envelope import LOG_LEVELS
+
+
+def sse_frame(event_id: str, kind: str, body: bytes) -> bytes:
+    # orjson never emits a raw newline, so `data:` is always one line.
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), body)
+
+
+class Entry:
+    """One event in a workflow ring and the node journal."""
+
+    __slots__ = (
+        "workflow_id", "tenant", "parent_id", "epoch", "seq", "seq_from", "kind", "task_id",
+        "state", "level", "terminal", "after_terminal", "body", "size", "offset", "cursor",
+        "_sse", "_sse_multi",
+    )
+
+    def __init__(
+        self,
+        msg: dict[str, Any],
+        *,
+        tenant: str,
+        parent_id: str | None,
+        terminal: bool = False,
+        after_terminal: bool = False,
+        seq_from: int | None = None,
+    ) -> None:
+        self.workflow_id: str = msg["workflow_id"]
+        self.tenant = tenant
+        self.parent_id = parent_id
+        self.epoch: str = msg["epoch"]
+        self.seq: int = msg["seq"]
+        self.seq_from = self.seq if seq_from is None else seq_from
+        self.kind: str = msg["kind"]
+        self.task_id: str | None = msg.get("task_id")
+        self.state: str | None = msg.get("state")
+        level = msg.get("level")
+        self.level = LOG_LEVELS[level] if level is not None else 0
+        self.terminal = terminal
+        self.after_terminal = after_terminal
+        self.body = orjson.dumps(msg)
+        # Accounted size: the body plus a rough fixed cost of the object.
+        self.size = len(self.body) + 200
+        self.offset = 0  # journal offset, set when journaled
+        self.cursor = f"{self.epoch}:{self.seq}"
+        self._sse: bytes | None = None
+        self._sse_multi: bytes | None = None
+
+    def sse(self) -> bytes:
+        """SSE frame for a single-workflow stream (id = epoch:seq)."""
+        frame = self._sse
+        if frame is None:
+            frame = self._sse = sse_frame(self.cursor, self.kind, self.body)
+        return frame
+
+    def sse_multi(self, node_epoch: str) -> bytes:
+        """SSE frame for a multi-workflow stream (id = journal cursor)."""
+        frame = self._sse_multi
+        if frame is None:
+            frame = self._sse_multi = sse_frame(f"{node_epoch}.{self.offset}", self.kind, self.body)
+        return frame
+
+
+class Message:
+    """A message made for one reader: snapshot, resync, end, or a reader gap."""
+
+    __slots__ = ("kind", "workflow_id", "cursor", "journal_cursor", "body")
+
+    def __init__(self, msg: dict[str, Any], cursor: str, journal_cursor: str = "") -> None:
+        self.kind: str = msg["kind"]
+        self.workflow_id: str = msg["workflow_id"]
+        self.cursor = cursor
+        self.journal_cursor = journal_cursor
+        self.body = orjson.dumps(msg)
+
+    def sse(self) -> bytes:
+        return sse_frame(self.cursor, self.kind, self.body)
+
+    def sse_multi(self, node_epoch: str) -> bytes:
+        return sse_frame(self.journal_cursor, self.kind, self.body)
+
+
+Item = Entry | Message

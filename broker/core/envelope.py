@@ -1,0 +1,178 @@
+"""The event envelope of DESIGN.md §2: parse and validate one ingest frame.
+
+`decode_frame(bytes)` turns one ZeroMQ frame (or one HTTP body) into a list
+of per-event results, so that one bad event in a batch never affects the
+others. `validate(obj)` checks one JSON object and returns the normalised
+event dict (only the envelope's fields, with `state` and `kind` derived).
+
+Decisions where DESIGN.md is silent (also in docs/protocol.md):
+- Unknown top-level fields are rejected (`unknown_field`): a typo such as
+  `workflowid` must not silently create a stream. Opaque payload goes in `data`.
+- `workflow.<x>` / `task.<x>` accept any lower-case state word `x`; the
+  terminal sets are fixed (completed, failed, cancelled).
+- Strings that name things (ids, tenant, task) may not hold control chars.
+
+Pure functions; no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from .errors import Reject
+
+WORKFLOW_STATES = ("created", "running", "suspended", "resumed", "completed", "failed", "cancelled")
+TASK_STATES = (
+    "created", "scheduled", "pending", "running", "retrying", "completed", "failed", "cancelled",
+)
+TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+KNOWN_FIELDS = frozenset(
+    {
+        "workflow_id", "type", "id", "seq", "tenant", "ts", "task_id", "state",
+        "progress", "level", "message", "parent_id", "result", "error", "data",
+    }
+)
+
+_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_STATE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_SEQ = 2**63 - 1
+
+
+def _name(obj: dict[str, Any], key: str, max_len: int, *, required: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise Reject("missing_field", f"'{key}' is required")
+        return None
+    if not isinstance(value, str):
+        raise Reject("invalid_field", f"'{key}' must be a string")
+    if not 1 <= len(value) <= max_len:
+        raise Reject("invalid_field", f"'{key}' must be 1-{max_len} characters")
+    if _CONTROL_RE.search(value):
+        raise Reject("invalid_field", f"'{key}' must not contain control characters")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, minimum: int) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    # bool is an int subclass in Python; `true` is not a sequence number.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Reject("invalid_field", f"'{key}' must be an integer")
+    if not minimum <= value <= MAX_SEQ:
+        raise Reject("invalid_field", f"'{key}' must be an integer >= {minimum}")
+    return value
+
+
+def kind_of(event_type: str) -> str:
+    """Stream message kind for an event type (DESIGN.md §5)."""
+    if event_type == "task.progress":
+        return "progress"
+    if event_type == "log":
+        return "log"
+    if event_type.startswith(("workflow.", "task.")) and event_type.count(".") == 1:
+        return "state"
+    return "event"
+
+
+def validate(obj: Any) -> dict[str, Any]:
+    """Validate one event object; return its normalised dict or raise Reject."""
+    if not isinstance(obj, dict):
+        raise Reject("not_object", "an event must be a JSON object")
+    for key in obj:
+        if key not in KNOWN_FIELDS:
+            shown = key if len(key) <= 64 else key[:64] + "…"
+            raise Reject("unknown_field", f"unknown field '{shown}'")
+
+    ev: dict[str, Any] = {}
+    ev["workflow_id"] = _name(obj, "workflow_id", 256, required=True)
+    etype = obj.get("type")
+    if etype is None:
+        raise Reject("missing_field", "'type' is required")
+    if not isinstance(etype, str) or len(etype) > 128 or not _TYPE_RE.match(etype):
+        raise Reject("invalid_field", "'type' must be a dotted name of letters, digits, '_' or '-'")
+    ev["type"] = etype
+    kind = kind_of(etype)
+
+    for key, limit in (("id", 128), ("tenant", 128), ("task_id", 256), ("parent_id", 256)):
+        value = _name(obj, key, limit)
+        if value is not None:
+            ev[key] = value
+    for key, minimum in (("seq", 1), ("ts", 0)):
+        value = _int(obj, key, minimum)
+        if value is not None:
+            ev[key] = value
+
+    state = obj.get("state")
+    if state is not None:
+        if not isinstance(state, str) or not _STATE_RE.match(state) or len(state) > 64:
+            raise Reject("invalid_field", "'state' must be a lower-case word")
+    elif kind == "state":
+        state = etype.split(".", 1)[1]
+        if not _STATE_RE.match(state):
+            raise Reject("invalid_field", f"'{etype}' does not name a state")
+    if state is not None:
+        ev["state"] = state
+
+    if etype.startswith("task.") and "task_id" not in ev:
+        raise Reject("missing_field", f"'task_id' is required for {etype}")
+
+    progress = obj.get("progress")
+    if progress is not None:
+        if not isinstance(progress, (int, float)) or isinstance(progress, bool):
+            raise Reject("invalid_field", "'progress' must be a number")
+        if not 0 <= progress <= 100:
+            raise Reject("invalid_field", "'progress' must be between 0 and 100")
+        ev["progress"] = progress
+    elif etype == "task.progress":
+        raise Reject("missing_field", "'progress' is required for task.progress")
+
+    level = obj.get("level")
+    if level is not None:
+        if level not in LOG_LEVELS:
+            raise Reject("invalid_field", "'level' must be one of " + "/".join(LOG_LEVELS))
+        ev["level"] = level
+    elif etype == "log":
+        raise Reject("missing_field", "'level' is required for log")
+
+    message = obj.get("message")
+    if message is not None:
+        if not isinstance(message, str):
+            raise Reject("invalid_field", "'message' must be a string")
+        ev["message"] = message
+
+    for key in ("result", "error", "data"):
+        if key in obj:
+            ev[key] = obj[key]
+    ev["kind"] = kind
+    return ev
+
+
+def decode_frame(frame: bytes, max_bytes: int) -> list[dict[str, Any] | Reject]:
+    """Decode one frame into events (a JSON array is a batch) or rejects.
+
+    A frame that fails as a whole (too large, not JSON) yields one Reject.
+    """
+    if len(frame) > max_bytes:
+        return [Reject("too_large", f"frame of {len(frame)} bytes exceeds {max_bytes}")]
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        return [Reject("invalid_json", f"not UTF-8 JSON: {str(exc)[:120]}")]
+    items = obj if isinstance(obj, list) else [obj]
+    if isinstance(obj, list) and not obj:
+        return [Reject("not_object", "empty batch")]
+    out: list[dict[str, Any] | Reject] = []
+    for item in items:
+        try:
+            out.append(validate(item))
+        except Reject as rej:
+            out.append(rej)
+    return out

@@ -1,0 +1,319 @@
+"""Readers: what one subscriber receives next, read straight from the rings.
+
+A reader holds a cursor (an absolute ring or journal index), never a queue
+of copies: `pull()` returns everything pending for its subscriber, already
+filtered, ready to be joined into one write. A reader that has fallen off
+the ring, or is more than `coalesce_after` entries behind, skips ahead and
+gets one `resync` snapshot (state streams) or one `gap` with the count of
+lines it lost (log streams).
+
+- `WorkflowReader`: one workflow (the /v1/workflows/{id}/… streams).
+- `MultiReader`: the node journal, scoped by `workflows=`, `tenant=` or
+  `parent=` (descendants included, also those that start later).
+
+`plan_workflow_start` / `plan_multi_start` turn the client's cursor into a
+start position with exactly the 400 / resync / 204 rules of DESIGN.md §5.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .cursor import parse_journal_cursor, parse_since, parse_workflow_cursor
+from .entry import Entry, Item, Message
+from .errors import InvalidArgument
+from .filters import Filter
+from .state import BrokerState, Workflow
+
+SNAPSHOT = "snapshot"
+RESYNC = "resync"
+AT_INDEX = "index"
+NO_CONTENT = "no_content"  # HTTP 204: the cursor is already at the terminal event
+
+
+@dataclass(frozen=True)
+class Start:
+    mode: str  # SNAPSHOT, RESYNC, AT_INDEX or NO_CONTENT
+    index: int = 0
+
+
+def plan_workflow_start(
+    wf: Workflow, *, last_event_id: str | None = None, since: str | None = None
+) -> Start:
+    """Where a single-workflow stream starts.
+
+    Last-Event-ID (header or `last_event_id=`) wins over `since=`, because an
+    EventSource reconnects to the same URL, `since` and all, and adds it.
+    """
+    ring = wf.ring
+    head = wf.snapshot.seq
+    if last_event_id is not None:
+        parsed = parse_workflow_cursor(last_event_id)
+        if parsed is None or parsed[0] != wf.epoch or parsed[1] > head:
+            return Start(RESYNC)
+        seq = parsed[1]
+        if wf.terminal_seq is not None and seq >= wf.terminal_seq:
+            return Start(NO_CONTENT)
+        if seq < wf.oldest_cursor_seq():
+            return Start(RESYNC)
+        return Start(AT_INDEX, ring.index_after_seq(seq))
+    if since is not None:
+        seq_or_none = parse_since(since)
+        if seq_or_none is None:
+            raise InvalidArgument("'since' must be a non-negative integer sequence number")
+        seq = seq_or_none
+        if seq > head:
+            raise InvalidArgument(f"'since' {seq} is ahead of the workflow's last seq {head}")
+        oldest = wf.oldest_cursor_seq()
+        if seq == 0:
+            if ring.dropped:
+                raise InvalidArgument(
+                    f"the first events are no longer held; oldest available since is {oldest}"
+                )
+            seq = oldest
+        elif seq < oldest:
+            raise InvalidArgument(f"'since' {seq} is older than the ring; oldest available since is {oldest}")
+        if wf.terminal_seq is not None and seq >= wf.terminal_seq:
+            return Start(NO_CONTENT)
+        return Start(AT_INDEX, ring.index_after_seq(seq))
+    return Start(SNAPSHOT)
+
+
+def plan_multi_start(
+    state: BrokerState, *, last_event_id: str | None = None, since: str | None = None
+) -> Start:
+    """Where a multi-workflow stream starts (journal cursors `<epoch>.<offset>`)."""
+    journal = state.journal
+    text = last_event_id if last_event_id is not None else since
+    if text is None:
+        return Start(SNAPSHOT)
+    parsed = parse_journal_cursor(text)
+    ok = (
+        parsed is not None
+        and parsed[0] == state.node_epoch
+        and journal.first_index <= parsed[1] <= journal.next_index
+    )
+    if ok:
+        assert parsed is not None
+        return Start(AT_INDEX, parsed[1])  # offset N = index of the entry after it
+    if last_event_id is not None:
+        return Start(RESYNC)
+    raise InvalidArgument(
+        "'since' must be a journal cursor of this node within reach: "
+        f"{state.node_epoch}.{journal.first_index}..{state.node_epoch}.{journal.next_index}"
+    )
+
+
+def _end_message(wf_id: str, epoch: str, seq: int, state: str | None, journal_cursor: str = "") -> Message:
+    msg = {"kind": "end", "workflow_id": wf_id, "epoch": epoch, "seq": seq, "state": state}
+    return Message(msg, f"{epoch}:{seq}", journal_cursor)
+
+
+class WorkflowReader:
+    def __init__(self, wf: Workflow, flt: Filter, start: Start, *, coalesce_after: int = 256) -> None:
+        self.wf = wf
+        self.filter = flt
+        self.coalesce_after = coalesce_after
+        self.index = start.index
+        self._opening: str | None = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
+        self.done = start.mode == NO_CONTENT
+        self.last_cursor = ""
+
+    def set_filter(self, flt: Filter) -> None:
+        self.filter = flt
+
+    def _snapshot(self, kind: str) -> list[Item]:
+        wf = self.wf
+        snap = wf.snapshot
+        msg = snap.to_message(kind, wf.epoch, self.filter.tasks)
+        out: list[Item] = [Message(msg, f"{wf.epoch}:{snap.seq}")]
+        self.index = wf.ring.next_index
+        if wf.terminal_seq is not None:
+            out.append(_end_message(wf.id, wf.epoch, wf.terminal_seq, snap.state))
+            self.done = True
+        return out
+
+    def pull(self) -> list[Item]:
+        """Everything pending for this subscriber, in order; [] if nothing."""
+        if self.done:
+            return []
+        out: list[Item]
+        if self._opening is not None:
+            out = self._snapshot(self._opening)
+            self._opening = None
+            if self.done:
+                return out
+        else:
+            out = []
+        ring = self.wf.ring
+        behind = ring.next_index - self.index
+        if behind == 0:
+            return out
+        if self.index < ring.first_index or behind > self.coalesce_after:
+            out.extend(self._skip_ahead())
+            return out
+        flt = self.filter
+        for e in ring.entries_from(self.index):
+            self.index += 1
+            if e.after_terminal:
+                continue
+            if flt.matches(e):
+                out.append(e)
+            if e.terminal:
+                out.append(_end_message(e.workflow_id, e.epoch, e.seq, e.state))
+                self.done = True
+                break
+        if out:
+            self.last_cursor = f"{self.wf.epoch}:{self.wf.snapshot.seq}"
+        return out
+
+    def _skip_ahead(self) -> list[Item]:
+        wf = self.wf
+        if not self.filter.is_log_stream:
+            return self._snapshot("resync")
+        # Log streams: count the lines of this view that are skipped. Those
+        # already off the ring can't be inspected; they count as lines too.
+        ring = wf.ring
+        dropped = max(0, ring.first_index - self.index)
+        flt = self.filter
+        last_seq = wf.snapshot.seq
+        ended: Entry | None = None
+        for e in ring.entries_from(self.index):
+            if e.after_terminal:
+                continue
+            if e.kind == "log" and flt.matches(e):
+                dropped += 1
+            if e.terminal:
+                ended = e
+                break
+        first_skipped = ring.first()
+        seq_from = first_skipped.seq_from if first_skipped is not None else last_seq
+        self.index = ring.next_index
+        msg: dict[str, Any] = {
+            "kind": "gap", "workflow_id": wf.id, "epoch": wf.epoch, "seq": last_seq,
+            "from": seq_from, "to": last_seq, "dropped": dropped,
+        }
+        out: list[Item] = [Message(msg, f"{wf.epoch}:{last_seq}")]
+        if ended is not None:
+            out.append(_end_message(wf.id, wf.epoch, ended.seq, ended.state))
+            self.done = True
+        return out
+
+
+class MultiReader:
+    """A stream over several workflows, read from the node journal."""
+
+    def __init__(
+        self,
+        state: BrokerState,
+        flt: Filter,
+        start: Start,
+        *,
+        workflows: frozenset[str] | None = None,
+        tenant: str | None = None,
+        parent: str | None = None,
+        coalesce_after: int = 256,
+    ) -> None:
+        if sum(x is not None for x in (workflows, tenant, parent)) != 1:
+            raise InvalidArgument("give exactly one of workflows, tenant, parent")
+        self.state = state
+        self.filter = flt
+        self.workflows = workflows
+        self.tenant = tenant
+        self.parent = parent
+        self.coalesce_after = coalesce_after
+        self.index = start.index
+        self._opening = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
+        self.done = False
+        self.ended: set[str] = set()
+        self.last_cursor = ""
+
+    def set_filter(self, flt: Filter) -> None:
+        self.filter = flt
+
+    def in_scope(self, wid: str, tenant: str, parent_id: str | None) -> bool:
+        if self.workflows is not None:
+            return wid in self.workflows
+        if self.tenant is not None:
+            return tenant == self.tenant
+        assert self.parent is not None
+        return self.state.is_descendant(wid, self.parent, parent_id)
+
+    def _scope_workflows(self) -> list[Workflow]:
+        st = self.state
+        if self.workflows is not None:
+            found = (st.get(w) for w in sorted(self.workflows))
+            return [wf for wf in found if wf is not None]
+        if self.tenant is not None:
+            return [wf for wf in st.workflows.values() if wf.visible and wf.tenant == self.tenant]
+        assert self.parent is not None
+        root = st.get(self.parent)
+        return ([root] if root is not None else []) + [wf for wf in st.descendants(self.parent) if wf.visible]
+
+    def _journal_cursor(self) -> str:
+        return f"{self.state.node_epoch}.{self.state.journal.next_index}"
+
+    def _snapshots(self, kind: str) -> list[Item]:
+        cursor = self._journal_cursor()
+        out: list[Item] = []
+        for wf in self._scope_workflows():
+            if wf.terminal:
+                self.ended.add(wf.id)
+                continue
+            msg = wf.snapshot.to_message(kind, wf.epoch, self.filter.tasks)
+            out.append(Message(msg, f"{wf.epoch}:{wf.snapshot.seq}", cursor))
+        self.index = self.state.journal.next_index
+        self._check_done()
+        return out
+
+    def _has_ended(self, wid: str) -> bool:
+        """Ended for this reader: its `end` was sent, or lies behind the cursor."""
+        if wid in self.ended:
+            return True
+        wf = self.state.workflows.get(wid)
+        return wf is not None and 0 < wf.terminal_offset <= self.index
+
+    def _check_done(self) -> None:
+        # `workflows=a,b` ends when all of them ended; `parent=` when the root
+        # and every known descendant ended; `tenant=` never.
+        if self.workflows is not None:
+            self.done = all(self._has_ended(w) for w in self.workflows)
+        elif self.parent is not None and self._has_ended(self.parent):
+            self.done = all(self._has_ended(wf.id) for wf in self.state.descendants(self.parent))
+
+    def pull(self) -> list[Item]:
+        if self.done:
+            return []
+        out: list[Item] = []
+        if self._opening is not None:
+            out = self._snapshots(self._opening)
+            self._opening = None
+        journal = self.state.journal
+        behind = journal.next_index - self.index
+        if behind == 0 or self.done:
+            return out
+        if self.index < journal.first_index or behind > self.coalesce_after * 4:
+            out.extend(self._snapshots("resync"))
+            return out
+        flt = self.filter
+        epoch = self.state.node_epoch
+        for e in journal.entries_from(self.index):
+            self.index += 1
+            if e.after_terminal or e.workflow_id in self.ended:
+                continue
+            if not self.in_scope(e.workflow_id, e.tenant, e.parent_id):
+                continue
+            if flt.matches(e):
+                out.append(e)
+            if e.terminal:
+                self.ended.add(e.workflow_id)
+                out.append(_end_message(e.workflow_id, e.epoch, e.seq, e.state, f"{epoch}.{e.offset}"))
+                self._check_done()
+                if self.done:
+                    break
+        if out:
+            self.last_cursor = f"{epoch}.{self.index}"
+        return out

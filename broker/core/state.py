@@ -1,0 +1,345 @@
+"""The broker's state machine: ingest → sequencing → snapshots, rings, journal.
+
+`BrokerState` owns every workflow (its `Sequencer`, `WorkflowSnapshot` and
+ring), the node journal, the id dedup window, the counters and the bounded
+list of recent rejects. The trio adapters call:
+
+- `ingest_frame(frame, now, source)` for each ZMQ frame or HTTP body;
+- `tick(now)` periodically (reorder-window expiry, terminal TTL eviction,
+  dedup expiry);
+
+and read the returned `IngestResult.touched` to wake subscribers of the
+workflows that got new entries. Readers (core/reader.py) read rings and the
+journal directly; nothing here knows about subscribers.
+
+Must never import trio, zmq, quart or psycopg, nor read a clock: `now` (wall
+clock seconds) is always passed in.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .dedup import IdWindow
+from .entry import Entry
+from .envelope import TERMINAL_STATES, decode_frame
+from .errors import Reject
+from .ring import Ring
+from .sequencer import Duplicate, Release, Sequencer
+from .snapshot import WorkflowSnapshot
+
+_EPOCH_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+
+
+def random_epoch() -> str:
+    """A short random token; never "e" (reserved for engine-sequenced)."""
+    return "".join(secrets.choice(_EPOCH_ALPHABET) for _ in range(6))
+
+
+@dataclass(frozen=True)
+class Limits:
+    ring_events: int = 1024
+    ring_bytes: int = 1048576
+    journal_events: int = 100000
+    max_workflows: int = 100000
+    terminal_ttl: float = 600.0
+    reorder_window: float = 0.5
+    dedup_window: int = 100000
+    max_frame_bytes: int = 1048576
+    rejects_kept: int = 1000
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[tuple[int, Reject]] = field(default_factory=list)  # (index in frame, reject)
+    touched: set[str] = field(default_factory=set)  # workflows with new entries
+    created: bool = False  # a workflow became visible
+
+
+class Workflow:
+    __slots__ = (
+        "id", "tenant", "parent_id", "seq", "snapshot", "ring", "terminal_seq", "terminal_at",
+        "terminal_offset", "updated_at",
+    )
+
+    def __init__(self, wid: str, tenant: str, parent_id: str | None, seq: Sequencer, ring: Ring[Entry]) -> None:
+        self.id = wid
+        self.tenant = tenant
+        self.parent_id = parent_id
+        self.seq = seq
+        self.snapshot = WorkflowSnapshot(wid, tenant, parent_id)
+        self.ring = ring
+        self.terminal_seq: int | None = None
+        self.terminal_at: float | None = None
+        self.terminal_offset = 0  # journal offset of the terminal event
+        self.updated_at = 0.0
+
+    @property
+    def epoch(self) -> str:
+        return self.seq.epoch
+
+    @property
+    def visible(self) -> bool:
+        """Streamable: at least one event has been released."""
+        return self.snapshot.seq > 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.terminal_seq is not None
+
+    def oldest_cursor_seq(self) -> int:
+        """The smallest `since` that still resumes without loss."""
+        first = self.ring.first()
+        return 0 if first is None else first.seq_from - 1
+
+
+class BrokerState:
+    def __init__(
+        self,
+        node_id: str,
+        limits: Limits | None = None,
+        *,
+        make_epoch: Callable[[], str] = random_epoch,
+    ) -> None:
+        self.node_id = node_id
+        self.limits = limits or Limits()
+        self.make_epoch = make_epoch
+        self.node_epoch = make_epoch()
+        self.workflows: dict[str, Workflow] = {}
+        self.children: dict[str, set[str]] = {}
+        # Terminal workflows in eviction order (least recently updated first).
+        self.terminal: OrderedDict[str, None] = OrderedDict()
+        # Workflows with events waiting in their reorder buffer.
+        self.reordering: set[str] = set()
+        self.journal: Ring[Entry] = Ring(self.limits.journal_events)
+        self.ids = IdWindow(self.limits.dedup_window)
+        self.rejects: deque[dict[str, Any]] = deque(maxlen=self.limits.rejects_kept)
+        self.counters: Counter[str] = Counter()
+        self.rejected_by_reason: Counter[str] = Counter()
+        self._next_id = 0
+
+    # ---------------------------------------------------------------- ingest
+
+    def ingest_frame(self, frame: bytes, now: float, source: str = "zmq") -> IngestResult:
+        result = IngestResult()
+        for index, item in enumerate(decode_frame(frame, self.limits.max_frame_bytes)):
+            if isinstance(item, Reject):
+                self._reject(result, index, item, now, source, frame)
+                continue
+            try:
+                self._ingest_event(item, now, result)
+            except Reject as rej:
+                self._reject(result, index, rej, now, source, frame)
+            except Duplicate:
+                result.duplicates += 1
+                self.counters["duplicates"] += 1
+        return result
+
+    def _reject(
+        self, result: IngestResult, index: int, rej: Reject, now: float, source: str, frame: bytes
+    ) -> None:
+        result.rejected.append((index, rej))
+        self.counters["rejected"] += 1
+        self.rejected_by_reason[rej.reason] += 1
+        self.rejects.append(
+            {
+                "ts": int(now * 1000),
+                "source": source,
+                "reason": rej.reason,
+                "detail": rej.detail,
+                "index": index,
+                "sample": frame[:256].decode("utf-8", "replace"),
+            }
+        )
+
+    def _ingest_event(self, ev: dict[str, Any], now: float, result: IngestResult) -> None:
+        event_id = ev.get("id")
+        if event_id is not None and event_id in self.ids:
+            raise Duplicate()
+        wid = ev["workflow_id"]
+        wf = self.workflows.get(wid)
+        tenant = ev.get("tenant")
+        if wf is None:
+            wf = self._create(wid, ev, now)
+        elif tenant is not None and tenant != wf.tenant:
+            raise Reject("tenant_mismatch", f"workflow '{wid}' belongs to another tenant")
+        releases = wf.seq.offer(ev, now)
+        if event_id is None:
+            self._next_id += 1
+            ev["id"] = f"{self.node_id}-{self._next_id}"
+        self.ids.add(ev["id"], now)
+        result.accepted += 1
+        self.counters["ingested"] += 1
+        if wf.seq.pending:
+            self.reordering.add(wid)
+        else:
+            self.reordering.discard(wid)
+        if releases:
+            self._apply(wf, releases, now, result)
+
+    def _create(self, wid: str, ev: dict[str, Any], now: float) -> Workflow:
+        if len(self.workflows) >= self.limits.max_workflows and not self._evict_one():
+            raise Reject("too_many_workflows", f"buffer.max_workflows ({self.limits.max_workflows}) reached")
+        seq = Sequencer(engine="seq" in ev, epoch=self.make_epoch(), window=self.limits.reorder_window)
+        wf = Workflow(
+            wid, ev.get("tenant", "default"), ev.get("parent_id"), seq,
+            Ring(self.limits.ring_events, self.limits.ring_bytes),
+        )
+        wf.updated_at = now
+        self.workflows[wid] = wf
+        if wf.parent_id is not None:
+            self.children.setdefault(wf.parent_id, set()).add(wid)
+        self.counters["workflows_created"] += 1
+        return wf
+
+    def _apply(self, wf: Workflow, releases: list[Release], now: float, result: IngestResult) -> None:
+        server_ts = int(now * 1000)
+        was_visible = wf.visible
+        for rel in releases:
+            after_terminal = wf.terminal_seq is not None
+            if rel.event is None:
+                msg = {
+                    "kind": "gap", "workflow_id": wf.id, "epoch": wf.epoch, "seq": rel.seq,
+                    "from": rel.gap_from, "to": rel.seq, "dropped": rel.seq - rel.gap_from + 1,
+                    "server_ts": server_ts,
+                }
+                entry = Entry(msg, tenant=wf.tenant, parent_id=wf.parent_id,
+                              after_terminal=after_terminal, seq_from=rel.gap_from)
+                self.counters["gaps"] += 1
+                if not after_terminal:
+                    wf.snapshot.seq = rel.seq
+            else:
+                ev = rel.event
+                msg = {"kind": ev["kind"], "workflow_id": wf.id, "epoch": wf.epoch, "seq": rel.seq}
+                for key, value in ev.items():
+                    if key not in msg and key != "tenant":
+                        msg[key] = value
+                msg["ts"] = ev.get("ts", server_ts)
+                msg["server_ts"] = server_ts
+                terminal = (
+                    not after_terminal
+                    and ev["kind"] == "state"
+                    and ev["type"].startswith("workflow.")
+                    and ev["state"] in TERMINAL_STATES
+                )
+                if wf.parent_id is None and "parent_id" in ev and not wf.visible:
+                    wf.parent_id = ev["parent_id"]
+                    self.children.setdefault(wf.parent_id, set()).add(wf.id)
+                entry = Entry(msg, tenant=wf.tenant, parent_id=wf.parent_id,
+                              terminal=terminal, after_terminal=after_terminal)
+                if not after_terminal:
+                    wf.snapshot.apply(ev, rel.seq, msg["ts"])
+                if terminal:
+                    wf.terminal_seq = rel.seq
+                    wf.terminal_at = now
+            wf.ring.append(entry)
+            self.journal.append(entry)
+            entry.offset = self.journal.next_index  # offsets start at 1
+            if entry.terminal:
+                wf.terminal_offset = entry.offset
+        wf.updated_at = now
+        if wf.terminal:
+            self.terminal[wf.id] = None
+            self.terminal.move_to_end(wf.id)
+        result.touched.add(wf.id)
+        if not was_visible and wf.visible:
+            result.created = True
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> IngestResult:
+        """Release expired reorder buffers; evict terminal workflows past TTL."""
+        result = IngestResult()
+        for wid in list(self.reordering):
+            wf = self.workflows[wid]
+            releases = wf.seq.expire(now)
+            if releases:
+                self._apply(wf, releases, now, result)
+            if not wf.seq.pending:
+                self.reordering.discard(wid)
+        horizon = now - self.limits.terminal_ttl
+        while self.terminal:
+            wid = next(iter(self.terminal))
+            wf = self.workflows[wid]
+            assert wf.terminal_at is not None
+            if wf.terminal_at > horizon:
+                break
+            self._evict(wid)
+        self.ids.expire(now)
+        return result
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            d for wid in self.reordering if (d := self.workflows[wid].seq.deadline) is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def _evict_one(self) -> bool:
+        if not self.terminal:
+            return False
+        self._evict(next(iter(self.terminal)))
+        return True
+
+    def _evict(self, wid: str) -> None:
+        wf = self.workflows.pop(wid)
+        self.terminal.pop(wid, None)
+        self.reordering.discard(wid)
+        if wf.parent_id is not None:
+            siblings = self.children.get(wf.parent_id)
+            if siblings is not None:
+                siblings.discard(wid)
+                if not siblings:
+                    del self.children[wf.parent_id]
+        self.counters["workflows_evicted"] += 1
+
+    # ----------------------------------------------------------------- reads
+
+    def get(self, wid: str) -> Workflow | None:
+        wf = self.workflows.get(wid)
+        return wf if wf is not None and wf.visible else None
+
+    def is_descendant(self, wid: str | None, root: str, parent_id: str | None = None) -> bool:
+        """True if `wid` is `root` or a descendant of it (parent chain walk)."""
+        if wid == root:
+            return True
+        pid = parent_id
+        if pid is None and wid is not None:
+            wf = self.workflows.get(wid)
+            pid = wf.parent_id if wf is not None else None
+        for _ in range(64):  # bounded: a parent cycle must not hang the broker
+            if pid is None:
+                return False
+            if pid == root:
+                return True
+            parent = self.workflows.get(pid)
+            pid = parent.parent_id if parent is not None else None
+        return False
+
+    def descendants(self, root: str) -> Iterator[Workflow]:
+        stack = [root]
+        seen = {root}
+        while stack:
+            for child in self.children.get(stack.pop(), ()):
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+                    wf = self.workflows.get(child)
+                    if wf is not None:
+                        yield wf
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "node_epoch": self.node_epoch,
+            "workflows": len(self.workflows),
+            "terminal_workflows": len(self.terminal),
+            "journal": {"first": self.journal.first_index + 1, "head": self.journal.next_index},
+            "counters": dict(self.counters),
+            "rejected_by_reason": dict(self.rejected_by_reason),
+        }
