@@ -145,6 +145,10 @@ class BrokerState:
         self, result: IngestResult, index: int, rej: Reject, now: float, source: str, frame: bytes
     ) -> None:
         result.rejected.append((index, rej))
+        self.record_reject(rej, now, source, frame, index)
+
+    def record_reject(self, rej: Reject, now: float, source: str, frame: bytes, index: int = 0) -> None:
+        """Count and keep a reject (also for frames refused before decoding)."""
         self.counters["rejected"] += 1
         self.rejected_by_reason[rej.reason] += 1
         self.rejects.append(

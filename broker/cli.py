@@ -1,0 +1,94 @@
+"""Command line: `broker run`, `broker check-config`, `broker push`.
+
+Exit codes: 0 success, 2 bad config / cannot start (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from . import __version__
+from .config import ConfigError, load
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML config file (default: built-in defaults)")
+
+
+def _fail(message: str) -> int:
+    print(f"broker: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import logs
+    from .server.run import StartupError, serve
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logs.setup(config.log.level, config.log.format)
+    try:
+        trio.run(serve, config)
+    except StartupError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    print(orjson.dumps(config.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Read JSON events, one per line, from stdin and push them over ZMQ."""
+    from .client import Publisher
+
+    with Publisher(args.endpoint) as pub:
+        count = 0
+        for lineno, line in enumerate(sys.stdin, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                print(f"broker push: line {lineno}: not JSON ({exc}); skipped", file=sys.stderr)
+                continue
+            pub.send_raw(line.encode())
+            count += 1
+    print(f"pushed {count} events to {args.endpoint}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="broker", description="Workflow event broker")
+    parser.add_argument("--version", action="version", version=f"broker {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the broker in the foreground")
+    _add_config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config and print the effective values")
+    _add_config(p)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("push", help="push JSON-lines events from stdin over ZMQ")
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:5557", help="broker's ingest endpoint")
+    p.set_defaults(func=cmd_push)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))

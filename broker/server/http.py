@@ -1,0 +1,119 @@
+"""The HTTP surface: Quart (trio) app with ingest, health and admin routes.
+
+Streams live in sse.py and ws.py; this module builds the app, maps every
+`BrokerError` (and Quart's own 404/405) to the JSON error of DESIGN.md §5,
+and handles CORS.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..core.errors import BrokerError, InvalidArgument, NotFound, Reject
+from .hub import Hub
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def error_response(err: BrokerError) -> Response:
+    return json_response(err.to_json(), err.status)
+
+
+_HTTP_CODES = {400: "invalid_argument", 404: "not_found", 405: "invalid_argument", 413: "invalid_argument"}
+
+
+def create_app(hub: Hub) -> QuartTrio:
+    from . import sse, ws  # routes register themselves on the app
+
+    app = QuartTrio("broker")
+    app.config["MAX_CONTENT_LENGTH"] = None  # ingest enforces its own limit while reading
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 30
+    cors = hub.config.http.cors_origins
+
+    @app.errorhandler(BrokerError)
+    async def _broker_error(err: BrokerError) -> Response:
+        return error_response(err)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(err: HTTPException) -> Response:
+        code = err.code or 500
+        return json_response(
+            {"error": {"code": _HTTP_CODES.get(code, "internal"), "message": err.description or err.name}}, code
+        )
+
+    @app.after_request
+    async def _cors(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin and cors and ("*" in cors or origin in cors):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in cors else origin
+            response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Last-Event-ID"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        return response
+
+    @app.route("/healthz")
+    async def healthz() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.route("/readyz")
+    async def readyz() -> Response:
+        ready = not hub.draining and bool(hub.ingest_endpoint)
+        body = {"ready": ready, "ingest": hub.ingest_endpoint, "draining": hub.draining}
+        return json_response(body, 200 if ready else 503)
+
+    @app.route("/v1/events", methods=["POST"])
+    async def post_events() -> Response:
+        limit = hub.state.limits.max_frame_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.body:
+            size += len(chunk)
+            if size > limit:
+                # Count it like an oversized ZMQ frame, without reading the rest.
+                hub.state.record_reject(
+                    Reject("too_large", f"body over {limit} bytes"), time.time(), "http", b"".join(chunks)
+                )
+                raise InvalidArgument(f"body exceeds ingest.max_frame_bytes ({limit} bytes)")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        result = hub.ingest(body, "http")
+        rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]
+        if result.rejected and len(result.rejected) == 1 and result.rejected[0][1].reason in ("invalid_json", "too_large"):
+            raise InvalidArgument(f"body is not a JSON event or array of events: {result.rejected[0][1].detail}")
+        payload = {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
+        status = 202 if result.accepted or result.duplicates or not rejected else 400
+        return json_response(payload, status)
+
+    @app.route("/v1/workflows/<wid>")
+    async def get_workflow(wid: str) -> Response:
+        wf = hub.state.get(wid)
+        if wf is None:
+            raise NotFound(f"workflow '{wid}' not found")
+        return json_response(wf.snapshot.to_message("snapshot", wf.epoch))
+
+    @app.route("/v1/admin/rejected")
+    async def admin_rejected() -> Response:
+        st = hub.state
+        return json_response({"total": st.counters["rejected"], "by_reason": dict(st.rejected_by_reason),
+                              "recent": list(st.rejects)})
+
+    @app.route("/v1/admin/stats")
+    async def admin_stats() -> Response:
+        return json_response(hub.stats())
+
+    @app.route("/v1/admin/connections")
+    async def admin_connections() -> Response:
+        return json_response({"connections": [c.to_json() for c in hub.connections.values()]})
+
+    sse.register(app, hub)
+    ws.register(app, hub)
+    return app

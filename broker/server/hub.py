@@ -1,0 +1,195 @@
+"""The trio side of the core: wakeups, connections, draining.
+
+`Hub` wraps the sans-io `BrokerState`. Ingest adapters call `hub.ingest()`;
+it applies the frame and wakes exactly the subscribers of the workflows that
+got new entries (one `trio.Event` per watched workflow, one for the journal,
+one for "a workflow appeared"). Subscribers never hold copies of events:
+they wake, pull from the rings through their reader, write, and wait again.
+
+Waiter events are created on demand and removed as soon as nobody waits on
+them, so connect/disconnect cycles leave nothing behind.
+
+Everything here runs in the one trio thread; no locks are needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..config import Config
+from ..core.errors import Unavailable
+from ..core.state import BrokerState, IngestResult, Limits
+
+log = logging.getLogger("broker.hub")
+
+JOURNAL = "\x00journal"  # waiter key of multi-workflow streams
+NEW_WORKFLOW = "\x00new"  # waiter key of streams waiting for an unknown workflow
+
+
+def limits_from_config(config: Config) -> Limits:
+    b = config.buffer
+    return Limits(
+        ring_events=b.ring_events,
+        ring_bytes=b.ring_bytes,
+        journal_events=b.journal_events,
+        max_workflows=b.max_workflows,
+        terminal_ttl=float(b.terminal_ttl),
+        reorder_window=config.order.reorder_window_ms / 1000.0,
+        dedup_window=config.order.dedup_window,
+        max_frame_bytes=config.ingest.max_frame_bytes,
+    )
+
+
+@dataclass
+class Connection:
+    id: int
+    transport: str  # "sse" or "ws"
+    remote: str
+    path: str
+    opened: float
+    delivered: int = 0
+    subscriptions: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "transport": self.transport, "remote": self.remote, "path": self.path,
+            "opened": int(self.opened * 1000), "delivered": self.delivered,
+            "subscriptions": self.subscriptions,
+        }
+
+
+@dataclass
+class _RateLimitedLog:
+    """At most `burst` reject log lines per `period`; the rest are summed."""
+
+    period: float = 10.0
+    burst: int = 10
+    window_start: float = 0.0
+    logged: int = 0
+    suppressed: int = 0
+
+    def allow(self, now: float) -> bool:
+        if now - self.window_start >= self.period:
+            if self.suppressed:
+                log.warning("ingest: %d more rejects not logged in the last %.0fs", self.suppressed, self.period)
+            self.window_start, self.logged, self.suppressed = now, 0, 0
+        if self.logged < self.burst:
+            self.logged += 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+class Hub:
+    def __init__(self, config: Config, state: BrokerState | None = None) -> None:
+        self.config = config
+        self.state = state or BrokerState(config.node.id, limits_from_config(config))
+        self._waiters: dict[str, trio.Event] = {}
+        self.connections: dict[int, Connection] = {}
+        self._conn_ids = itertools.count(1)
+        self.delivered: Counter[str] = Counter()  # events written, by transport
+        self.draining = False
+        self.drain_started = trio.Event()
+        self._reject_log = _RateLimitedLog()
+        self.ingest_endpoint = ""
+
+    # --------------------------------------------------------------- ingest
+
+    def ingest(self, frame: bytes, source: str) -> IngestResult:
+        result = self.state.ingest_frame(frame, time.time(), source)
+        if result.rejected:
+            now = time.monotonic()
+            for index, rej in result.rejected:
+                if self._reject_log.allow(now):
+                    log.warning("ingest reject (%s, event %d): %s: %s", source, index, rej.reason, rej.detail)
+        self._wake(result)
+        return result
+
+    def tick(self) -> None:
+        self._wake(self.state.tick(time.time()))
+
+    async def serve_ticker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reorder-window expiry, TTL eviction: run often enough for the window."""
+        period = max(0.01, min(0.1, self.state.limits.reorder_window / 5))
+        task_status.started()
+        while True:
+            await trio.sleep(period)
+            self.tick()
+
+    def _wake(self, result: IngestResult) -> None:
+        if not result.touched:
+            return
+        waiters = self._waiters
+        for wid in result.touched:
+            ev = waiters.pop(wid, None)
+            if ev is not None:
+                ev.set()
+        for key in (JOURNAL, NEW_WORKFLOW) if result.created else (JOURNAL,):
+            ev = waiters.pop(key, None)
+            if ev is not None:
+                ev.set()
+
+    # ---------------------------------------------------------------- waits
+
+    async def wait(self, key: str, timeout: float) -> bool:
+        """Wait for new entries under `key` (a workflow id, JOURNAL or
+        NEW_WORKFLOW), the start of draining, or `timeout`. True if woken.
+
+        Call it right after a `pull()` that returned nothing, with no
+        checkpoint in between, so no wakeup can be missed.
+        """
+        if self.draining:
+            return True
+        ev = self._waiters.get(key)
+        if ev is None:
+            ev = self._waiters[key] = trio.Event()
+        try:
+            with trio.move_on_after(timeout):
+                await ev.wait()
+                return True
+            return False
+        finally:
+            if not ev.is_set() and ev.statistics().tasks_waiting == 0 and self._waiters.get(key) is ev:
+                del self._waiters[key]
+
+    def begin_drain(self) -> None:
+        """Shutdown: every stream flushes what it has and ends."""
+        self.draining = True
+        self.drain_started.set()
+        for ev in self._waiters.values():
+            ev.set()
+        self._waiters.clear()
+
+    # ---------------------------------------------------------- connections
+
+    def check_capacity(self) -> None:
+        """Raise Unavailable (503) when shutting down or at `limits.global`."""
+        if self.draining:
+            raise Unavailable("the broker is shutting down")
+        limit = getattr(self.config.limits, "global")  # a Python keyword, hence getattr
+        if len(self.connections) >= limit:
+            raise Unavailable(f"connection limit reached ({limit})")
+
+    def open_connection(self, transport: str, remote: str, path: str) -> Connection:
+        conn = Connection(next(self._conn_ids), transport, remote, path, time.time())
+        self.connections[conn.id] = conn
+        return conn
+
+    def close_connection(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+
+    def stats(self) -> dict[str, Any]:
+        out = self.state.stats()
+        by_transport = Counter(c.transport for c in self.connections.values())
+        out["connections"] = {"total": len(self.connections), **by_transport}
+        out["waiters"] = len(self._waiters)
+        out["delivered"] = dict(self.delivered)
+        out["draining"] = self.draining
+        return out

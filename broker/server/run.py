@@ -1,0 +1,135 @@
+"""The daemon's lifecycle: bind, serve, drain, exit (DESIGN.md §11, §13).
+
+Startup binds the ZMQ PULL socket and the HTTP listening socket
+synchronously, before any task starts: a bad endpoint or a port in use is a
+`StartupError` (one line, exit 2) with nothing half-started.
+
+Then, in one nursery: the ingest task, the ticker, Hypercorn on the
+pre-bound socket. SIGTERM/SIGINT: stop ingest, `hub.begin_drain()` (every
+stream flushes and ends: SSE without `end`, WebSocket with 1001), tell
+Hypercorn to stop, and give it `shutdown_timeout` seconds before cancelling
+what is left. The process then exits 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+from typing import Any
+
+import trio
+import zmq
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from ..config import Config, parse_http_bind
+from .http import create_app
+from .hub import Hub
+from .zmq_ingest import bind_pull, serve_zmq_ingest
+
+log = logging.getLogger("broker")
+
+
+class StartupError(Exception):
+    """Startup failed; str() is the one line the CLI prints."""
+
+
+def bind_http(bind: str, backlog: int) -> socket.socket:
+    host, port = parse_http_bind(bind)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise StartupError(f"cannot listen on http.bind {bind}: {reason}") from None
+    return sock
+
+
+def _hypercorn_config(config: Config) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.accesslog = None
+    hc.errorlog = None
+    hc.keep_alive_timeout = 75
+    hc.read_timeout = None
+    hc.graceful_timeout = float(config.shutdown_timeout)
+    hc.websocket_max_message_size = 64 * 1024
+    hc.backlog = config.http.backlog
+    return hc
+
+
+async def serve(
+    config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the broker until SIGTERM/SIGINT (or cancellation)."""
+    hub = Hub(config)
+    ctx = zmq.Context()
+    try:
+        try:
+            pull, endpoint = bind_pull(ctx, config.ingest.zmq_bind, config.ingest.rcvhwm)
+        except zmq.ZMQError as exc:
+            raise StartupError(f"cannot bind ingest.zmq_bind {config.ingest.zmq_bind}: {exc}") from None
+        try:
+            http_sock = bind_http(config.http.bind, config.http.backlog)
+        except StartupError:
+            pull.close(0)
+            raise
+        hub.ingest_endpoint = endpoint
+        host, port = http_sock.getsockname()[:2]
+        http_addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        app = create_app(hub)
+        stop_http = trio.Event()
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                ingest_scope = trio.CancelScope()
+
+                async def ingest() -> None:
+                    with ingest_scope:
+                        await serve_zmq_ingest(pull, hub)
+
+                nursery.start_soon(ingest)
+                nursery.start_soon(hub.serve_ticker)
+                hc = _hypercorn_config(config)
+                http_done = trio.Event()
+
+                async def http(task_status: trio.TaskStatus[Any]) -> None:
+                    try:
+                        await worker_serve(
+                            wrap_app(app, hc.wsgi_max_body_size, None), hc,
+                            sockets=Sockets([], [http_sock], []),
+                            shutdown_trigger=stop_http.wait, task_status=task_status,
+                        )
+                    finally:
+                        http_done.set()
+
+                await nursery.start(http)
+                info = {"http": http_addr, "zmq": endpoint, "node": config.node.id,
+                        "node_epoch": hub.state.node_epoch}
+                log.info("ready http=%s zmq=%s node=%s", http_addr, endpoint, config.node.id)
+                task_status.started(info)
+
+                async for signum in signals:
+                    log.info("received %s: draining", signal.Signals(signum).name)
+                    break
+                ingest_scope.cancel()
+                hub.tick()  # release what the reorder buffers hold past their window
+                hub.begin_drain()
+                stop_http.set()
+                # Streams end themselves once draining; Hypercorn cuts what is
+                # left after graceful_timeout (= shutdown_timeout).
+                with trio.move_on_after(float(config.shutdown_timeout) + 1):
+                    await http_done.wait()
+                nursery.cancel_scope.cancel()
+        log.info("stopped")
+    finally:
+        ctx.term()

@@ -1,0 +1,303 @@
+"""WebSocket endpoint `GET /v1/ws` (DESIGN.md §5): many subscriptions per
+connection, live filter changes, app-level ping/pong, close codes.
+
+Per connection: one task reads client messages (it must keep reading even
+when the client only listens: quart-trio's receive queue holds 10, then
+Hypercorn stops reading the connection), one task pings, one waits for
+shutdown, and one task per subscription pulls from its reader and writes.
+
+Writes go through one lock, and a subscription *pulls inside the lock*, so
+its messages reach the socket in the order its reader produced them even
+when several subscriptions and the control replies interleave. On shutdown
+the drain task takes the lock, stops the subscription tasks (none can hold
+pulled-but-unsent events, since pulls happen under the lock), flushes every
+reader and closes with 1001.
+
+Heartbeat: every `stream.ws_ping_interval` the server sends
+`{"kind":"ping"}`; any client message within `stream.ws_pong_timeout`
+(normally `{"op":"pong"}`) keeps the connection. Protocol-level pings are
+not used: Quart does not expose pongs, and browser code cannot see them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import orjson
+import trio
+from quart import websocket
+from quart_trio import QuartTrio
+
+from ..core.errors import BrokerError, InvalidArgument, Unavailable
+from ..core.filters import Filter
+from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
+from .hub import JOURNAL, Connection, Hub
+from .sse import wait_for_workflow
+
+log = logging.getLogger("broker.ws")
+
+MAX_SUBSCRIPTIONS = 100
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_MANY = 4029
+SUBSCRIBE_KEYS = frozenset({"op", "sub", "workflow", "workflows", "tenant", "parent", "since", "cursor", "filter"})
+
+
+class Subscription:
+    __slots__ = ("id", "id_json", "scope", "reader", "key", "multi")
+
+    def __init__(self, sub_id: str) -> None:
+        self.id = sub_id
+        self.id_json = orjson.dumps(sub_id)
+        self.scope = trio.CancelScope()
+        self.reader: WorkflowReader | MultiReader | None = None
+        self.key = ""
+        self.multi = False
+
+
+def _error(code: str, message: str, sub: str | None = None) -> bytes:
+    body: dict[str, Any] = {"kind": "error", "code": code, "message": message}
+    if sub is not None:
+        body["sub"] = sub
+    return orjson.dumps(body)
+
+
+class WsSession:
+    def __init__(self, hub: Hub, conn: Connection) -> None:
+        self.hub = hub
+        self.conn = conn
+        self.lock = trio.Lock()
+        self.subs: dict[str, Subscription] = {}
+        self.last_seen = trio.current_time()
+        self.nursery: trio.Nursery | None = None
+        self.node_epoch = hub.state.node_epoch
+
+    async def send(self, data: bytes) -> None:
+        async with self.lock:
+            await websocket.send(data.decode())
+
+    async def close(self, code: int, reason: str) -> None:
+        async with self.lock:
+            await websocket.close(code, reason)
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._ping_loop)
+            nursery.start_soon(self._drain_watch)
+            while True:
+                raw = await websocket.receive()
+                self.last_seen = trio.current_time()
+                await self._handle(raw)
+
+    async def _ping_loop(self) -> None:
+        cfg = self.hub.config.stream
+        while True:
+            await trio.sleep(cfg.ws_ping_interval)
+            sent = trio.current_time()
+            await self.send(b'{"kind":"ping"}')
+            await trio.sleep(cfg.ws_pong_timeout)
+            if self.last_seen < sent:
+                log.info("ws %d: no pong within %ss, closing", self.conn.id, cfg.ws_pong_timeout)
+                await self.close(CLOSE_GOING_AWAY, "pong timeout")
+
+    async def _drain_watch(self) -> None:
+        await self.hub.drain_started.wait()
+        async with self.lock:
+            for sub in self.subs.values():
+                sub.scope.cancel()
+            for sub in list(self.subs.values()):
+                if sub.reader is not None:
+                    items = sub.reader.pull()
+                    if items:
+                        await websocket.send(self._encode(sub, items).decode())
+            await websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
+    # -------------------------------------------------------------- messages
+
+    async def _handle(self, raw: str | bytes) -> None:
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            await self.send(_error("invalid_argument", "message is not JSON"))
+            return
+        if not isinstance(msg, dict):
+            await self.send(_error("invalid_argument", "message must be a JSON object"))
+            return
+        op = msg.get("op")
+        sub_id = msg.get("sub") if isinstance(msg.get("sub"), str) else None
+        try:
+            if op == "subscribe":
+                self._subscribe(msg)
+            elif op == "filter":
+                sub = self._existing(msg)
+                if sub.reader is None:
+                    raise InvalidArgument(f"subscription '{sub.id}' has not started yet")
+                flt = msg.get("filter")
+                if not isinstance(flt, dict):
+                    raise InvalidArgument("'filter' must be an object")
+                sub.reader.set_filter(Filter.parse(flt, from_query=False))
+            elif op == "unsubscribe":
+                sub = self._existing(msg)
+                sub.scope.cancel()
+                self.subs.pop(sub.id, None)
+                await self.send(b'{"kind":"unsubscribed","sub":' + sub.id_json + b"}")
+            elif op == "ping":
+                await self.send(b'{"kind":"pong"}')
+            elif op == "pong":
+                pass  # last_seen is already updated
+            elif op == "cancel":
+                raise Unavailable("the control channel is not configured on this broker")
+            elif op is None:
+                raise InvalidArgument("message needs an 'op'")
+            else:
+                raise InvalidArgument(f"unknown op {str(op)[:64]!r}")
+        except BrokerError as err:
+            await self.send(_error(err.code, err.message, sub_id))
+
+    def _existing(self, msg: dict[str, Any]) -> Subscription:
+        sub_id = msg.get("sub")
+        if not isinstance(sub_id, str) or sub_id not in self.subs:
+            raise InvalidArgument(f"no subscription {str(sub_id)[:128]!r}")
+        return self.subs[sub_id]
+
+    def _subscribe(self, msg: dict[str, Any]) -> None:
+        unknown = set(msg) - SUBSCRIBE_KEYS
+        if unknown:
+            raise InvalidArgument(f"unknown key '{sorted(unknown)[0]}' in subscribe")
+        sub_id = msg.get("sub")
+        if not isinstance(sub_id, str) or not 1 <= len(sub_id) <= 128:
+            raise InvalidArgument("'sub' must be a string of 1-128 characters")
+        if sub_id in self.subs:
+            raise InvalidArgument(f"subscription '{sub_id}' already exists")
+        if len(self.subs) >= MAX_SUBSCRIPTIONS:
+            raise InvalidArgument(f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
+        raw_filter = msg.get("filter", {})
+        if not isinstance(raw_filter, dict):
+            raise InvalidArgument("'filter' must be an object")
+        flt = Filter.parse(raw_filter, from_query=False)
+        scopes = [k for k in ("workflow", "workflows", "tenant", "parent") if k in msg]
+        if len(scopes) != 1:
+            raise InvalidArgument("give exactly one of workflow, workflows, tenant, parent")
+        since = msg.get("since")
+        if since is not None and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
+            raise InvalidArgument("'since' must be a non-negative integer")
+        cursor = msg.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise InvalidArgument("'cursor' must be a string")
+        since_text = None if since is None else str(since)
+        sub = Subscription(sub_id)
+        scope = scopes[0]
+        value = msg[scope]
+        if scope == "workflows":
+            if not isinstance(value, list) or not value or not all(isinstance(w, str) and w for w in value):
+                raise InvalidArgument("'workflows' must be a non-empty list of workflow ids")
+            value = frozenset(value)
+        elif not isinstance(value, str) or not value:
+            raise InvalidArgument(f"'{scope}' must be a non-empty string")
+        if scope == "workflow":
+            self.subs[sub_id] = sub
+            assert self.nursery is not None
+            opener = partial(self._open_workflow_sub, sub, value, flt, cursor, since_text)
+            self.nursery.start_soon(self._run_sub, sub, opener)
+            return
+        if since_text is not None:
+            raise InvalidArgument("multi-workflow subscriptions resume with 'cursor' (a journal cursor)")
+        start = plan_multi_start(self.hub.state, since=cursor)
+        sub.reader = MultiReader(
+            self.hub.state, flt, start, coalesce_after=self.hub.config.stream.coalesce_after,
+            **{scope: value},
+        )
+        sub.key = JOURNAL
+        sub.multi = True
+        self.subs[sub_id] = sub
+        assert self.nursery is not None
+        self.nursery.start_soon(self._run_sub, sub, None)
+
+    async def _open_workflow_sub(
+        self, sub: Subscription, wid: str, flt: Filter, cursor: str | None, since: str | None
+    ) -> bool:
+        """Wait for the workflow and place the reader; False if the sub ended."""
+        try:
+            wf = await wait_for_workflow(self.hub, wid)
+            start = plan_workflow_start(wf, last_event_id=cursor, since=since)
+        except BrokerError as err:
+            self._forget(sub)
+            await self.send(_error(err.code, err.message, sub.id))
+            return False
+        if start.mode == NO_CONTENT:
+            self._forget(sub)
+            end = {"kind": "end", "sub": sub.id, "workflow_id": wf.id, "epoch": wf.epoch,
+                   "seq": wf.terminal_seq, "state": wf.snapshot.state}
+            await self.send(orjson.dumps(end))
+            return False
+        sub.reader = WorkflowReader(wf, flt, start, coalesce_after=self.hub.config.stream.coalesce_after)
+        sub.key = wid
+        return True
+
+    def _forget(self, sub: Subscription) -> None:
+        if self.subs.get(sub.id) is sub:
+            del self.subs[sub.id]
+
+    def _encode(self, sub: Subscription, items: list[Any]) -> bytes:
+        reader = sub.reader
+        assert reader is not None
+        cursor = f"{self.node_epoch}.{reader.index}" if sub.multi else items[-1].cursor
+        head = b'{"sub":' + sub.id_json + b',"cursor":"' + cursor.encode() + b'"'
+        if len(items) == 1:
+            return head + b"," + items[0].body[1:]
+        return head + b',"kind":"batch","events":[' + b",".join([it.body for it in items]) + b"]}"
+
+    async def _run_sub(self, sub: Subscription, opener: Callable[[], Awaitable[bool]] | None) -> None:
+        hub = self.hub
+        with sub.scope:
+            if opener is not None and not await opener():
+                return
+            reader = sub.reader
+            assert reader is not None
+            try:
+                while True:
+                    async with self.lock:
+                        items = reader.pull()
+                        if items:
+                            await websocket.send(self._encode(sub, items).decode())
+                    if items:
+                        self.conn.delivered += len(items)
+                        hub.delivered["ws"] += len(items)
+                        if reader.done:
+                            break
+                        continue
+                    if reader.done or hub.draining:
+                        break
+                    await hub.wait(sub.key, 3600)
+            finally:
+                if reader.done:
+                    self._forget(sub)
+
+
+def register(app: QuartTrio, hub: Hub) -> None:
+    @app.websocket("/v1/ws")
+    async def ws_endpoint() -> None:
+        try:
+            hub.check_capacity()
+        except Unavailable as err:
+            await websocket.accept()
+            code = CLOSE_GOING_AWAY if hub.draining else CLOSE_TOO_MANY
+            await websocket.send(_error(err.code, err.message).decode())
+            await websocket.close(code, err.message[:120])
+            return
+        await websocket.accept()
+        addr = websocket.remote_addr
+        conn = hub.open_connection("ws", str(addr) if addr else "", "/v1/ws")
+        try:
+            await WsSession(hub, conn).run()
+        finally:
+            hub.close_connection(conn)
