@@ -114,6 +114,12 @@ def create_app(hub: Hub) -> QuartTrio:
     async def admin_connections() -> Response:
         return json_response({"connections": [c.to_json() for c in hub.connections.values()]})
 
+    @app.route("/v1/admin/connections/<int:conn_id>", methods=["DELETE"])
+    async def admin_close_connection(conn_id: int) -> Response:
+        if not hub.kick(conn_id):
+            raise NotFound(f"no connection {conn_id}")
+        return json_response({"closing": conn_id}, 202)
+
     sse.register(app, hub)
     ws.register(app, hub)
     return app

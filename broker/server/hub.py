@@ -56,6 +56,10 @@ class Connection:
     opened: float
     delivered: int = 0
     subscriptions: int = 0
+    # Set by an admin's DELETE: the stream flushes and closes (SSE without
+    # `end`, so the client reconnects with its cursor; WS with 1000).
+    closing: trio.Event = field(default_factory=trio.Event)
+    wait_key: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -184,6 +188,17 @@ class Hub:
 
     def close_connection(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
+
+    def kick(self, conn_id: int) -> bool:
+        """Ask a connection to close; False if there is none with that id."""
+        conn = self.connections.get(conn_id)
+        if conn is None:
+            return False
+        conn.closing.set()
+        ev = self._waiters.pop(conn.wait_key, None)
+        if ev is not None:
+            ev.set()  # the others woken with it find nothing new and wait again
+        return True
 
     def stats(self) -> dict[str, Any]:
         out = self.state.stats()

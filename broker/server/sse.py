@@ -73,6 +73,7 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
 
     async def body() -> AsyncIterator[bytes]:
         conn = hub.open_connection("sse", remote, path)
+        conn.wait_key = key
         try:
             prefix = b"retry: %d\n\n" % int(cfg.retry_ms)
             while True:
@@ -91,7 +92,7 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                     yield prefix
                     prefix = b""
                     continue
-                if reader.done or hub.draining:
+                if reader.done or hub.draining or conn.closing.is_set():
                     return
                 if not await hub.wait(key, cfg.keepalive):
                     yield b": keepalive\n\n"

@@ -91,6 +91,7 @@ class WsSession:
             self.nursery = nursery
             nursery.start_soon(self._ping_loop)
             nursery.start_soon(self._drain_watch)
+            nursery.start_soon(self._kick_watch)
             while True:
                 raw = await websocket.receive()
                 self.last_seen = trio.current_time()
@@ -106,6 +107,10 @@ class WsSession:
             if self.last_seen < sent:
                 log.info("ws %d: no pong within %ss, closing", self.conn.id, cfg.ws_pong_timeout)
                 await self.close(CLOSE_GOING_AWAY, "pong timeout")
+
+    async def _kick_watch(self) -> None:
+        await self.conn.closing.wait()
+        await self.close(1000, "closed by an administrator")
 
     async def _drain_watch(self) -> None:
         await self.hub.drain_started.wait()

@@ -1,0 +1,148 @@
+"""Shared fixtures: the broker daemon as a real subprocess on free ports.
+
+`broker_factory(**sections)` writes a TOML config (HTTP on port 0, ZMQ on
+`tcp://127.0.0.1:*`), starts `python -m broker run`, and waits for its
+`ready` log line, which names the ports it actually bound. Teardown sends
+SIGTERM and checks the daemon exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_RE = re.compile(r"ready http=(\S+) zmq=(\S+)")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon:
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "run", "-c", str(config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
+        self.http = ""
+        self.zmq = ""
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(20):
+            self.proc.kill()
+            raise RuntimeError("broker did not become ready:\n" + self.output())
+        self.url = f"http://{self.http}"
+        self.ws_url = f"ws://{self.http}"
+        self.port = int(self.http.rsplit(":", 1)[1])
+        self._ctx = zmq.Context()
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 2000)
+        self._push.connect(self.zmq)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            m = READY_RE.search(line)
+            if m and not self._ready.is_set():
+                self.http, self.zmq = m.group(1), m.group(2)
+                self._ready.set()
+        self._ready.set()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def push(self, *events: dict[str, Any] | list[dict[str, Any]] | bytes) -> None:
+        """Push each argument as one ZMQ message (bytes are sent as they are)."""
+        for ev in events:
+            self._push.send(ev if isinstance(ev, bytes) else orjson.dumps(ev))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("broker did not exit within %ss:\n%s" % (timeout, self.output()))
+        self._push.close(0)
+        self._ctx.term()
+        return self.proc.returncode
+
+
+BASE_SECTIONS: dict[str, dict[str, Any]] = {
+    "node": {"id": "test-node"},
+    "ingest": {"zmq_bind": "tcp://127.0.0.1:*"},
+    "http": {"bind": "127.0.0.1:0"},
+    "stream": {"keepalive": 15, "unknown_workflow_wait": 2},
+    "log": {"level": "info"},
+}
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path):
+    daemons: list[Daemon] = []
+
+    def start(**sections: dict[str, Any]) -> Daemon:
+        merged = {name: dict(values) for name, values in BASE_SECTIONS.items()}
+        for name, values in sections.items():
+            merged.setdefault(name, {}).update(values)
+        cfg = write_config(tmp_path / f"broker-{len(daemons)}.toml", merged)
+        d = Daemon(cfg)
+        daemons.append(d)
+        return d
+
+    yield start
+    for d in daemons:
+        if d.proc.poll() is None:
+            rc = d.stop()
+            assert rc == 0, d.output()
+        else:
+            d.stop()
+
+
+@pytest.fixture
+def broker(broker_factory) -> Daemon:
+    return broker_factory()
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
+    """For sync setup code only; tests await events instead."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
