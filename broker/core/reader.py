@@ -118,9 +118,11 @@ class WorkflowReader:
         self.filter = flt
         self.coalesce_after = coalesce_after
         self.index = start.index
+        # A resume replays the ring from its cursor in full, however far back:
+        # only what arrives after the stream opened counts as falling behind.
+        self._replay_end = wf.ring.next_index
         self._opening: str | None = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
         self.done = start.mode == NO_CONTENT
-        self.last_cursor = ""
 
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
@@ -149,9 +151,9 @@ class WorkflowReader:
         else:
             out = []
         ring = self.wf.ring
-        behind = ring.next_index - self.index
-        if behind == 0:
+        if ring.next_index == self.index:
             return out
+        behind = ring.next_index - max(self.index, self._replay_end)
         if self.index < ring.first_index or behind > self.coalesce_after:
             out.extend(self._skip_ahead())
             return out
@@ -166,8 +168,6 @@ class WorkflowReader:
                 out.append(_end_message(e.workflow_id, e.epoch, e.seq, e.state))
                 self.done = True
                 break
-        if out:
-            self.last_cursor = f"{self.wf.epoch}:{self.wf.snapshot.seq}"
         return out
 
     def _skip_ahead(self) -> list[Item]:
@@ -226,10 +226,10 @@ class MultiReader:
         self.parent = parent
         self.coalesce_after = coalesce_after
         self.index = start.index
+        self._replay_end = state.journal.next_index
         self._opening = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
         self.done = False
         self.ended: set[str] = set()
-        self.last_cursor = ""
 
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
@@ -292,9 +292,11 @@ class MultiReader:
             out = self._snapshots(self._opening)
             self._opening = None
         journal = self.state.journal
-        behind = journal.next_index - self.index
-        if behind == 0 or self.done:
+        if journal.next_index == self.index or self.done:
             return out
+        # The journal interleaves every workflow, so "behind" is measured in
+        # journal entries of all workflows, hence the wider margin.
+        behind = journal.next_index - max(self.index, self._replay_end)
         if self.index < journal.first_index or behind > self.coalesce_after * 4:
             out.extend(self._snapshots("resync"))
             return out
@@ -314,6 +316,4 @@ class MultiReader:
                 self._check_done()
                 if self.done:
                     break
-        if out:
-            self.last_cursor = f"{epoch}.{self.index}"
         return out

@@ -1,0 +1,543 @@
+"""Stream start planning and readers (DESIGN.md §5, §6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from broker.core.entry import Entry, Message
+from broker.core.errors import InvalidArgument
+from broker.core.filters import Filter
+from broker.core.reader import (
+    AT_INDEX, NO_CONTENT, RESYNC, SNAPSHOT, MultiReader, Start, WorkflowReader, plan_multi_start,
+    plan_workflow_start,
+)
+from broker.core.state import BrokerState, Limits
+
+
+def mk(**limits: Any) -> BrokerState:
+    return BrokerState("n1", Limits(**limits), make_epoch=lambda: "abc")
+
+
+def send(st: BrokerState, *events: dict[str, Any], now: float = 0.0) -> None:
+    for ev in events:
+        r = st.ingest_frame(orjson.dumps(ev), now)
+        assert r.rejected == [], r.rejected
+
+
+def wfe(wid: str = "w", etype: str = "workflow.running", **kw: Any) -> dict[str, Any]:
+    return {"workflow_id": wid, "type": etype, **kw}
+
+
+def log(wid: str = "w", level: str = "info", **kw: Any) -> dict[str, Any]:
+    return {"workflow_id": wid, "type": "log", "level": level, **kw}
+
+
+def task(tid: str, state: str, wid: str = "w", **kw: Any) -> dict[str, Any]:
+    return {"workflow_id": wid, "type": f"task.{state}", "task_id": tid, **kw}
+
+
+def body(item: Entry | Message) -> dict[str, Any]:
+    return orjson.loads(item.body)
+
+
+def brief(items: list[Entry | Message]) -> list[tuple[str, str, int]]:
+    """(kind, workflow, seq) of each item."""
+    out = []
+    for it in items:
+        b = body(it)
+        out.append((b["kind"], b["workflow_id"], b["seq"]))
+    return out
+
+
+def five(st: BrokerState, wid: str = "w") -> None:
+    send(st, wfe(wid), *[log(wid, message=str(i)) for i in range(4)])
+
+
+# ------------------------------------------------------- plan_workflow_start
+
+@pytest.mark.parametrize(
+    "last_event_id, since, expected",
+    [
+        (None, None, Start(SNAPSHOT)),
+        ("abc:2", None, Start(AT_INDEX, 2)),
+        ("abc:0", None, Start(AT_INDEX, 0)),
+        ("abc:5", None, Start(AT_INDEX, 5)),
+        (" abc:3 ", None, Start(AT_INDEX, 3)),
+        ("garbage", None, Start(RESYNC)),
+        ("abc:", None, Start(RESYNC)),
+        ("abc:x", None, Start(RESYNC)),
+        ("abc.2", None, Start(RESYNC)),
+        ("", None, Start(RESYNC)),
+        ("zzz:2", None, Start(RESYNC)),
+        ("e:2", None, Start(RESYNC)),
+        ("abc:6", None, Start(RESYNC)),
+        (None, "2", Start(AT_INDEX, 2)),
+        (None, "0", Start(AT_INDEX, 0)),
+        (None, "5", Start(AT_INDEX, 5)),
+        # Last-Event-ID wins over since
+        ("abc:4", "1", Start(AT_INDEX, 4)),
+        ("abc:4", "bogus", Start(AT_INDEX, 4)),
+        ("abc:4", "99", Start(AT_INDEX, 4)),
+        ("bogus", "1", Start(RESYNC)),
+    ],
+)
+def test_plan_workflow_start(last_event_id: str | None, since: str | None, expected: Start) -> None:
+    st = mk()
+    five(st)
+    assert plan_workflow_start(st.get("w"), last_event_id=last_event_id, since=since) == expected
+
+
+@pytest.mark.parametrize(
+    "since, needle",
+    [("6", "ahead"), ("x", "since"), ("-1", "since"), ("1.5", "since"), ("", "since"), ("abc:2", "since")],
+)
+def test_plan_since_invalid(since: str, needle: str) -> None:
+    st = mk()
+    five(st)
+    with pytest.raises(InvalidArgument) as info:
+        plan_workflow_start(st.get("w"), since=since)
+    assert needle in info.value.message
+
+
+def test_plan_with_dropped_ring() -> None:
+    st = mk(ring_events=3)
+    five(st)  # ring holds 3, 4, 5; index of seq 3 is 2
+    wf = st.get("w")
+    assert wf.oldest_cursor_seq() == 2
+    assert plan_workflow_start(wf, last_event_id="abc:2") == Start(AT_INDEX, 2)
+    assert plan_workflow_start(wf, last_event_id="abc:4") == Start(AT_INDEX, 4)
+    assert plan_workflow_start(wf, last_event_id="abc:1") == Start(RESYNC)
+    assert plan_workflow_start(wf, last_event_id="abc:0") == Start(RESYNC)
+    assert plan_workflow_start(wf, since="2") == Start(AT_INDEX, 2)
+    for since in ("1", "0"):
+        with pytest.raises(InvalidArgument) as info:
+            plan_workflow_start(wf, since=since)
+        assert "oldest available since is 2" in info.value.message
+
+
+def test_plan_at_terminal() -> None:
+    st = mk()
+    send(st, wfe(), log(), wfe(etype="workflow.completed"), log())  # seq 4 after terminal
+    wf = st.get("w")
+    assert wf.terminal_seq == 3
+    assert plan_workflow_start(wf, last_event_id="abc:3") == Start(NO_CONTENT)
+    assert plan_workflow_start(wf, since="3") == Start(NO_CONTENT)
+    assert plan_workflow_start(wf, last_event_id="abc:2") == Start(AT_INDEX, 2)
+    assert plan_workflow_start(wf, last_event_id="abc:4") == Start(RESYNC)  # never streamed
+    assert plan_workflow_start(wf) == Start(SNAPSHOT)
+
+
+def test_plan_engine_sequenced() -> None:
+    st = mk()
+    send(st, wfe(seq=1), log(seq=2), log(seq=3))
+    wf = st.get("w")
+    assert plan_workflow_start(wf, last_event_id="e:1") == Start(AT_INDEX, 1)
+    assert plan_workflow_start(wf, last_event_id="abc:1") == Start(RESYNC)
+    assert plan_workflow_start(wf, since="0") == Start(AT_INDEX, 0)
+
+
+# ------------------------------------------------------------ WorkflowReader
+
+def reader(st: BrokerState, wid: str = "w", flt: Filter | None = None, **plan: Any) -> WorkflowReader:
+    coalesce_after = plan.pop("coalesce_after", 256)
+    wf = st.get(wid)
+    return WorkflowReader(wf, flt or Filter(), plan_workflow_start(wf, **plan), coalesce_after=coalesce_after)
+
+
+def test_snapshot_first_then_live() -> None:
+    st = mk()
+    send(st, wfe(), task("t1", "running"))
+    r = reader(st)
+    (snap,) = r.pull()
+    assert isinstance(snap, Message)
+    assert body(snap) == st.get("w").snapshot.to_message("snapshot", "abc")
+    assert snap.cursor == "abc:2"
+    assert snap.sse().startswith(b"id: abc:2\nevent: snapshot\ndata: {")
+    assert r.pull() == []
+    send(st, task("t1", "progress", progress=50), log())
+    items = r.pull()
+    assert brief(items) == [("progress", "w", 3), ("log", "w", 4)]
+    assert all(isinstance(i, Entry) for i in items)
+    assert items[0].sse() == b"id: abc:3\nevent: progress\ndata: " + items[0].body + b"\n\n"
+    assert r.pull() == [] and not r.done
+
+
+def test_end_after_terminal() -> None:
+    st = mk()
+    send(st, wfe())
+    r = reader(st)
+    r.pull()
+    send(st, log(), wfe(etype="workflow.failed", error="x"), log(), task("t", "running"))
+    items = r.pull()
+    assert brief(items) == [("log", "w", 2), ("state", "w", 3), ("end", "w", 3)]
+    end = items[-1]
+    assert body(end) == {"kind": "end", "workflow_id": "w", "epoch": "abc", "seq": 3, "state": "failed"}
+    assert end.cursor == "abc:3"
+    assert r.done
+    send(st, log())
+    assert r.pull() == []
+
+
+def test_end_is_sent_even_when_the_filter_hides_the_terminal_event() -> None:
+    st = mk()
+    send(st, wfe())
+    r = reader(st, flt=Filter.parse({"types": "log"}))
+    r.pull()
+    send(st, log(), wfe(etype="workflow.completed"))
+    assert brief(r.pull()) == [("log", "w", 2), ("end", "w", 3)]
+    assert r.done
+
+
+def test_snapshot_of_terminal_workflow_then_end() -> None:
+    st = mk()
+    send(st, wfe(), wfe(etype="workflow.completed", result=1), log())
+    r = reader(st)
+    items = r.pull()
+    assert brief(items) == [("snapshot", "w", 2), ("end", "w", 2)]
+    assert body(items[0])["state"] == "completed"
+    assert r.done and r.pull() == []
+
+
+def test_no_content_start_is_done() -> None:
+    st = mk()
+    send(st, wfe(), wfe(etype="workflow.completed"))
+    r = reader(st, last_event_id="abc:2")
+    assert r.done and r.pull() == []
+
+
+def test_resume_at_index_has_no_snapshot() -> None:
+    st = mk()
+    five(st)
+    r = reader(st, last_event_id="abc:3")
+    assert brief(r.pull()) == [("log", "w", 4), ("log", "w", 5)]
+    r = reader(st, since="5")
+    assert r.pull() == []
+    send(st, log())
+    assert brief(r.pull()) == [("log", "w", 6)]
+
+
+def test_resync_start_sends_resync() -> None:
+    st = mk()
+    five(st)
+    r = reader(st, last_event_id="other:1")
+    items = r.pull()
+    assert brief(items) == [("resync", "w", 5)]
+    send(st, log())
+    assert brief(r.pull()) == [("log", "w", 6)]
+
+
+def test_resume_up_to_terminal() -> None:
+    st = mk()
+    send(st, wfe(), log(), wfe(etype="workflow.cancelled"), log())
+    r = reader(st, since="1")
+    assert brief(r.pull()) == [("log", "w", 2), ("state", "w", 3), ("end", "w", 3)]
+    assert r.done
+
+
+def test_fell_off_ring_state_stream_gets_resync() -> None:
+    st = mk(ring_events=3)
+    send(st, wfe())
+    r = reader(st)
+    r.pull()
+    send(st, *[task("t", s) for s in ("created", "running", "retrying", "running", "completed")])
+    items = r.pull()
+    assert brief(items) == [("resync", "w", 6)]
+    assert body(items[0])["tasks"]["t"]["attempt"] == 2
+    send(st, log())
+    assert brief(r.pull()) == [("log", "w", 7)]
+
+
+def test_fell_off_ring_past_terminal_state_stream_gets_resync_and_end() -> None:
+    st = mk(ring_events=2)
+    send(st, wfe())
+    r = reader(st)
+    r.pull()
+    send(st, log(), wfe(etype="workflow.completed"), log(), log(), log())
+    assert brief(r.pull()) == [("resync", "w", 3), ("end", "w", 3)]
+    assert r.done
+
+
+@pytest.mark.parametrize("behind, resync", [(3, False), (4, True)])
+def test_coalesce_after(behind: int, resync: bool) -> None:
+    st = mk()
+    send(st, wfe())
+    r = reader(st, coalesce_after=3)
+    r.pull()
+    send(st, *[log() for _ in range(behind)])
+    kinds = [b[0] for b in brief(r.pull())]
+    assert kinds == (["resync"] if resync else ["log"] * behind)
+
+
+def test_fell_off_ring_log_stream_gets_gap_with_dropped_count() -> None:
+    st = mk(ring_events=3)
+    send(st, wfe())
+    r = reader(st, flt=Filter(view="logs"))
+    r.pull()
+    # five log lines: two fall off the ring, three are skipped in it
+    send(st, *[log(message=str(i)) for i in range(5)])
+    (gap,) = r.pull()
+    b = body(gap)
+    assert (b["kind"], b["to"], b["seq"], b["dropped"]) == ("gap", 6, 6, 5)
+    assert gap.cursor == "abc:6"
+    send(st, log(message="live"))
+    assert [body(i)["message"] for i in r.pull()] == ["live"]
+
+
+def test_log_stream_gap_counts_only_lines_of_its_view() -> None:
+    st = mk()
+    send(st, wfe())
+    r = reader(st, flt=Filter.parse({"level": "warning"}, view="logs"), coalesce_after=2)
+    r.pull()
+    send(st, log(level="warning"), task("t", "running"), log(level="debug"), log(level="error"))
+    (gap,) = r.pull()
+    assert body(gap)["dropped"] == 2
+
+
+def test_log_stream_gap_starts_after_what_was_delivered() -> None:
+    # BUG (reader.py WorkflowReader._skip_ahead): `from` is the seq of the
+    # ring's first entry, not of the first entry the reader skipped. Here the
+    # reader already received seqs 1-3 and is skipped over 4-8, yet the gap
+    # says from=1 ("events the subscriber will not get" includes 1-3).
+    st = mk()
+    send(st, wfe())
+    r = reader(st, flt=Filter(view="logs"), coalesce_after=3)
+    r.pull()
+    send(st, log(), log())
+    assert brief(r.pull()) == [("log", "w", 2), ("log", "w", 3)]
+    send(st, *[log() for _ in range(5)])
+    (gap,) = r.pull()
+    b = body(gap)
+    assert (b["from"], b["to"], b["dropped"]) == (4, 8, 5)
+
+
+def test_log_stream_off_the_ring_past_terminal_gets_end() -> None:
+    # BUG (reader.py WorkflowReader._skip_ahead): the terminal event is looked
+    # for only among entries still in the ring. When after-terminal events
+    # have pushed it out, the log reader gets a gap with from=6 > to=4 and no
+    # `end`, and never becomes done (the stream stays open forever).
+    st = mk(ring_events=4)
+    send(st, wfe())
+    r = reader(st, flt=Filter(view="logs"))
+    r.pull()
+    send(st, log(), log(), wfe(etype="workflow.completed"), *[log() for _ in range(5)])
+    items = r.pull()
+    assert [body(i)["kind"] for i in items] == ["gap", "end"]
+    gap = body(items[0])
+    assert gap["from"] <= gap["to"] == 4
+    assert r.done
+
+
+def test_filters_apply_live_and_set_filter() -> None:
+    st = mk()
+    send(st, wfe(), task("t1", "created"), task("t2", "created"))
+    r = reader(st, flt=Filter.parse({"tasks": "t1"}))
+    (snap,) = r.pull()
+    assert set(body(snap)["tasks"]) == {"t1"}
+    send(st, task("t1", "running"), task("t2", "running"), log(), wfe(etype="workflow.suspended"))
+    assert brief(r.pull()) == [("state", "w", 4), ("state", "w", 7)]
+    r.set_filter(Filter.parse({"types": "log"}))
+    send(st, task("t1", "completed"), log())
+    assert brief(r.pull()) == [("log", "w", 9)]
+
+
+def test_tasks_view() -> None:
+    st = mk()
+    send(st, wfe())
+    r = reader(st, flt=Filter(view="tasks"))
+    r.pull()
+    send(st, task("t", "running"), log(task_id="t"), task("t", "progress", progress=5), wfe(etype="workflow.suspended"))
+    assert brief(r.pull()) == [("state", "w", 2), ("progress", "w", 4)]
+
+
+def test_reorder_gap_is_delivered() -> None:
+    st = mk(reorder_window=0.5)
+    send(st, wfe(seq=1))
+    r = reader(st, flt=Filter.parse({"types": "state"}))
+    r.pull()
+    send(st, log(seq=4))
+    assert r.pull() == []
+    st.tick(1.0)
+    items = r.pull()
+    assert brief(items) == [("gap", "w", 3)]
+    assert (body(items[0])["from"], body(items[0])["dropped"]) == (2, 2)
+
+
+# --------------------------------------------------------------- MultiReader
+
+def multi(st: BrokerState, flt: Filter | None = None, **kw: Any) -> MultiReader:
+    plan = {k: kw.pop(k) for k in ("last_event_id", "since") if k in kw}
+    return MultiReader(st, flt or Filter(), plan_multi_start(st, **plan), **kw)
+
+
+def test_multi_workflows_scope() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("b"), wfe("c"))
+    r = multi(st, workflows=frozenset({"b", "a", "unknown"}))
+    snaps = r.pull()
+    assert brief(snaps) == [("snapshot", "a", 1), ("snapshot", "b", 1)]
+    assert all(s.journal_cursor == "abc.3" for s in snaps)
+    assert snaps[0].sse_multi("abc").startswith(b"id: abc.3\nevent: snapshot\n")
+    send(st, log("c"), log("a"), log("b"))
+    items = r.pull()
+    assert brief(items) == [("log", "a", 2), ("log", "b", 2)]
+    assert [i.sse_multi("abc").split(b"\n")[0] for i in items] == [b"id: abc.5", b"id: abc.6"]
+
+
+def test_multi_snapshots_only_active_workflows() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("b"), wfe("a", "workflow.completed"))
+    r = multi(st, workflows=frozenset({"a", "b"}))
+    assert brief(r.pull()) == [("snapshot", "b", 1)]
+    assert not r.done
+    send(st, log("a"), wfe("b", "workflow.completed"), log("b"))
+    items = r.pull()
+    assert brief(items) == [("state", "b", 2), ("end", "b", 2)]
+    assert items[-1].journal_cursor == "abc.5"
+    assert r.done and r.pull() == []
+
+
+def test_multi_workflows_done_when_all_ended() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("b"))
+    r = multi(st, workflows=frozenset({"a", "b"}))
+    r.pull()
+    send(st, wfe("a", "workflow.completed"), log("a"), log("b"))
+    assert brief(r.pull()) == [("state", "a", 2), ("end", "a", 2), ("log", "b", 2)]
+    assert not r.done
+    send(st, wfe("b", "workflow.failed"))
+    assert brief(r.pull()) == [("state", "b", 3), ("end", "b", 3)]
+    assert r.done
+
+
+def test_multi_tenant_scope_never_done() -> None:
+    st = mk()
+    send(st, wfe("a", tenant="t1"), wfe("b", tenant="t2"), wfe("c", tenant="t1", etype="workflow.completed"))
+    r = multi(st, tenant="t1")
+    assert brief(r.pull()) == [("snapshot", "a", 1)]
+    send(st, wfe("d", tenant="t1"), log("b"), wfe("a", "workflow.completed"), log("d"))
+    assert brief(r.pull()) == [("state", "d", 1), ("state", "a", 2), ("end", "a", 2), ("log", "d", 2)]
+    send(st, wfe("d", "workflow.completed"))
+    assert brief(r.pull()) == [("state", "d", 3), ("end", "d", 3)]
+    assert not r.done
+
+
+def test_multi_parent_scope_includes_later_descendants() -> None:
+    st = mk()
+    send(st, wfe("root"), wfe("c1", parent_id="root"), wfe("other"))
+    r = multi(st, parent="root")
+    assert brief(r.pull()) == [("snapshot", "root", 1), ("snapshot", "c1", 1)]
+    send(st, wfe("c2", parent_id="root"), wfe("gc", parent_id="c1"), log("other"), log("gc"))
+    assert brief(r.pull()) == [("state", "c2", 1), ("state", "gc", 1), ("log", "gc", 2)]
+    send(st, wfe("root", "workflow.completed"))
+    assert brief(r.pull()) == [("state", "root", 2), ("end", "root", 2)]
+    assert not r.done  # descendants still running
+    send(st, wfe("c1", "workflow.completed"), wfe("c2", "workflow.completed"))
+    assert brief(r.pull()) == [("state", "c1", 2), ("end", "c1", 2), ("state", "c2", 2), ("end", "c2", 2)]
+    assert not r.done  # gc still running
+    send(st, wfe("gc", "workflow.completed"))
+    assert brief(r.pull()) == [("state", "gc", 3), ("end", "gc", 3)]
+    assert r.done
+
+
+def test_multi_journal_cursor_resume() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("b"), log("a"), log("b"), log("a"))
+    r = multi(st, workflows=frozenset({"a", "b"}), last_event_id="abc.3")
+    items = r.pull()
+    assert brief(items) == [("log", "b", 2), ("log", "a", 3)]
+    assert [i.offset for i in items] == [4, 5]
+    r2 = multi(st, workflows=frozenset({"a"}), since="abc.0")
+    assert brief(r2.pull()) == [("state", "a", 1), ("log", "a", 2), ("log", "a", 3)]
+
+
+def test_multi_resume_after_an_earlier_end() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("b"), wfe("a", "workflow.completed"))
+    r = multi(st, workflows=frozenset({"a", "b"}), last_event_id="abc.3")
+    send(st, wfe("b", "workflow.completed"))
+    assert brief(r.pull()) == [("state", "b", 2), ("end", "b", 2)]
+    assert r.done
+
+
+def test_multi_resume_after_every_end_is_done() -> None:
+    # BUG (reader.py MultiReader): a reader resumed at a journal cursor past
+    # the `end` of every workflow in scope never calls _check_done (only the
+    # snapshot path and a terminal entry do), so it stays open forever with
+    # nothing to send (an EventSource reconnect hangs instead of closing).
+    st = mk()
+    send(st, wfe("a", "workflow.completed"), wfe("b", "workflow.completed"))
+    r = multi(st, workflows=frozenset({"a", "b"}), last_event_id="abc.2")
+    assert r.pull() == []
+    assert r.done
+
+
+@pytest.mark.parametrize("cursor", ["abc.1", "zzz.3", "garbage", "abc.99", "abc:3"])
+def test_multi_stale_or_bad_last_event_id_resyncs(cursor: str) -> None:
+    st = mk(journal_events=3)
+    send(st, wfe("a"), wfe("b"), log("a"), log("b"), log("a"))  # journal holds offsets 3..5
+    assert plan_multi_start(st, last_event_id=cursor) == Start(RESYNC)
+    r = multi(st, workflows=frozenset({"a", "b"}), last_event_id=cursor)
+    items = r.pull()
+    assert brief(items) == [("resync", "a", 3), ("resync", "b", 2)]
+    send(st, log("b"))
+    assert brief(r.pull()) == [("log", "b", 3)]
+
+
+@pytest.mark.parametrize(
+    "last_event_id, since, expected",
+    [
+        (None, None, Start(SNAPSHOT)),
+        ("abc.2", None, Start(AT_INDEX, 2)),
+        ("abc.5", None, Start(AT_INDEX, 5)),
+        (None, "abc.2", Start(AT_INDEX, 2)),
+        ("abc.4", "bogus", Start(AT_INDEX, 4)),
+        ("bogus", "abc.4", Start(RESYNC)),
+    ],
+)
+def test_plan_multi_start(last_event_id: str | None, since: str | None, expected: Start) -> None:
+    st = mk(journal_events=3)
+    send(st, wfe("a"), wfe("b"), log("a"), log("b"), log("a"))
+    assert plan_multi_start(st, last_event_id=last_event_id, since=since) == expected
+
+
+@pytest.mark.parametrize("since", ["abc.1", "abc.6", "zzz.3", "3", "abc:3", ""])
+def test_plan_multi_start_errors(since: str) -> None:
+    st = mk(journal_events=3)
+    send(st, wfe("a"), wfe("b"), log("a"), log("b"), log("a"))
+    with pytest.raises(InvalidArgument) as info:
+        plan_multi_start(st, since=since)
+    assert "abc.2..abc.5" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "scopes",
+    [{}, {"workflows": frozenset({"a"}), "tenant": "t"}, {"tenant": "t", "parent": "p"}],
+)
+def test_multi_needs_exactly_one_scope(scopes: dict[str, Any]) -> None:
+    st = mk()
+    with pytest.raises(InvalidArgument):
+        MultiReader(st, Filter(), Start(SNAPSHOT), **scopes)
+
+
+def test_multi_far_behind_gets_resync() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("b"))
+    r = multi(st, tenant="default", coalesce_after=1)
+    r.pull()
+    send(st, log("a"), log("a"), log("b"), log("a"))
+    assert brief(r.pull()) == [("log", "a", 2), ("log", "a", 3), ("log", "b", 2), ("log", "a", 4)]
+    send(st, *[log("a") for _ in range(5)])
+    assert brief(r.pull()) == [("resync", "a", 9), ("resync", "b", 2)]
+
+
+def test_multi_filter_and_after_terminal() -> None:
+    st = mk()
+    send(st, wfe("a"))
+    r = multi(st, Filter.parse({"types": "log"}), workflows=frozenset({"a"}))
+    r.pull()
+    send(st, log("a"), task("t", "running", "a"), wfe("a", "workflow.completed"), log("a"))
+    assert brief(r.pull()) == [("log", "a", 2), ("end", "a", 4)]
+    assert r.done
