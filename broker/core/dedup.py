@@ -26,6 +26,7 @@ class IdWindow:
 
     def add(self, event_id: str, now: float) -> None:
         self._seen[event_id] = now
+        self._seen.move_to_end(event_id)  # keep age order if an id is re-added
         if len(self._seen) > self.max_ids:
             self._seen.popitem(last=False)
 

@@ -136,7 +136,7 @@ def validate(obj: Any) -> dict[str, Any]:
 
     level = obj.get("level")
     if level is not None:
-        if level not in LOG_LEVELS:
+        if not isinstance(level, str) or level not in LOG_LEVELS:
             raise Reject("invalid_field", "'level' must be one of " + "/".join(LOG_LEVELS))
         ev["level"] = level
     elif etype == "log":

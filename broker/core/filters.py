@@ -113,7 +113,7 @@ class Filter:
         level = raw.get("level")
         min_level = 0
         if level is not None:
-            if level not in LOG_LEVELS:
+            if not isinstance(level, str) or level not in LOG_LEVELS:
                 raise InvalidArgument("'level' must be one of " + ", ".join(LOG_LEVELS))
             min_level = LOG_LEVELS[level]
         coalesce_raw = raw.get("coalesce")

@@ -38,6 +38,7 @@ NO_CONTENT = "no_content"  # HTTP 204: the cursor is already at the terminal eve
 class Start:
     mode: str  # SNAPSHOT, RESYNC, AT_INDEX or NO_CONTENT
     index: int = 0
+    seq: int = 0  # AT_INDEX on a workflow: the cursor's seq (what the client has)
 
 
 def plan_workflow_start(
@@ -59,7 +60,7 @@ def plan_workflow_start(
             return Start(NO_CONTENT)
         if seq < wf.oldest_cursor_seq():
             return Start(RESYNC)
-        return Start(AT_INDEX, ring.index_after_seq(seq))
+        return Start(AT_INDEX, ring.index_after_seq(seq), seq)
     if since is not None:
         seq_or_none = parse_since(since)
         if seq_or_none is None:
@@ -78,7 +79,7 @@ def plan_workflow_start(
             raise InvalidArgument(f"'since' {seq} is older than the ring; oldest available since is {oldest}")
         if wf.terminal_seq is not None and seq >= wf.terminal_seq:
             return Start(NO_CONTENT)
-        return Start(AT_INDEX, ring.index_after_seq(seq))
+        return Start(AT_INDEX, ring.index_after_seq(seq), seq)
     return Start(SNAPSHOT)
 
 
@@ -118,6 +119,7 @@ class WorkflowReader:
         self.filter = flt
         self.coalesce_after = coalesce_after
         self.index = start.index
+        self.seq = start.seq  # the last seq this reader has passed
         # A resume replays the ring from its cursor in full, however far back:
         # only what arrives after the stream opened counts as falling behind.
         self._replay_end = wf.ring.next_index
@@ -133,6 +135,7 @@ class WorkflowReader:
         msg = snap.to_message(kind, wf.epoch, self.filter.tasks)
         out: list[Item] = [Message(msg, f"{wf.epoch}:{snap.seq}")]
         self.index = wf.ring.next_index
+        self.seq = snap.seq
         if wf.terminal_seq is not None:
             out.append(_end_message(wf.id, wf.epoch, wf.terminal_seq, snap.state))
             self.done = True
@@ -162,6 +165,7 @@ class WorkflowReader:
             self.index += 1
             if e.after_terminal:
                 continue
+            self.seq = e.seq
             if flt.matches(e):
                 out.append(e)
             if e.terminal:
@@ -179,26 +183,23 @@ class WorkflowReader:
         ring = wf.ring
         dropped = max(0, ring.first_index - self.index)
         flt = self.filter
-        last_seq = wf.snapshot.seq
-        ended: Entry | None = None
         for e in ring.entries_from(self.index):
             if e.after_terminal:
-                continue
+                break
             if e.kind == "log" and flt.matches(e):
                 dropped += 1
-            if e.terminal:
-                ended = e
-                break
-        first_skipped = ring.first()
-        seq_from = first_skipped.seq_from if first_skipped is not None else last_seq
-        self.index = ring.next_index
+        # The gap ends at the terminal event if there is one: nothing after it
+        # is streamed.
+        to = wf.terminal_seq if wf.terminal_seq is not None else wf.snapshot.seq
         msg: dict[str, Any] = {
-            "kind": "gap", "workflow_id": wf.id, "epoch": wf.epoch, "seq": last_seq,
-            "from": seq_from, "to": last_seq, "dropped": dropped,
+            "kind": "gap", "workflow_id": wf.id, "epoch": wf.epoch, "seq": to,
+            "from": self.seq + 1, "to": to, "dropped": dropped,
         }
-        out: list[Item] = [Message(msg, f"{wf.epoch}:{last_seq}")]
-        if ended is not None:
-            out.append(_end_message(wf.id, wf.epoch, ended.seq, ended.state))
+        out: list[Item] = [Message(msg, f"{wf.epoch}:{to}")]
+        self.index = ring.next_index
+        self.seq = to
+        if wf.terminal_seq is not None:
+            out.append(_end_message(wf.id, wf.epoch, wf.terminal_seq, wf.snapshot.state))
             self.done = True
         return out
 
@@ -230,6 +231,8 @@ class MultiReader:
         self._opening = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
         self.done = False
         self.ended: set[str] = set()
+        if start.mode == AT_INDEX:
+            self._check_done()  # everything in scope may have ended behind the cursor
 
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt

@@ -39,7 +39,7 @@ class Release(NamedTuple):
 
 class Sequencer:
     __slots__ = (
-        "engine", "epoch", "window", "first_seq", "next_seq", "pending", "deadline", "gaps",
+        "engine", "epoch", "window", "first_seq", "next_seq", "pending", "arrived", "deadline", "gaps",
     )
 
     def __init__(self, *, engine: bool, epoch: str, window: float) -> None:
@@ -49,6 +49,8 @@ class Sequencer:
         self.first_seq: int | None = None if engine else 1
         self.next_seq: int | None = None if engine else 1
         self.pending: dict[int, dict[str, Any]] = {}
+        # seq -> arrival time, in arrival order (so the first is the oldest).
+        self.arrived: dict[int, float] = {}
         self.deadline: float | None = None
         # Recent ranges released as gaps, so a straggler from one is reported
         # as late rather than as a duplicate.
@@ -57,10 +59,6 @@ class Sequencer:
     @property
     def last_seq(self) -> int:
         return 0 if self.next_seq is None else self.next_seq - 1
-
-    @property
-    def started(self) -> bool:
-        return self.next_seq is not None and self.next_seq > (self.first_seq or 1)
 
     def offer(self, event: dict[str, Any], now: float) -> list[Release]:
         seq = event.get("seq")
@@ -84,28 +82,33 @@ class Sequencer:
         if seq in self.pending:
             raise Duplicate()
         self.pending[seq] = event
+        self.arrived[seq] = now
         if self.next_seq is None and seq == 1:
             self.first_seq = self.next_seq = 1
         out = self._drain()
         if len(self.pending) > MAX_PENDING:
             out.extend(self._release_oldest())
-        self._arm(now)
+        self._arm()
         return out
 
     def expire(self, now: float) -> list[Release]:
-        """Release what has waited past the reorder window."""
+        """Release everything that has waited a full reorder window.
+
+        Events are released in seq order, so an event that waited long enough
+        also releases the lower seqs (and gaps) in front of it.
+        """
         if self.deadline is None or now < self.deadline:
             return []
-        out = self._release_oldest()
-        self.deadline = None
-        self._arm(now)
+        out: list[Release] = []
+        horizon = now - self.window
+        while self.arrived and next(iter(self.arrived.values())) <= horizon:
+            out.extend(self._release_oldest())
+        self._arm()
         return out
 
-    def _arm(self, now: float) -> None:
-        if not self.pending:
-            self.deadline = None
-        elif self.deadline is None:
-            self.deadline = now + self.window
+    def _arm(self) -> None:
+        arrived = self.arrived
+        self.deadline = next(iter(arrived.values())) + self.window if arrived else None
 
     def _release_oldest(self) -> list[Release]:
         lowest = min(self.pending)
@@ -125,8 +128,10 @@ class Sequencer:
         if nxt is None:
             return out
         pending = self.pending
+        arrived = self.arrived
         while nxt in pending:
             out.append(Release(nxt, pending.pop(nxt)))
+            del arrived[nxt]
             nxt += 1
         self.next_seq = nxt
         return out

@@ -113,8 +113,10 @@ class BrokerState:
         self.node_epoch = make_epoch()
         self.workflows: dict[str, Workflow] = {}
         self.children: dict[str, set[str]] = {}
-        # Terminal workflows in eviction order (least recently updated first).
+        # Terminal workflows, twice: in the order they ended (for the TTL) and
+        # least recently updated first (for eviction under max_workflows).
         self.terminal: OrderedDict[str, None] = OrderedDict()
+        self.terminal_lru: OrderedDict[str, None] = OrderedDict()
         # Workflows with events waiting in their reorder buffer.
         self.reordering: set[str] = set()
         self.journal: Ring[Entry] = Ring(self.limits.journal_events)
@@ -249,8 +251,9 @@ class BrokerState:
                 wf.terminal_offset = entry.offset
         wf.updated_at = now
         if wf.terminal:
-            self.terminal[wf.id] = None
-            self.terminal.move_to_end(wf.id)
+            self.terminal.setdefault(wf.id, None)
+            self.terminal_lru[wf.id] = None
+            self.terminal_lru.move_to_end(wf.id)
         result.touched.add(wf.id)
         if not was_visible and wf.visible:
             result.created = True
@@ -285,14 +288,15 @@ class BrokerState:
         return min(deadlines) if deadlines else None
 
     def _evict_one(self) -> bool:
-        if not self.terminal:
+        if not self.terminal_lru:
             return False
-        self._evict(next(iter(self.terminal)))
+        self._evict(next(iter(self.terminal_lru)))
         return True
 
     def _evict(self, wid: str) -> None:
         wf = self.workflows.pop(wid)
         self.terminal.pop(wid, None)
+        self.terminal_lru.pop(wid, None)
         self.reordering.discard(wid)
         if wf.parent_id is not None:
             siblings = self.children.get(wf.parent_id)

@@ -58,6 +58,10 @@ def five(st: BrokerState, wid: str = "w") -> None:
 
 # ------------------------------------------------------- plan_workflow_start
 
+def _pos(start: Start) -> tuple[str, int]:
+    return (start.mode, start.index)
+
+
 @pytest.mark.parametrize(
     "last_event_id, since, expected",
     [
@@ -87,7 +91,8 @@ def five(st: BrokerState, wid: str = "w") -> None:
 def test_plan_workflow_start(last_event_id: str | None, since: str | None, expected: Start) -> None:
     st = mk()
     five(st)
-    assert plan_workflow_start(st.get("w"), last_event_id=last_event_id, since=since) == expected
+    got = plan_workflow_start(st.get("w"), last_event_id=last_event_id, since=since)
+    assert (got.mode, got.index) == (expected.mode, expected.index)
 
 
 @pytest.mark.parametrize(
@@ -107,11 +112,11 @@ def test_plan_with_dropped_ring() -> None:
     five(st)  # ring holds 3, 4, 5; index of seq 3 is 2
     wf = st.get("w")
     assert wf.oldest_cursor_seq() == 2
-    assert plan_workflow_start(wf, last_event_id="abc:2") == Start(AT_INDEX, 2)
-    assert plan_workflow_start(wf, last_event_id="abc:4") == Start(AT_INDEX, 4)
+    assert _pos(plan_workflow_start(wf, last_event_id="abc:2")) == (AT_INDEX, 2)
+    assert _pos(plan_workflow_start(wf, last_event_id="abc:4")) == (AT_INDEX, 4)
     assert plan_workflow_start(wf, last_event_id="abc:1") == Start(RESYNC)
     assert plan_workflow_start(wf, last_event_id="abc:0") == Start(RESYNC)
-    assert plan_workflow_start(wf, since="2") == Start(AT_INDEX, 2)
+    assert _pos(plan_workflow_start(wf, since="2")) == (AT_INDEX, 2)
     for since in ("1", "0"):
         with pytest.raises(InvalidArgument) as info:
             plan_workflow_start(wf, since=since)
@@ -125,7 +130,7 @@ def test_plan_at_terminal() -> None:
     assert wf.terminal_seq == 3
     assert plan_workflow_start(wf, last_event_id="abc:3") == Start(NO_CONTENT)
     assert plan_workflow_start(wf, since="3") == Start(NO_CONTENT)
-    assert plan_workflow_start(wf, last_event_id="abc:2") == Start(AT_INDEX, 2)
+    assert _pos(plan_workflow_start(wf, last_event_id="abc:2")) == (AT_INDEX, 2)
     assert plan_workflow_start(wf, last_event_id="abc:4") == Start(RESYNC)  # never streamed
     assert plan_workflow_start(wf) == Start(SNAPSHOT)
 
@@ -134,9 +139,9 @@ def test_plan_engine_sequenced() -> None:
     st = mk()
     send(st, wfe(seq=1), log(seq=2), log(seq=3))
     wf = st.get("w")
-    assert plan_workflow_start(wf, last_event_id="e:1") == Start(AT_INDEX, 1)
+    assert _pos(plan_workflow_start(wf, last_event_id="e:1")) == (AT_INDEX, 1)
     assert plan_workflow_start(wf, last_event_id="abc:1") == Start(RESYNC)
-    assert plan_workflow_start(wf, since="0") == Start(AT_INDEX, 0)
+    assert _pos(plan_workflow_start(wf, since="0")) == (AT_INDEX, 0)
 
 
 # ------------------------------------------------------------ WorkflowReader
@@ -541,3 +546,23 @@ def test_multi_filter_and_after_terminal() -> None:
     send(st, log("a"), task("t", "running", "a"), wfe("a", "workflow.completed"), log("a"))
     assert brief(r.pull()) == [("log", "a", 2), ("end", "a", 4)]
     assert r.done
+
+
+def test_resume_replays_far_back_cursor_in_full_then_coalesces_live() -> None:
+    st = mk()
+    send(st, wfe(), *[log() for _ in range(9)])
+    r = reader(st, since="1", coalesce_after=3)
+    assert [b[2] for b in brief(r.pull())] == list(range(2, 11))
+    send(st, log(), log(), log())
+    assert [b[2] for b in brief(r.pull())] == [11, 12, 13]
+    send(st, *[log() for _ in range(4)])
+    assert brief(r.pull()) == [("resync", "w", 17)]
+
+
+def test_multi_resume_replays_far_back_cursor_in_full() -> None:
+    st = mk()
+    send(st, wfe("a"), *[log("a") for _ in range(9)])
+    r = multi(st, workflows=frozenset({"a"}), since="abc.1", coalesce_after=1)
+    assert [b[2] for b in brief(r.pull())] == list(range(2, 11))
+    send(st, *[log("a") for _ in range(5)])
+    assert brief(r.pull()) == [("resync", "a", 15)]
