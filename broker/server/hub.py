@@ -25,6 +25,7 @@ import trio
 
 from ..config import Config
 from ..core.errors import Unavailable
+from ..core.limits import ANONYMOUS, ConnectionTable, Principal
 from ..core.state import BrokerState, IngestResult, Limits
 
 log = logging.getLogger("broker.hub")
@@ -54,6 +55,7 @@ class Connection:
     remote: str
     path: str
     opened: float
+    principal: Principal = ANONYMOUS
     delivered: int = 0
     subscriptions: int = 0
     # Set by an admin's DELETE: the stream flushes and closes (SSE without
@@ -97,6 +99,12 @@ class Hub:
         self.state = state or BrokerState(config.node.id, limits_from_config(config))
         self._waiters: dict[str, trio.Event] = {}
         self.connections: dict[int, Connection] = {}
+        lim = config.limits
+        self.table = ConnectionTable(
+            global_limit=getattr(lim, "global"),  # a Python keyword, hence getattr
+            per_user=lim.per_user,
+            per_tenant=lim.per_tenant,
+        )
         self._conn_ids = itertools.count(1)
         self.delivered: Counter[str] = Counter()  # events written, by transport
         self.draining = False
@@ -173,21 +181,25 @@ class Hub:
 
     # ---------------------------------------------------------- connections
 
-    def check_capacity(self) -> None:
-        """Raise Unavailable (503) when shutting down or at `limits.global`."""
+    def check_capacity(self, principal: Principal = ANONYMOUS) -> None:
+        """Raise Unavailable (503: shutting down, `limits.global`) or
+        ResourceExhausted (429: `limits.per_tenant`) before a stream starts."""
         if self.draining:
             raise Unavailable("the broker is shutting down")
-        limit = getattr(self.config.limits, "global")  # a Python keyword, hence getattr
-        if len(self.connections) >= limit:
-            raise Unavailable(f"connection limit reached ({limit})")
+        self.table.check(principal)
 
-    def open_connection(self, transport: str, remote: str, path: str) -> Connection:
-        conn = Connection(next(self._conn_ids), transport, remote, path, time.time())
+    def open_connection(
+        self, transport: str, remote: str, path: str, principal: Principal = ANONYMOUS
+    ) -> Connection:
+        conn = Connection(next(self._conn_ids), transport, remote, path, time.time(), principal)
+        for old in self.table.admit(conn.id, principal):
+            self.kick(old)  # limits.per_user: the user's oldest connection goes
         self.connections[conn.id] = conn
         return conn
 
     def close_connection(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
+        self.table.release(conn.id)
 
     def kick(self, conn_id: int) -> bool:
         """Ask a connection to close; False if there is none with that id."""
@@ -203,7 +215,8 @@ class Hub:
     def stats(self) -> dict[str, Any]:
         out = self.state.stats()
         by_transport = Counter(c.transport for c in self.connections.values())
-        out["connections"] = {"total": len(self.connections), **by_transport}
+        out["connections"] = {"total": len(self.connections), **by_transport, **{
+            k: v for k, v in self.table.counts().items() if k != "total"}}
         out["waiters"] = len(self._waiters)
         out["delivered"] = dict(self.delivered)
         out["draining"] = self.draining

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import orjson
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..core.errors import InvalidArgument, NotFound
+from ..core.errors import BrokerError, InvalidArgument, NotFound
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from ..core.state import Workflow
@@ -35,6 +36,12 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+def sse_error(err: BrokerError) -> bytes:
+    """An `error` message; the stream closes after it (DESIGN.md §5)."""
+    body = orjson.dumps({"kind": "error", "code": err.code, "message": err.message})
+    return b"event: error\ndata: %s\n\n" % body
 
 
 async def wait_for_workflow(hub: Hub, wid: str) -> Workflow:
@@ -72,7 +79,11 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
     delivered = hub.delivered
 
     async def body() -> AsyncIterator[bytes]:
-        conn = hub.open_connection("sse", remote, path)
+        try:
+            conn = hub.open_connection("sse", remote, path)
+        except BrokerError as err:  # the limit filled up since check_capacity()
+            yield sse_error(err)
+            return
         conn.wait_key = key
         try:
             prefix = b"retry: %d\n\n" % int(cfg.retry_ms)

@@ -1,0 +1,99 @@
+"""Who a connection belongs to, and the connection limits (DESIGN.md §6).
+
+`Principal` is the one identity abstraction: today every request is
+`ANONYMOUS` (auth.mode = "none"); JWT identities (user = `sub`, tenant =
+`tenant` claim) slot in by constructing a `Principal` in one place, the
+server's `principal_of(request)`.
+
+`ConnectionTable.admit()` decides, for a new connection:
+
+- `limits.global` reached → `Unavailable` (HTTP 503; WS closes 4029);
+- the principal's tenant at `limits.per_tenant` → `ResourceExhausted` (429);
+- the principal's user at `limits.per_user` → admitted, and the ids of that
+  user's oldest connections to close are returned (the newest wins: a user
+  who opens a new tab keeps working).
+
+Anonymous principals have no user or tenant identity: only the global limit
+applies to them. Pure bookkeeping: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from itertools import islice
+
+from .errors import ResourceExhausted, Unavailable
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: str | None = None
+    tenant: str | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.user is None and self.tenant is None
+
+
+ANONYMOUS = Principal()
+
+
+class ConnectionTable:
+    def __init__(self, *, global_limit: int, per_user: int, per_tenant: int) -> None:
+        self.global_limit = global_limit
+        self.per_user = per_user
+        self.per_tenant = per_tenant
+        self._owner: dict[int, Principal] = {}
+        # Per user: connection ids, oldest first.
+        self._by_user: dict[str, OrderedDict[int, None]] = {}
+        self._by_tenant: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def check(self, principal: Principal) -> None:
+        """Raise if a new connection of `principal` would be refused."""
+        if len(self._owner) >= self.global_limit:
+            raise Unavailable(f"connection limit reached ({self.global_limit})")
+        tenant = principal.tenant
+        if tenant is not None and self._by_tenant.get(tenant, 0) >= self.per_tenant:
+            raise ResourceExhausted(f"tenant connection limit reached ({self.per_tenant})")
+
+    def admit(self, conn_id: int, principal: Principal) -> list[int]:
+        """Register a connection; return the ids of connections to close."""
+        self.check(principal)
+        self._owner[conn_id] = principal
+        if principal.tenant is not None:
+            self._by_tenant[principal.tenant] = self._by_tenant.get(principal.tenant, 0) + 1
+        evict: list[int] = []
+        if principal.user is not None:
+            conns = self._by_user.setdefault(principal.user, OrderedDict())
+            conns[conn_id] = None
+            # Evicted ones stay counted until they leave through release(), so
+            # a burst of new connections evicts successively older ones.
+            evict = list(islice(conns, max(0, len(conns) - self.per_user)))
+        return evict
+
+    def release(self, conn_id: int) -> None:
+        principal = self._owner.pop(conn_id, None)
+        if principal is None:
+            return
+        if principal.tenant is not None:
+            left = self._by_tenant[principal.tenant] - 1
+            if left:
+                self._by_tenant[principal.tenant] = left
+            else:
+                del self._by_tenant[principal.tenant]
+        if principal.user is not None:
+            conns = self._by_user[principal.user]
+            conns.pop(conn_id, None)
+            if not conns:
+                del self._by_user[principal.user]
+
+    def counts(self) -> dict[str, object]:
+        return {
+            "total": len(self._owner),
+            "users": {u: len(c) for u, c in self._by_user.items()},
+            "tenants": dict(self._by_tenant),
+        }
