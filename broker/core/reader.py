@@ -108,6 +108,27 @@ def plan_multi_start(
     )
 
 
+def coalesce(items: list[Item], states: bool = False) -> tuple[list[Item], int]:
+    """Keep only the latest progress (and with `states`, the latest task state)
+    of each task among the items of one write (DESIGN.md §6); return the
+    kept items, in order, and how many were dropped."""
+    if len(items) < 2:
+        return items, 0
+    seen: set[tuple[str, str, str]] = set()
+    kept: list[Item] = []
+    for it in reversed(items):
+        if isinstance(it, Entry) and it.task_id is not None and (
+            it.kind == "progress" or (states and it.kind == "state")
+        ):
+            key = (it.workflow_id, it.task_id, it.kind)
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(it)
+    kept.reverse()
+    return kept, len(items) - len(kept)
+
+
 def _end_message(wf_id: str, epoch: str, seq: int, state: str | None, journal_cursor: str = "") -> Message:
     msg = {"kind": "end", "workflow_id": wf_id, "epoch": epoch, "seq": seq, "state": state}
     return Message(msg, f"{epoch}:{seq}", journal_cursor)
@@ -125,6 +146,7 @@ class WorkflowReader:
         self._replay_end = wf.ring.next_index
         self._opening: str | None = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
         self.done = start.mode == NO_CONTENT
+        self.coalesced = 0  # progress/state messages merged away
 
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
@@ -172,6 +194,8 @@ class WorkflowReader:
                 out.append(_end_message(e.workflow_id, e.epoch, e.seq, e.state))
                 self.done = True
                 break
+        out, dropped = coalesce(out, flt.coalesce)
+        self.coalesced += dropped
         return out
 
     def _skip_ahead(self) -> list[Item]:
@@ -231,6 +255,7 @@ class MultiReader:
         self._opening = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
         self.done = False
         self.ended: set[str] = set()
+        self.coalesced = 0
         if start.mode == AT_INDEX:
             self._check_done()  # everything in scope may have ended behind the cursor
 
@@ -319,4 +344,6 @@ class MultiReader:
                 self._check_done()
                 if self.done:
                     break
+        out, dropped = coalesce(out, flt.coalesce)
+        self.coalesced += dropped
         return out

@@ -33,6 +33,7 @@ from quart_trio import QuartTrio
 
 from ..core.errors import BrokerError, InvalidArgument, Unavailable
 from ..core.filters import Filter
+from ..core.entry import Message
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from .hub import JOURNAL, Connection, Hub
 from .sse import wait_for_workflow
@@ -153,7 +154,7 @@ class WsSession:
             elif op == "unsubscribe":
                 sub = self._existing(msg)
                 sub.scope.cancel()
-                self.subs.pop(sub.id, None)
+                self._forget(sub)
                 await self.send(b'{"kind":"unsubscribed","sub":' + sub.id_json + b"}")
             elif op == "ping":
                 await self.send(b'{"kind":"pong"}')
@@ -210,13 +211,15 @@ class WsSession:
             raise InvalidArgument(f"'{scope}' must be a non-empty string")
         if scope == "workflow":
             self.subs[sub_id] = sub
+            self.conn.subscriptions = len(self.subs)
             assert self.nursery is not None
             opener = partial(self._open_workflow_sub, sub, value, flt, cursor, since_text)
             self.nursery.start_soon(self._run_sub, sub, opener)
             return
         if since_text is not None:
             raise InvalidArgument("multi-workflow subscriptions resume with 'cursor' (a journal cursor)")
-        start = plan_multi_start(self.hub.state, since=cursor)
+        # `cursor` resumes like Last-Event-ID: out of reach → resync, not an error.
+        start = plan_multi_start(self.hub.state, last_event_id=cursor)
         sub.reader = MultiReader(
             self.hub.state, flt, start, coalesce_after=self.hub.config.stream.coalesce_after,
             **{scope: value},
@@ -224,6 +227,7 @@ class WsSession:
         sub.key = JOURNAL
         sub.multi = True
         self.subs[sub_id] = sub
+        self.conn.subscriptions = len(self.subs)
         assert self.nursery is not None
         self.nursery.start_soon(self._run_sub, sub, None)
 
@@ -240,9 +244,10 @@ class WsSession:
             return False
         if start.mode == NO_CONTENT:
             self._forget(sub)
-            end = {"kind": "end", "sub": sub.id, "workflow_id": wf.id, "epoch": wf.epoch,
+            end = {"kind": "end", "workflow_id": wf.id, "epoch": wf.epoch,
                    "seq": wf.terminal_seq, "state": wf.snapshot.state}
-            await self.send(orjson.dumps(end))
+            cursor = f"{wf.epoch}:{wf.terminal_seq}"
+            await self.send(self._frame(sub, cursor, [Message(end, cursor)]))
             return False
         sub.reader = WorkflowReader(wf, flt, start, coalesce_after=self.hub.config.stream.coalesce_after)
         sub.key = wid
@@ -251,11 +256,16 @@ class WsSession:
     def _forget(self, sub: Subscription) -> None:
         if self.subs.get(sub.id) is sub:
             del self.subs[sub.id]
+        self.conn.subscriptions = len(self.subs)
 
     def _encode(self, sub: Subscription, items: list[Any]) -> bytes:
         reader = sub.reader
         assert reader is not None
         cursor = f"{self.node_epoch}.{reader.index}" if sub.multi else items[-1].cursor
+        return self._frame(sub, cursor, items)
+
+    @staticmethod
+    def _frame(sub: Subscription, cursor: str, items: list[Any]) -> bytes:
         head = b'{"sub":' + sub.id_json + b',"cursor":"' + cursor.encode() + b'"'
         if len(items) == 1:
             return head + b"," + items[0].body[1:]
@@ -291,18 +301,20 @@ class WsSession:
 def register(app: QuartTrio, hub: Hub) -> None:
     @app.websocket("/v1/ws")
     async def ws_endpoint() -> None:
+        addr = websocket.remote_addr
         try:
             hub.check_capacity()
-        except Unavailable as err:
+            # Admitted before accept(), with no checkpoint in between, so two
+            # connections racing for the last place cannot both get it.
+            conn = hub.open_connection("ws", str(addr) if addr else "", "/v1/ws")
+        except BrokerError as err:
             await websocket.accept()
             code = CLOSE_GOING_AWAY if hub.draining else CLOSE_TOO_MANY
             await websocket.send(_error(err.code, err.message).decode())
             await websocket.close(code, err.message[:120])
             return
-        await websocket.accept()
-        addr = websocket.remote_addr
-        conn = hub.open_connection("ws", str(addr) if addr else "", "/v1/ws")
         try:
+            await websocket.accept()
             await WsSession(hub, conn).run()
         finally:
             hub.close_connection(conn)

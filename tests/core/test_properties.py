@@ -210,7 +210,11 @@ def test_resume_from_any_cursor(case: tuple[list[dict[str, Any]], int]) -> None:
             r = WorkflowReader(wf, Filter(), start)
             items = r.pull()
             entries = [i for i in items if isinstance(i, Entry)]
-            assert [e.seq for e in entries] == list(range(k + 1, n + 1))
+            # One write: progress of a task is coalesced to its latest (§6).
+            suffix = [by_seq[q] for q in range(k + 1, n + 1)]
+            last_progress = {e.task_id: e.seq for e in suffix if e.kind == "progress"}
+            expected = [e.seq for e in suffix if e.kind != "progress" or last_progress[e.task_id] == e.seq]
+            assert [e.seq for e in entries] == expected
             assert all(e is by_seq[e.seq] for e in entries)
             if terminal:
                 assert orjson.loads(items[-1].body) == {
@@ -249,6 +253,26 @@ def interleaved_ops(draw: st.DrawFn, wids: tuple[str, ...]) -> tuple[int, list[A
     return flt, ops
 
 
+def latest_progress_only(stream: list[bytes]) -> list[bytes]:
+    """Drop every progress message followed later by one of the same task.
+
+    Coalescing (§6) merges progress within one write, so readers that pull in
+    different rhythms see different intermediate progress; with only the
+    latest progress per task kept, every reader must see the same stream.
+    """
+    keep: list[bytes] = []
+    seen: set[tuple[str, str]] = set()
+    for body in reversed(stream):
+        msg = orjson.loads(body)
+        if msg["kind"] == "progress":
+            key = (msg["workflow_id"], msg["task_id"])
+            if key in seen:
+                continue
+            seen.add(key)
+        keep.append(body)
+    return keep[::-1]
+
+
 @SETTINGS
 @given(interleaved_ops(("wf",)))
 def test_small_pulls_equal_one_big_pull_single(case: tuple[int, list[Any]]) -> None:
@@ -267,7 +291,7 @@ def test_small_pulls_equal_one_big_pull_single(case: tuple[int, list[Any]]) -> N
         else:
             s.ingest_frame(orjson.dumps(op[1]), NOW)
     got_a.extend(bodies(a.pull()))
-    assert got_a == bodies(b.pull())
+    assert latest_progress_only(got_a) == latest_progress_only(bodies(b.pull()))
     assert a.done == b.done
 
 
@@ -292,5 +316,5 @@ def test_small_pulls_equal_one_big_pull_multi(case: tuple[int, list[Any]]) -> No
             s.ingest_frame(orjson.dumps(op[1]), NOW)
     for i, (a, b) in enumerate(readers):
         got[i].extend(bodies(a.pull()))
-        assert got[i] == bodies(b.pull())
+        assert latest_progress_only(got[i]) == latest_progress_only(bodies(b.pull()))
         assert a.done == b.done

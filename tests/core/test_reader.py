@@ -566,3 +566,55 @@ def test_multi_resume_replays_far_back_cursor_in_full() -> None:
     assert [b[2] for b in brief(r.pull())] == list(range(2, 11))
     send(st, *[log("a") for _ in range(5)])
     assert brief(r.pull()) == [("resync", "a", 15)]
+
+
+# ------------------------------------------------------------- coalescing (§6)
+
+def _progress(tid: str, value: int, wid: str = "w") -> dict[str, Any]:
+    return {"workflow_id": wid, "type": "task.progress", "task_id": tid, "progress": value}
+
+
+def test_progress_of_one_task_in_one_write_is_coalesced_to_the_latest() -> None:
+    st = mk()
+    send(st, wfe())
+    wf = st.get("w")
+    r = WorkflowReader(wf, Filter(), plan_workflow_start(wf))
+    r.pull()
+    send(st, _progress("a", 10), _progress("b", 5), task("a", "running"), _progress("a", 20), _progress("b", 50),
+         _progress("a", 30))
+    got = [(orjson.loads(i.body)["kind"], orjson.loads(i.body).get("progress")) for i in r.pull()]
+    # a's 10 and 20 and b's 5 are merged away; order of what stays is kept.
+    assert got == [("state", None), ("progress", 50), ("progress", 30)]
+    assert r.coalesced == 3
+    # Separate writes are not merged.
+    send(st, _progress("a", 40))
+    assert [orjson.loads(i.body)["progress"] for i in r.pull()] == [40]
+    send(st, _progress("a", 41))
+    assert [orjson.loads(i.body)["progress"] for i in r.pull()] == [41]
+
+
+def test_coalesce_true_keeps_only_the_latest_state_per_task() -> None:
+    st = mk()
+    send(st, wfe())
+    wf = st.get("w")
+    plain = WorkflowReader(wf, Filter(), plan_workflow_start(wf))
+    merged = WorkflowReader(wf, Filter.parse({"coalesce": "true"}), plan_workflow_start(wf))
+    plain.pull(), merged.pull()
+    send(st, task("a", "scheduled"), task("a", "running"), task("b", "running"), task("a", "completed"),
+         wfe(etype="workflow.suspended"), wfe(etype="workflow.resumed"))
+    kinds = lambda items: [(orjson.loads(i.body).get("task_id"), orjson.loads(i.body)["state"]) for i in items]  # noqa: E731
+    assert kinds(plain.pull()) == [("a", "scheduled"), ("a", "running"), ("b", "running"), ("a", "completed"),
+                                   (None, "suspended"), (None, "resumed")]
+    # Workflow-level state changes are never merged: only task states are.
+    assert kinds(merged.pull()) == [("b", "running"), ("a", "completed"), (None, "suspended"), (None, "resumed")]
+    assert merged.coalesced == 2
+
+
+def test_multi_reader_coalesces_per_workflow_and_task() -> None:
+    st = mk()
+    send(st, wfe("w1"), wfe("w2"))
+    r = MultiReader(st, Filter(), plan_multi_start(st), tenant="default")
+    r.pull()
+    send(st, _progress("t", 1, "w1"), _progress("t", 2, "w2"), _progress("t", 3, "w1"))
+    got = [(orjson.loads(i.body)["workflow_id"], orjson.loads(i.body)["progress"]) for i in r.pull()]
+    assert got == [("w2", 2), ("w1", 3)]
