@@ -20,6 +20,14 @@ import orjson
 from .envelope import LOG_LEVELS
 
 
+NO_LOGS = (0, 0, 0, 0, 0)  # per level: debug, info, warning, error, critical
+
+
+def level_slot(level: int) -> int:
+    """Index of a LOG_LEVELS value in a log_counts tuple."""
+    return level // 10 - 1
+
+
 def sse_frame(event_id: str, kind: str, body: bytes) -> bytes:
     # orjson never emits a raw newline, so `data:` is always one line.
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), body)
@@ -31,7 +39,7 @@ class Entry:
     __slots__ = (
         "workflow_id", "tenant", "parent_id", "epoch", "seq", "seq_from", "kind", "task_id",
         "state", "level", "terminal", "after_terminal", "body", "size", "offset", "cursor",
-        "_sse", "_sse_multi",
+        "log_counts", "_sse", "_sse_multi",
     )
 
     def __init__(
@@ -61,6 +69,10 @@ class Entry:
         # Accounted size: the body plus a rough fixed cost of the object.
         self.size = len(self.body) + 200
         self.offset = 0  # journal offset, set when journaled
+        # The workflow's running count of log lines per level up to and
+        # including this entry (shared tuple, set by BrokerState): a reader
+        # that skips ahead knows exactly how many lines it skipped.
+        self.log_counts: tuple[int, ...] = NO_LOGS
         self.cursor = f"{self.epoch}:{self.seq}"
         self._sse: bytes | None = None
         self._sse_multi: bytes | None = None

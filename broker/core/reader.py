@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cursor import parse_journal_cursor, parse_since, parse_workflow_cursor
-from .entry import Entry, Item, Message
+from .entry import Entry, Item, Message, level_slot
 from .errors import InvalidArgument
 from .filters import Filter
 from .state import BrokerState, Workflow
@@ -141,6 +141,7 @@ class WorkflowReader:
         self.coalesce_after = coalesce_after
         self.index = start.index
         self.seq = start.seq  # the last seq this reader has passed
+        self.log_counts = self._log_counts_before(start.index)
         # A resume replays the ring from its cursor in full, however far back:
         # only what arrives after the stream opened counts as falling behind.
         self._replay_end = wf.ring.next_index
@@ -151,6 +152,17 @@ class WorkflowReader:
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
 
+    def _log_counts_before(self, index: int) -> tuple[int, ...]:
+        ring = self.wf.ring
+        if not ring.first_index <= index < ring.next_index:
+            return self.wf.log_counts
+        e = ring.at(index)
+        if e.kind != "log" or e.after_terminal:
+            return e.log_counts
+        counts = list(e.log_counts)
+        counts[level_slot(e.level)] -= 1
+        return tuple(counts)
+
     def _snapshot(self, kind: str) -> list[Item]:
         wf = self.wf
         snap = wf.snapshot
@@ -158,6 +170,7 @@ class WorkflowReader:
         out: list[Item] = [Message(msg, f"{wf.epoch}:{snap.seq}")]
         self.index = wf.ring.next_index
         self.seq = snap.seq
+        self.log_counts = wf.log_counts
         if wf.terminal_seq is not None:
             out.append(_end_message(wf.id, wf.epoch, wf.terminal_seq, snap.state))
             self.done = True
@@ -188,6 +201,7 @@ class WorkflowReader:
             if e.after_terminal:
                 continue
             self.seq = e.seq
+            self.log_counts = e.log_counts
             if flt.matches(e):
                 out.append(e)
             if e.terminal:
@@ -202,16 +216,18 @@ class WorkflowReader:
         wf = self.wf
         if not self.filter.is_log_stream:
             return self._snapshot("resync")
-        # Log streams: count the lines of this view that are skipped. Those
-        # already off the ring can't be inspected; they count as lines too.
+        # Log streams: the running per-level counts say exactly how many
+        # lines at or above the stream's level were skipped, also those
+        # already off the ring. (A `tasks=` filter is not applied to the
+        # count: it counts the lines of every task.)
         ring = wf.ring
-        dropped = max(0, ring.first_index - self.index)
-        flt = self.filter
-        for e in ring.entries_from(self.index):
-            if e.after_terminal:
-                break
-            if e.kind == "log" and flt.matches(e):
-                dropped += 1
+        min_level = self.filter.min_level
+        dropped = sum(
+            now - before
+            for slot, (now, before) in enumerate(zip(wf.log_counts, self.log_counts, strict=True))
+            if (slot + 1) * 10 >= min_level
+        )
+        self.log_counts = wf.log_counts
         # The gap ends at the terminal event if there is one: nothing after it
         # is streamed.
         to = wf.terminal_seq if wf.terminal_seq is not None else wf.snapshot.seq

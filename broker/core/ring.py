@@ -74,6 +74,12 @@ class Ring(Generic[T]):
     def last(self) -> T | None:
         return self._items[-1] if len(self) else None
 
+    def at(self, index: int) -> T:
+        """The entry with absolute index `index` (first_index <= index < next_index)."""
+        if not self.first_index <= index < self.next_index:
+            raise IndexError(index)
+        return self._items[self._head + index - self.first_index]
+
     def entries_from(self, index: int) -> list[T]:
         """Entries with absolute index >= `index` (which must be >= first_index)."""
         start = self._head + max(index, self.first_index) - self.first_index

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dedup import IdWindow
-from .entry import Entry
+from .entry import NO_LOGS, Entry, level_slot
 from .envelope import TERMINAL_STATES, decode_frame
 from .errors import Reject
 from .ring import Ring
@@ -65,7 +65,7 @@ class IngestResult:
 class Workflow:
     __slots__ = (
         "id", "tenant", "parent_id", "seq", "snapshot", "ring", "terminal_seq", "terminal_at",
-        "terminal_offset", "updated_at",
+        "terminal_offset", "updated_at", "log_counts",
     )
 
     def __init__(self, wid: str, tenant: str, parent_id: str | None, seq: Sequencer, ring: Ring[Entry]) -> None:
@@ -79,6 +79,7 @@ class Workflow:
         self.terminal_at: float | None = None
         self.terminal_offset = 0  # journal offset of the terminal event
         self.updated_at = 0.0
+        self.log_counts = NO_LOGS  # streamed log lines so far, per level
 
     @property
     def epoch(self) -> str:
@@ -244,6 +245,11 @@ class BrokerState:
                 if terminal:
                     wf.terminal_seq = rel.seq
                     wf.terminal_at = now
+            if entry.kind == "log" and not after_terminal:
+                counts = list(wf.log_counts)
+                counts[level_slot(entry.level)] += 1
+                wf.log_counts = tuple(counts)
+            entry.log_counts = wf.log_counts
             wf.ring.append(entry)
             self.journal.append(entry)
             entry.offset = self.journal.next_index  # offsets start at 1

@@ -318,3 +318,63 @@ def test_small_pulls_equal_one_big_pull_multi(case: tuple[int, list[Any]]) -> No
         got[i].extend(bodies(a.pull()))
         assert latest_progress_only(got[i]) == latest_progress_only(bodies(b.pull()))
         assert a.done == b.done
+
+
+# ------------------------- (5) a log reader's gaps add up to what it missed
+
+
+@st.composite
+def log_traffic(draw: st.DrawFn) -> tuple[list[Any], int, int, str | None]:
+    ops: list[Any] = []
+    for _ in range(draw(st.integers(1, 120))):
+        choice = draw(st.integers(0, 9))
+        if choice < 2:
+            ops.append(("pull",))
+        elif choice < 3:
+            ops.append(("ingest", {"workflow_id": "wf", "type": "task.running", "task_id": "t"}))
+        else:
+            level = draw(st.sampled_from(["debug", "info", "warning", "error", "critical"]))
+            ops.append(("ingest", {"workflow_id": "wf", "type": "log", "level": level}))
+    if draw(st.booleans()):
+        ops.append(("ingest", {"workflow_id": "wf", "type": "workflow.completed"}))
+        ops.append(("ingest", {"workflow_id": "wf", "type": "log", "level": "error"}))  # after the end
+    ring_events = draw(st.integers(2, 40))
+    coalesce_after = draw(st.integers(1, 30))
+    level = draw(st.sampled_from([None, "info", "error"]))
+    return ops, ring_events, coalesce_after, level
+
+
+@SETTINGS
+@given(log_traffic())
+def test_log_gaps_add_up_to_exactly_what_was_missed(case: tuple[list[Any], int, int, str | None]) -> None:
+    ops, ring_events, coalesce_after, level = case
+    s = mk(ring_events=ring_events)
+    s.ingest_frame(orjson.dumps({"workflow_id": "wf", "type": "workflow.running"}), NOW)
+    wf = s.get("wf")
+    flt = Filter.parse({"level": level} if level else {}, view="logs")
+    r = WorkflowReader(wf, flt, plan_workflow_start(wf), coalesce_after=coalesce_after)
+    assert [orjson.loads(i.body)["kind"] for i in r.pull()] == ["snapshot"]  # lines after it count
+    got: list[dict[str, Any]] = []
+    total = 0
+    ended = False
+    for op in ops:
+        if op[0] == "pull":
+            got.extend(orjson.loads(i.body) for i in r.pull())
+        else:
+            ev = op[1]
+            if ev["type"] == "workflow.completed":
+                ended = True
+            elif ev["type"] == "log" and not ended and flt.min_level <= {"debug": 10, "info": 20, "warning": 30,
+                                                                         "error": 40, "critical": 50}[ev["level"]]:
+                total += 1
+            s.ingest_frame(orjson.dumps(ev), NOW)
+    got.extend(orjson.loads(i.body) for i in r.pull())
+    delivered = sum(1 for m in got if m["kind"] == "log")
+    dropped = sum(m["dropped"] for m in got if m["kind"] == "gap")
+    assert delivered + dropped == total
+    # Gaps and lines never go backwards, and the stream ends iff the workflow did.
+    seqs = [m["seq"] for m in got if m["kind"] in ("log", "gap")]
+    assert seqs == sorted(seqs)
+    assert r.done == ended
+    if ended:
+        assert got[-1]["kind"] == "end"
