@@ -80,6 +80,7 @@ class Cdp:
         self._ids = itertools.count(1)
         self._calls: dict[int, _Call] = {}
         self.events: list[dict[str, Any]] = []
+        self._event_arrived = trio.Event()
         self.closed: str | None = None
 
     async def reader(self) -> None:
@@ -92,13 +93,30 @@ class Cdp:
                     call.done.set()
                 elif "method" in msg:
                     self.events.append(msg)
+                    self._event_arrived.set()
+                    self._event_arrived = trio.Event()
         except ConnectionClosed as exc:
             self.closed = f"DevTools connection closed: {exc.reason}"
         finally:
             self.closed = self.closed or "DevTools reader stopped"
+            self._event_arrived.set()
             for call in self._calls.values():
                 call.done.set()
             self._calls.clear()
+
+    async def wait_event(self, predicate, start: int = 0) -> dict[str, Any]:
+        """The first protocol event from index `start` on that satisfies
+        `predicate`, waiting for it (callers bound the wait with a deadline)."""
+        index = start
+        while True:
+            while index < len(self.events):
+                event = self.events[index]
+                index += 1
+                if predicate(event):
+                    return event
+            if self.closed:
+                raise CdpError(self.closed)
+            await self._event_arrived.wait()
 
     async def send(self, method: str, params: dict[str, Any] | None = None, *, session_id: str | None = None,
                    timeout: float = 10) -> dict[str, Any]:
@@ -144,12 +162,17 @@ class Page:
             raise CdpError(f"page exception evaluating {expression!r}: {text}")
         return result["result"].get("value")
 
-    def events(self, prefix: str = "") -> list[dict[str, Any]]:
-        """Protocol events of this page whose method starts with `prefix`."""
-        return [
-            e for e in self.cdp.events
-            if e.get("sessionId") == self.session_id and e["method"].startswith(prefix)
-        ]
+    def events(self, method: str) -> list[dict[str, Any]]:
+        """Protocol events of this page named `method` (e.g. "Network.requestWillBeSent")."""
+        return [e for e in self.cdp.events if e.get("sessionId") == self.session_id and e["method"] == method]
+
+    async def wait_event(self, method: str, predicate=lambda params: True) -> dict[str, Any]:
+        """Params of the first event of this page named `method` matching
+        `predicate` (already received or still to come)."""
+        event = await self.cdp.wait_event(
+            lambda e: e.get("sessionId") == self.session_id and e["method"] == method and predicate(e["params"])
+        )
+        return event["params"]
 
 
 class Browser:
@@ -204,27 +227,11 @@ async def open_browser(tmp_path: Path, *, start_timeout: float = 15) -> AsyncIte
     proc = await trio.lowlevel.open_process(
         args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
-    tail: list[str] = []
     try:
-      try:
-        async with trio.open_nursery() as nursery:
-            found: list[str] = []
-            ready = trio.Event()
-            nursery.start_soon(_read_stderr, proc.stderr, tail, found, ready)
-            with trio.move_on_after(start_timeout):
-                await ready.wait()
-            if not found:
-                raise AssertionError(
-                    f"chromium did not print 'DevTools listening on ws://…' within {start_timeout}s "
-                    f"(exit code {proc.poll()}); stderr:\n" + "\n".join(tail)
-                )
-            async with open_websocket_url(found[0], max_message_size=64 * 1024 * 1024) as ws:
-                cdp = Cdp(ws)
-                nursery.start_soon(cdp.reader)
-                yield Browser(cdp, tail)
-                nursery.cancel_scope.cancel()
-      except BaseExceptionGroup as group:
-        # The test body runs inside our nursery: hand its failure back as it was raised.
+        async with _drive(proc, start_timeout) as browser:
+            yield browser
+    except BaseExceptionGroup as group:
+        # The caller's block runs inside our nursery: hand a single failure back as it was raised.
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
@@ -240,3 +247,24 @@ async def open_browser(tmp_path: Path, *, start_timeout: float = 15) -> AsyncIte
                 if not profile.exists():
                     break
                 await trio.sleep(0.05)  # a dying child may still write into the profile
+
+
+@asynccontextmanager
+async def _drive(proc: trio.Process, start_timeout: float) -> AsyncIterator[Browser]:
+    tail: list[str] = []
+    found: list[str] = []
+    ready = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_stderr, proc.stderr, tail, found, ready)
+        with trio.move_on_after(start_timeout):
+            await ready.wait()
+        if not found:
+            raise AssertionError(
+                f"chromium did not print 'DevTools listening on ws://…' within {start_timeout}s "
+                f"(exit code {proc.poll()}); stderr:\n" + "\n".join(tail)
+            )
+        async with open_websocket_url(found[0], max_message_size=64 * 1024 * 1024) as ws:
+            cdp = Cdp(ws)
+            nursery.start_soon(cdp.reader)
+            yield Browser(cdp, tail)
+            nursery.cancel_scope.cancel()
