@@ -62,12 +62,34 @@ class Connection:
     # `end`, so the client reconnects with its cursor; WS with 1000).
     closing: trio.Event = field(default_factory=trio.Event)
     wait_key: str = ""
+    # Slow consumers (DESIGN §6): when the current write started (trio
+    # clock), None between writes; `slow` once a write made no progress for
+    # stream.slow_consumer_timeout (set by the hub's watchdog).
+    write_started: float | None = None
+    slow: bool = False
+    # limits.events_per_second: a token bucket (rate 0 = unlimited).
+    rate: float = 0.0
+    tokens: float = 0.0
+    refilled: float = 0.0
+
+    async def pace(self, sent: int) -> None:
+        """After a write of `sent` events, wait as limits.events_per_second
+        requires. The reader keeps its place meanwhile: what piles up is
+        coalesced (or becomes a resync) on the next write, never queued."""
+        if not self.rate:
+            return
+        now = trio.current_time()
+        self.tokens = min(self.rate, self.tokens + (now - self.refilled) * self.rate) - sent
+        self.refilled = now
+        if self.tokens < 0:
+            self.tokens = max(self.tokens, -self.rate)  # at most a second of debt
+            await trio.sleep(-self.tokens / self.rate)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "transport": self.transport, "remote": self.remote, "path": self.path,
             "opened": int(self.opened * 1000), "delivered": self.delivered,
-            "subscriptions": self.subscriptions,
+            "subscriptions": self.subscriptions, "slow": self.slow,
         }
 
 
@@ -107,6 +129,7 @@ class Hub:
         )
         self._conn_ids = itertools.count(1)
         self.delivered: Counter[str] = Counter()  # events written, by transport
+        self.counters: Counter[str] = Counter()  # stream-side counters
         self.draining = False
         self.drain_started = trio.Event()
         self._reject_log = _RateLimitedLog()
@@ -171,6 +194,26 @@ class Hub:
             if not ev.is_set() and ev.statistics().tasks_waiting == 0 and self._waiters.get(key) is ev:
                 del self._waiters[key]
 
+    async def serve_watchdog(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Mark connections whose current write made no progress for
+        stream.slow_consumer_timeout. The stream itself can't act while its
+        write is blocked: if the write completes later it sends `error`
+        (SSE) or closes 4008 (WS); if it never does, the kernel aborts the
+        connection (TCP_USER_TIMEOUT, set on the listening socket in run.py)."""
+        timeout = float(self.config.stream.slow_consumer_timeout)
+        period = max(0.05, min(1.0, timeout / 4))
+        task_status.started()
+        while True:
+            await trio.sleep(period)
+            horizon = trio.current_time() - timeout
+            for conn in self.connections.values():
+                started = conn.write_started
+                if started is not None and started <= horizon and not conn.slow:
+                    conn.slow = True
+                    self.counters["slow_consumer_closed"] += 1
+                    log.info("connection %d (%s %s): no write progress for %ss: slow consumer",
+                             conn.id, conn.transport, conn.remote, timeout)
+
     def begin_drain(self) -> None:
         """Shutdown: every stream flushes what it has and ends."""
         self.draining = True
@@ -192,6 +235,9 @@ class Hub:
         self, transport: str, remote: str, path: str, principal: Principal = ANONYMOUS
     ) -> Connection:
         conn = Connection(next(self._conn_ids), transport, remote, path, time.time(), principal)
+        rate = float(self.config.limits.events_per_second)
+        if rate:
+            conn.rate, conn.tokens, conn.refilled = rate, rate, trio.current_time()
         for old in self.table.admit(conn.id, principal):
             self.kick(old)  # limits.per_user: the user's oldest connection goes
         self.connections[conn.id] = conn
@@ -219,5 +265,6 @@ class Hub:
             k: v for k, v in self.table.counts().items() if k != "total"}}
         out["waiters"] = len(self._waiters)
         out["delivered"] = dict(self.delivered)
+        out["streams"] = dict(self.counters)
         out["draining"] = self.draining
         return out

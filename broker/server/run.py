@@ -38,13 +38,24 @@ class StartupError(Exception):
     """Startup failed; str() is the one line the CLI prints."""
 
 
-def bind_http(bind: str, backlog: int) -> socket.socket:
+def bind_http(bind: str, backlog: int, slow_consumer_timeout: float = 0) -> socket.socket:
     host, port = parse_http_bind(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if slow_consumer_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
+            # Inherited by accepted sockets (Linux): the kernel aborts a
+            # connection whose sent data stays unacknowledged, or whose
+            # receive window stays zero (a client that stopped reading), this
+            # long. Hypercorn's writes are shielded from cancellation, so this
+            # is what frees a stream stuck on a dead reader. The grace beyond
+            # the timeout lets a write that does complete late send `error`
+            # (SSE) or close 4008 (WS) first (see Hub.serve_watchdog).
+            grace = max(1.0, slow_consumer_timeout / 5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            int((slow_consumer_timeout + grace) * 1000))
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -79,7 +90,7 @@ async def serve(
         except zmq.ZMQError as exc:
             raise StartupError(f"cannot bind ingest.zmq_bind {config.ingest.zmq_bind}: {exc}") from None
         try:
-            http_sock = bind_http(config.http.bind, config.http.backlog)
+            http_sock = bind_http(config.http.bind, config.http.backlog, float(config.stream.slow_consumer_timeout))
         except StartupError:
             pull.close(0)
             raise
@@ -99,6 +110,7 @@ async def serve(
 
                 nursery.start_soon(ingest)
                 nursery.start_soon(hub.serve_ticker)
+                nursery.start_soon(hub.serve_watchdog)
                 hc = _hypercorn_config(config)
                 http_done = trio.Event()
 

@@ -25,7 +25,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..core.errors import BrokerError, InvalidArgument, NotFound
+from ..core.errors import BrokerError, InvalidArgument, NotFound, ResourceExhausted
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from ..core.state import Workflow
@@ -96,8 +96,15 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                         data = b"".join([it.sse() for it in items])
                     conn.delivered += len(items)
                     delivered["sse"] += len(items)
+                    conn.write_started = trio.current_time()
                     yield prefix + data
+                    conn.write_started = None
                     prefix = b""
+                    if conn.slow:
+                        # The write went through after all: say why we close.
+                        yield sse_error(ResourceExhausted("slow consumer: writes made no progress"))
+                        return
+                    await conn.pace(len(items))
                     continue
                 if prefix:
                     yield prefix
@@ -106,7 +113,9 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                 if reader.done or hub.draining or conn.closing.is_set():
                     return
                 if not await hub.wait(key, cfg.keepalive):
+                    conn.write_started = trio.current_time()
                     yield b": keepalive\n\n"
+                    conn.write_started = None
         finally:
             hub.close_connection(conn)
 

@@ -43,6 +43,7 @@ log = logging.getLogger("broker.ws")
 MAX_SUBSCRIPTIONS = 100
 CLOSE_GOING_AWAY = 1001
 CLOSE_TOO_MANY = 4029
+CLOSE_SLOW_CONSUMER = 4008
 SUBSCRIBE_KEYS = frozenset({"op", "sub", "workflow", "workflows", "tenant", "parent", "since", "cursor", "filter"})
 
 
@@ -77,7 +78,19 @@ class WsSession:
 
     async def send(self, data: bytes) -> None:
         async with self.lock:
-            await websocket.send(data.decode())
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        """One write (the lock held); a write that made no progress for
+        stream.slow_consumer_timeout but completed after all closes with 4008."""
+        conn = self.conn
+        conn.write_started = trio.current_time()
+        await websocket.send(data.decode())
+        conn.write_started = None
+        if conn.slow:
+            await websocket.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            assert self.nursery is not None
+            self.nursery.cancel_scope.cancel()
 
     async def close(self, code: int, reason: str) -> None:
         async with self.lock:
@@ -283,12 +296,13 @@ class WsSession:
                     async with self.lock:
                         items = reader.pull()
                         if items:
-                            await websocket.send(self._encode(sub, items).decode())
+                            await self._write(self._encode(sub, items))
                     if items:
                         self.conn.delivered += len(items)
                         hub.delivered["ws"] += len(items)
                         if reader.done:
                             break
+                        await self.conn.pace(len(items))
                         continue
                     if reader.done or hub.draining:
                         break
