@@ -82,7 +82,11 @@ def create_app(hub: Hub) -> QuartTrio:
                 hub.state.record_reject(
                     Reject("too_large", f"body over {limit} bytes"), time.time(), "http", b"".join(chunks)
                 )
-                raise InvalidArgument(f"body exceeds ingest.max_frame_bytes ({limit} bytes)")
+                response = error_response(InvalidArgument(f"body exceeds ingest.max_frame_bytes ({limit} bytes)"))
+                # The rest of the body is never read, so this connection can't
+                # carry another request: close it.
+                response.headers["Connection"] = "close"
+                return response
             chunks.append(chunk)
         body = b"".join(chunks)
         result = hub.ingest(body, "http")

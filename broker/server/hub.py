@@ -132,6 +132,7 @@ class Hub:
         self.counters: Counter[str] = Counter()  # stream-side counters
         self.draining = False
         self.drain_started = trio.Event()
+        self._no_connections = trio.Event()
         self._reject_log = _RateLimitedLog()
         self.ingest_endpoint = ""
 
@@ -246,6 +247,14 @@ class Hub:
     def close_connection(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
         self.table.release(conn.id)
+        if not self.connections:
+            self._no_connections.set()
+
+    async def wait_streams_closed(self) -> None:
+        """Wait until no stream is open (used while draining)."""
+        while self.connections:
+            self._no_connections = trio.Event()
+            await self._no_connections.wait()
 
     def kick(self, conn_id: int) -> bool:
         """Ask a connection to close; False if there is none with that id."""

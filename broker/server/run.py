@@ -137,9 +137,13 @@ async def serve(
                 hub.tick()  # release what the reorder buffers hold past their window
                 hub.begin_drain()
                 stop_http.set()
-                # Streams end themselves once draining; Hypercorn cuts what is
-                # left after graceful_timeout (= shutdown_timeout).
-                with trio.move_on_after(float(config.shutdown_timeout) + 1):
+                # Streams end themselves once draining. Hypercorn (0.18, trio)
+                # does not close idle keep-alive connections on shutdown and
+                # would wait its whole graceful_timeout for them, so once our
+                # streams are gone we give plain requests a moment and stop.
+                with trio.move_on_after(float(config.shutdown_timeout)):
+                    await hub.wait_streams_closed()
+                with trio.move_on_after(0.25):
                     await http_done.wait()
                 nursery.cancel_scope.cancel()
         log.info("stopped")

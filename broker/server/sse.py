@@ -87,6 +87,7 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
         conn.wait_key = key
         try:
             prefix = b"retry: %d\n\n" % int(cfg.retry_ms)
+            last_write = trio.current_time()
             while True:
                 items = reader.pull()
                 if items:
@@ -99,6 +100,7 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                     conn.write_started = trio.current_time()
                     yield prefix + data
                     conn.write_started = None
+                    last_write = trio.current_time()
                     prefix = b""
                     if conn.slow:
                         # The write went through after all: say why we close.
@@ -108,14 +110,19 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                     continue
                 if prefix:
                     yield prefix
+                    last_write = trio.current_time()
                     prefix = b""
                     continue
                 if reader.done or hub.draining or conn.closing.is_set():
                     return
-                if not await hub.wait(key, cfg.keepalive):
+                # Silence is timed from the last write: wakeups for events
+                # this stream filters out must not postpone the keepalive.
+                silent_for = trio.current_time() - last_write
+                if silent_for >= cfg.keepalive or not await hub.wait(key, cfg.keepalive - silent_for):
                     conn.write_started = trio.current_time()
                     yield b": keepalive\n\n"
                     conn.write_started = None
+                    last_write = trio.current_time()
         finally:
             hub.close_connection(conn)
 

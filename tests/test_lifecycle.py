@@ -1,0 +1,330 @@
+"""The daemon's lifecycle and command line (DESIGN.md §11, §13): graceful
+SIGTERM with open streams, check-config, bad configs, ports in use, --version,
+and no leak over 10,000 SSE connect/disconnect cycles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+import zmq
+
+import broker
+
+from .conftest import BASE_SECTIONS, ROOT, Daemon, write_config
+from .e2e import client_for, open_sse, poll, post_events, stats, uid, wf_path, zmq_barrier
+
+
+def ev(wid: str, etype: str, **fields: Any) -> dict[str, Any]:
+    return {"workflow_id": wid, "type": etype, **fields}
+
+
+def log(wid: str, message: str, **fields: Any) -> dict[str, Any]:
+    return ev(wid, "log", level="info", message=message, **fields)
+
+
+async def run_cli(*args: str, timeout: float = 15) -> tuple[int, str, str]:
+    with trio.fail_after(timeout):
+        proc = await trio.run_process(
+            [sys.executable, "-m", "broker", *args], cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False,
+        )
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def assert_one_line(stderr: str, *needles: str) -> str:
+    lines = stderr.strip("\n").splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{stderr}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------- SIGTERM
+
+
+SHUTDOWN_TIMEOUT = 2
+
+
+@pytest.fixture
+def short_shutdown_daemon(tmp_path: Path):
+    """A daemon with shutdown_timeout = 2 (a top-level key, which broker_factory cannot set)."""
+    cfg = write_config(tmp_path / "broker.toml", BASE_SECTIONS)
+    cfg.write_text(f"shutdown_timeout = {SHUTDOWN_TIMEOUT}\n" + cfg.read_text())
+    d = Daemon(cfg)
+    yield d
+    d.stop()
+
+
+async def test_sigterm_with_open_streams_delivers_everything_then_closes_without_end(short_shutdown_daemon):
+    d = short_shutdown_daemon
+    a, b, t = uid("a"), uid("b"), uid("tenant")
+    results: dict[str, list] = {}
+    with trio.fail_after(20):
+        async with client_for(d) as client:
+            r = await post_events(client, [ev(a, "workflow.running", tenant=t), ev(b, "workflow.running")])
+            assert r.status_code == 202
+            streams = {
+                "single": (wf_path(a), {}),
+                "logs": (wf_path(a, "logs"), {}),
+                "tasks": (wf_path(a, "tasks"), {}),
+                "multi": ("/v1/stream", {"workflows": f"{a},{b}"}),
+                "tenant": ("/v1/stream", {"tenant": t}),
+            }
+            opened = trio.Event()
+            ready = 0
+
+            async def watch(name: str, path: str, params: dict[str, str]) -> None:
+                nonlocal ready
+                async with open_sse(client, path, params=params) as s:
+                    assert s.status == 200
+                    first = await s.expect()
+                    assert first.event == "snapshot"
+                    ready += 1
+                    if ready == len(streams):
+                        opened.set()
+                    results[name] = await s.rest()
+
+            async with trio.open_nursery() as nursery:
+                for name, (path, params) in streams.items():
+                    nursery.start_soon(watch, name, path, params)
+                await opened.wait()
+                # Over ZMQ, confirmed ingested; then over HTTP (202 = ingested); then the signal
+                # at once, before the subscribers can have read it all.
+                d.push(*[log(a, f"zmq {i}") for i in range(50)], *[log(b, f"zmq b {i}") for i in range(20)])
+                await zmq_barrier(d, client)
+                r = await post_events(client, [log(a, f"http {i}") for i in range(100)]
+                                      + [ev(a, "task.running", task_id="t-1"), log(b, "last b")])
+                assert r.status_code == 202 and r.json()["accepted"] == 102
+                t0 = time.monotonic()
+                d.proc.send_signal(signal.SIGTERM)
+                rc = await trio.to_thread.run_sync(d.proc.wait, 10)
+                exited_after = time.monotonic() - t0
+    assert rc == 0, d.output()
+    a_lines = [f"zmq {i}" for i in range(50)] + [f"http {i}" for i in range(100)]
+    for name in ("single", "logs", "multi", "tenant"):
+        got = results[name]
+        assert "end" not in [e.event for e in got], name
+        messages = [e.json.get("message") for e in got if e.json["workflow_id"] == a and e.event == "log"]
+        assert messages == a_lines, name
+    assert [e.event for e in results["single"]][-1] == "state"
+    assert [e.json.get("task_id") for e in results["tasks"]] == ["t-1"]
+    b_lines = [e.json["message"] for e in results["multi"] if e.json["workflow_id"] == b and e.event == "log"]
+    assert b_lines == [f"zmq b {i}" for i in range(20)] + ["last b"]
+    assert "draining" in d.output() and "stopped" in d.output()
+    # DESIGN §11: exit 0 within shutdown_timeout. (Every stream above ended at
+    # once; the client still holds an idle keep-alive connection, as browsers do.)
+    assert exited_after < SHUTDOWN_TIMEOUT, f"exit took {exited_after:.2f}s, shutdown_timeout is {SHUTDOWN_TIMEOUT}s"
+
+
+# ------------------------------------------------------------- command line
+
+
+async def test_version():
+    rc, out, err = await run_cli("--version")
+    assert rc == 0, err
+    assert out.strip() == f"broker {broker.__version__}"
+
+
+async def test_check_config_prints_the_effective_config(tmp_path: Path):
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(
+        'shutdown_timeout = 2.5\n'
+        '[node]\nid = "node-x"\n'
+        '[http]\nbind = "127.0.0.1:9999"\ncors_origins = ["https://a.example"]\n'
+        '[stream]\nkeepalive = 0.5\n'
+        '[order]\nreorder_window_ms = 50\n'
+    )
+    rc, out, err = await run_cli("check-config", "-c", str(cfg))
+    assert rc == 0, err
+    conf = orjson.loads(out)
+    assert conf["shutdown_timeout"] == 2.5
+    assert conf["node"]["id"] == "node-x"
+    assert conf["http"]["bind"] == "127.0.0.1:9999"
+    assert conf["http"]["cors_origins"] == ["https://a.example"]
+    assert conf["stream"]["keepalive"] == 0.5
+    assert conf["order"]["reorder_window_ms"] == 50
+    # Defaults of DESIGN.md §13 for what was not given.
+    assert conf["stream"]["retry_ms"] == 2000 and conf["stream"]["unknown_workflow_wait"] == 5
+    assert conf["stream"]["coalesce_after"] == 256 and conf["stream"]["slow_consumer_timeout"] == 10
+    assert conf["ingest"] == {**conf["ingest"], "zmq_bind": "tcp://127.0.0.1:5557", "max_frame_bytes": 1048576}
+    assert conf["buffer"] == {**conf["buffer"], "ring_events": 1024, "ring_bytes": 1048576,
+                              "journal_events": 100000, "max_workflows": 100000, "terminal_ttl": 600}
+    assert conf["order"]["dedup_window"] == 100000
+    assert conf["limits"] == {**conf["limits"], "per_user": 5, "per_tenant": 1000, "global": 20000}
+    assert conf["auth"]["mode"] == "none" and conf["store"]["backend"] == "memory"
+    assert conf["log"] == {**conf["log"], "level": "info", "format": "text"}
+
+    rc, out, err = await run_cli("check-config")
+    assert rc == 0, err
+    assert orjson.loads(out)["http"]["bind"] == "127.0.0.1:8080"
+
+
+BAD_CONFIGS = [
+    ("unknown key", "[stream]\nkeepalve = 1\n", "stream.keepalve"),
+    ("unknown section", "[streams]\nkeepalive = 1\n", "streams"),
+    ("unknown top-level key", "shutdown_timout = 3\n", "shutdown_timout"),
+    ("string for a duration", '[stream]\nkeepalive = "fast"\n', "stream.keepalive"),
+    ("float for a count", "[buffer]\nring_events = 1.5\n", "buffer.ring_events"),
+    ("zero count", "[buffer]\nring_events = 0\n", "buffer.ring_events"),
+    ("negative duration", "[stream]\nunknown_workflow_wait = -1\n", "stream.unknown_workflow_wait"),
+    ("bool for a number", "[order]\nreorder_window_ms = true\n", "order.reorder_window_ms"),
+    ("number for a string", "[node]\nid = 5\n", "node.id"),
+    ("string for a list", '[http]\ncors_origins = "*"\n', "http.cors_origins"),
+    ("unknown choice", '[log]\nlevel = "loud"\n', "log.level"),
+    ("section not a table", "stream = 5\n", "stream"),
+    ("bad http.bind", '[http]\nbind = "nonsense"\n', "http.bind"),
+    ("bad zmq endpoint", '[ingest]\nzmq_bind = "127.0.0.1:5557"\n', "ingest.zmq_bind"),
+    ("bad TOML", "[stream\nkeepalive = 1\n", "TOML"),
+    ("duplicate key", "[stream]\nkeepalive = 1\nkeepalive = 2\n", "TOML"),
+]
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("text, needle", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+async def test_bad_config_is_one_line_naming_the_key_and_exit_2(tmp_path: Path, command, text, needle):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    rc, out, err = await run_cli(command, "-c", str(cfg))
+    assert rc == 2, (rc, out, err)
+    assert_one_line(err, needle)
+    assert out == ""
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+async def test_missing_config_file(tmp_path: Path, command):
+    missing = tmp_path / "nope.toml"
+    rc, out, err = await run_cli(command, "-c", str(missing))
+    assert rc == 2
+    assert_one_line(err, str(missing))
+    assert out == ""
+
+
+async def test_http_port_in_use_is_one_line_exit_2_and_nothing_left(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        zmq_port = free_port()
+        cfg = tmp_path / "b.toml"
+        cfg.write_text(f'[http]\nbind = "127.0.0.1:{port}"\n[ingest]\nzmq_bind = "tcp://127.0.0.1:{zmq_port}"\n')
+        rc, out, err = await run_cli("run", "-c", str(cfg))
+    assert rc == 2, (out, err)
+    assert_one_line(err, "http.bind", str(port), "in use")
+    assert "ready" not in out
+    # Nothing half-started: the ZMQ port it bound first was released.
+    assert port_is_free(zmq_port)
+
+
+async def test_zmq_port_in_use_is_one_line_exit_2_and_nothing_left(tmp_path: Path):
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.PULL)
+    taken.setsockopt(zmq.LINGER, 0)
+    try:
+        taken.bind("tcp://127.0.0.1:*")
+        endpoint = taken.getsockopt_string(zmq.LAST_ENDPOINT)
+        http_port = free_port()
+        cfg = tmp_path / "b.toml"
+        cfg.write_text(f'[http]\nbind = "127.0.0.1:{http_port}"\n[ingest]\nzmq_bind = "{endpoint}"\n')
+        rc, out, err = await run_cli("run", "-c", str(cfg))
+    finally:
+        taken.close(0)
+        ctx.term()
+    assert rc == 2, (out, err)
+    assert_one_line(err, "ingest.zmq_bind", endpoint, "in use")
+    assert "ready" not in out
+    assert port_is_free(http_port)
+
+
+# ------------------------------------------------------------- no leak
+
+
+def _proc_status(pid: int) -> tuple[int, int]:
+    """(RSS in kB, open fds) of a process."""
+    rss = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS"))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+CYCLES = 10_000
+CLIENTS = 8
+
+
+async def test_no_leak_after_10000_sse_connect_disconnect_cycles(broker_factory):
+    d = broker_factory()
+    wid = uid()
+    with trio.fail_after(120):
+        async with client_for(d) as client:
+            r = await post_events(client, ev(wid, "workflow.running"))
+            assert r.status_code == 202
+            # Warm up, then take the baseline.
+            for _ in range(50):
+                async with client.stream("GET", wf_path(wid)) as resp:
+                    async for _chunk in resp.aiter_raw():
+                        break
+            await poll(lambda: _idle(client), 10)
+            rss0, fds0 = _proc_status(d.proc.pid)
+
+            left = CYCLES
+            done = 0
+            t0 = time.monotonic()
+
+            async def cycle_worker() -> None:
+                nonlocal left, done
+                limits = httpx.Limits(max_keepalive_connections=0)
+                async with httpx.AsyncClient(base_url=d.url, timeout=10, limits=limits) as c:
+                    while left > 0:
+                        left -= 1
+                        async with c.stream("GET", wf_path(wid)) as resp:
+                            assert resp.status_code == 200
+                            async for chunk in resp.aiter_raw():
+                                assert b"snapshot" in chunk
+                                break
+                        done += 1
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(CLIENTS):
+                    nursery.start_soon(cycle_worker)
+            elapsed = time.monotonic() - t0
+            assert done == CYCLES
+            print(f"\n{CYCLES} SSE connect/disconnect cycles with {CLIENTS} clients in {elapsed:.1f}s")
+
+            final = await poll(lambda: _idle(client), 10)
+            assert final["connections"]["total"] == 0 and final["waiters"] == 0
+            assert (await client.get("/v1/admin/connections")).json()["connections"] == []
+            rss1, fds1 = _proc_status(d.proc.pid)
+            assert rss1 - rss0 < 16 * 1024, f"RSS grew by {rss1 - rss0} kB over {CYCLES} cycles"
+            assert fds1 <= fds0 + 4, f"open fds {fds0} -> {fds1}"
+            # Still serving, and still delivering.
+            async with open_sse(client, wf_path(wid)) as s:
+                assert (await s.expect()).event == "snapshot"
+                await post_events(client, log(wid, "after the storm"))
+                assert (await s.expect()).json["message"] == "after the storm"
+
+
+async def _idle(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    st = await stats(client)
+    return st if st["connections"]["total"] == 0 and st["waiters"] == 0 else None
