@@ -65,7 +65,9 @@ class Entry:
         self.level = LOG_LEVELS[level] if level is not None else 0
         self.terminal = terminal
         self.after_terminal = after_terminal
-        self.body = orjson.dumps(msg)
+        # orjson returns its working buffer (4 KiB or more, seen with 3.13)
+        # without shrinking it; entries live long, so keep an exact copy.
+        self.body = bytes(memoryview(orjson.dumps(msg)))
         # Accounted size: the body plus a rough fixed cost of the object.
         self.size = len(self.body) + 200
         self.offset = 0  # journal offset, set when journaled

@@ -1,0 +1,227 @@
+"""Slow consumers degrade instead of breaking anything (DESIGN.md §6).
+
+Real sockets throughout: an engine process pushing thousands of events/s,
+a healthy SSE subscriber (httpx), a client that stops reading (a raw socket
+with a 4 KiB receive buffer), and slow readers that read a little at a time.
+Figures (delays, RSS) are printed for the record (`pytest -s`); the asserted
+bounds are deliberately generous — `broker bench` measures, tests check
+behaviour.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+from .conftest import ROOT
+from .e2e import client_for, open_sse, poll, stats, wf_path
+
+SLOW_TIMEOUT = 2.0
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def start_firehose(nursery: trio.Nursery, endpoint: str, *args: str) -> trio.Process:
+    return await nursery.start(
+        lambda task_status: trio.run_process(
+            [sys.executable, "-m", "tests.firehose", "--endpoint", endpoint, *args],
+            cwd=ROOT, stdout=subprocess.DEVNULL, check=True, task_status=task_status,
+        )
+    )
+
+
+async def raw_sse_client(port: int, path: str, rcvbuf: int = 4096) -> trio.socket.SocketType:
+    """A GET over a raw socket with a small receive buffer (set before connect,
+    so the advertised window stays small)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", port))
+    await sock.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+    return sock
+
+
+class SlowReader:
+    """Reads a chunked SSE response a little at a time and parses its events."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+
+    async def run(self, chunk: int, pause: float, until_kind: str = "end") -> None:
+        while True:
+            data = await self.sock.recv(chunk)
+            if not data:
+                return
+            self.buf += data
+            # Chunked framing: event blocks never contain "\r\n", and every
+            # block ends with "\n\n", so scanning for data lines is enough.
+            while b"\n\n" in self.buf:
+                block, self.buf = self.buf.split(b"\n\n", 1)
+                for line in block.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        self.events.append(orjson.loads(line[6:].split(b"\r\n")[0]))
+                if self.events and self.events[-1]["kind"] == until_kind:
+                    return
+            await trio.sleep(pause)
+
+
+async def test_stalled_client_is_closed_while_healthy_subscriber_gets_everything(broker_factory, tmp_path):
+    broker = broker_factory(stream={"slow_consumer_timeout": SLOW_TIMEOUT, "keepalive": 15})
+    count, rate = 15000, 3000
+    wid = "firehose"
+    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    delays: list[float] = []
+    got: list[int] = []
+    with trio.fail_after(60):
+        async with client_for(broker) as client, trio.open_nursery() as nursery:
+            async with open_sse(client, wf_path(wid)) as healthy:
+                assert (await healthy.expect()).event == "snapshot"
+                stalled = await raw_sse_client(broker.port, wf_path(wid))
+                await poll(lambda: _conn_total(client, 2), 5)
+                rss_before = rss_kb(broker.proc.pid)
+                engine = await start_firehose(
+                    nursery, broker.zmq, "--workflow", wid, "--count", str(count), "--rate", str(rate),
+                    "--payload", "400", "--summary", str(tmp_path / "engine.json"),
+                )
+                while len(got) < count:
+                    ev = await healthy.expect()
+                    assert ev.event == "event", ev  # no resync, no gap, nothing else
+                    msg = ev.json
+                    delays.append(time.time() - msg["data"]["t"])
+                    got.append(msg["data"]["i"])
+                rss_after = rss_kb(broker.proc.pid)
+            # The stalled client is marked slow and its connection aborted.
+            st = await poll(lambda: _slow_closed(client), SLOW_TIMEOUT * 2 + 5)
+            await engine.wait()
+            summary = orjson.loads((tmp_path / "engine.json").read_bytes())
+            stalled.close()
+            assert st["connections"]["total"] == 0
+    assert got == list(range(count))
+    delays.sort()
+    p50, p99, worst = delays[len(delays) // 2], delays[int(len(delays) * 0.99)], delays[-1]
+    print(f"\nhealthy subscriber: {count} events at {rate}/s, delay p50 {p50 * 1000:.1f} ms, "
+          f"p99 {p99 * 1000:.1f} ms, max {worst * 1000:.1f} ms; engine max send {summary['max_send_ms']:.2f} ms, "
+          f"elapsed {summary['elapsed']:.2f} s; broker RSS {rss_before} kB -> {rss_after} kB")
+    assert p99 < 1.0, "the healthy subscriber must not be held up by the stalled one"
+    # The engine is never slowed: its sends return at once and it keeps its pace.
+    assert summary["max_send_ms"] < 500
+    assert summary["elapsed"] < count / rate + 3
+    # Memory is bounded by configuration (rings), not by what the stalled
+    # client failed to read (~7 MB of events were pushed past it).
+    assert rss_after - rss_before < 100_000
+
+
+async def _conn_total(client, n: int):
+    st = await stats(client)
+    return st if st["connections"]["total"] == n else None
+
+
+async def _slow_closed(client):
+    st = await stats(client)
+    if st["streams"].get("slow_consumer_closed") == 1 and st["connections"]["total"] == 0:
+        return st
+    return None
+
+
+async def test_slow_state_reader_gets_resync_and_ends_in_the_right_state(broker_factory):
+    broker = broker_factory(stream={"coalesce_after": 50})
+    wid = "slow-state"
+    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    tasks = 2000
+    with trio.fail_after(60):
+        async with client_for(broker) as client, trio.open_nursery() as nursery:
+            async with open_sse(client, wf_path(wid)) as probe:
+                assert (await probe.expect()).event == "snapshot"
+            reader = SlowReader(await raw_sse_client(broker.port, wf_path(wid)))
+            await poll(lambda: _conn_total(client, 1), 5)
+            await start_firehose(
+                nursery, broker.zmq, "--workflow", wid, "--count", str(tasks * 2), "--rate", "4000",
+                "--kind", "task", "--payload", "1500", "--end",
+            )
+            await reader.run(chunk=2048, pause=0.01)
+    kinds = [m["kind"] for m in reader.events]
+    assert kinds[0] == "snapshot" and kinds[-1] == "end"
+    assert "resync" in kinds, "a reader this slow must have been resynced"
+    # Replaying what the reader got gives the workflow's real final state.
+    view: dict[str, str] = {}
+    wf_state = None
+    last_seq = 0
+    for m in reader.events:
+        if m["kind"] in ("snapshot", "resync"):
+            view = {tid: t["state"] for tid, t in m["tasks"].items()}
+            wf_state = m["state"]
+        elif m["kind"] == "state":
+            if "task_id" in m:
+                view[m["task_id"]] = m["state"]
+            else:
+                wf_state = m["state"]
+        if m["kind"] != "end":
+            assert m["seq"] >= last_seq, "cursors never go backwards"
+            last_seq = m["seq"]
+    assert wf_state == "completed"
+    assert len(view) == tasks and set(view.values()) == {"completed"}
+    print(f"\nslow state reader: {len(reader.events)} messages for {tasks * 2 + 2} events, "
+          f"{kinds.count('resync')} resyncs")
+
+
+async def test_slow_log_reader_gets_gaps_that_add_up(broker_factory):
+    broker = broker_factory(stream={"coalesce_after": 50})
+    wid = "slow-logs"
+    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    lines = 5000
+    with trio.fail_after(60):
+        async with client_for(broker) as client, trio.open_nursery() as nursery:
+            async with open_sse(client, wf_path(wid, "logs")) as probe:
+                assert (await probe.expect()).event == "snapshot"
+            reader = SlowReader(await raw_sse_client(broker.port, wf_path(wid, "logs")))
+            await poll(lambda: _conn_total(client, 1), 5)
+            await start_firehose(
+                nursery, broker.zmq, "--workflow", wid, "--count", str(lines), "--rate", "5000",
+                "--kind", "log", "--payload", "1500", "--end",
+            )
+            await reader.run(chunk=2048, pause=0.01)
+    logs = [m for m in reader.events if m["kind"] == "log"]
+    gaps = [m for m in reader.events if m["kind"] == "gap"]
+    assert gaps, "a reader this slow must have skipped lines"
+    assert len(logs) + sum(g["dropped"] for g in gaps) == lines
+    # The lines it did get are in order and each is the line it claims to be.
+    numbers = [int(m["message"].split()[0]) for m in logs]
+    assert numbers == sorted(set(numbers))
+    assert reader.events[-1]["kind"] == "end"
+    print(f"\nslow log reader: {len(logs)} lines delivered, {len(gaps)} gaps, "
+          f"{sum(g['dropped'] for g in gaps)} dropped")
+
+
+async def test_events_per_second_paces_and_coalesces(broker_factory):
+    broker = broker_factory(limits={"events_per_second": 50})
+    wid = "paced"
+    broker.push({"workflow_id": wid, "type": "workflow.running"},
+                {"workflow_id": wid, "type": "task.running", "task_id": "t"})
+    with trio.fail_after(30):
+        async with client_for(broker) as client:
+            async with open_sse(client, wf_path(wid)) as s:
+                assert (await s.expect()).event == "snapshot"
+                for i in range(1, 101):
+                    broker.push({"workflow_id": wid, "type": "task.progress", "task_id": "t", "progress": i})
+                broker.push({"workflow_id": wid, "type": "task.completed", "task_id": "t"},
+                            {"workflow_id": wid, "type": "workflow.completed"})
+                rest = await s.rest()
+    progress = [e.json["progress"] for e in rest if e.event == "progress"]
+    # Fewer writes than events: progress piled up while paced and was merged,
+    # never queued; the last value always arrives, and the end.
+    assert progress and progress[-1] == 100 and len(progress) < 100
+    assert progress == sorted(progress)
+    assert [e.event for e in rest[-3:]] == ["state", "state", "end"]
