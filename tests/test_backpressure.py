@@ -225,3 +225,77 @@ async def test_events_per_second_paces_and_coalesces(broker_factory):
     assert progress and progress[-1] == 100 and len(progress) < 100
     assert progress == sorted(progress)
     assert [e.event for e in rest[-3:]] == ["state", "state", "end"]
+
+
+async def _stall_then_read(sock: trio.socket.SocketType, stall: float, done) -> None:
+    """Read nothing for `stall` seconds, then read until done(chunk) says so."""
+    await trio.sleep(stall)  # the client is not reading: that is the scenario
+    while True:
+        chunk = await sock.recv(65536)
+        if not chunk or done(chunk):
+            return
+
+
+async def test_sse_write_completing_late_ends_with_error_event(broker_factory):
+    # Writes blocked past slow_consumer_timeout (1 s) mark the stream slow; the
+    # client reads again inside the grace (the kernel would abort at 2 s), so
+    # the stream can still say why it closes.
+    broker = broker_factory(stream={"slow_consumer_timeout": 1})
+    wid = "late-sse"
+    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    with trio.fail_after(30):
+        async with client_for(broker) as client, trio.open_nursery() as nursery:
+            sock = await raw_sse_client(broker.port, wf_path(wid))
+            await poll(lambda: _conn_total(client, 1), 5)
+            await start_firehose(nursery, broker.zmq, "--workflow", wid, "--count", "3000", "--rate", "3000",
+                                 "--payload", "4000")
+            received = bytearray()
+
+            def response_ended(chunk: bytes) -> bool:
+                received.extend(chunk)
+                return received.endswith(b"\r\n0\r\n\r\n")  # the last chunk
+
+            await _stall_then_read(sock, 1.5, response_ended)
+            data = bytes(received)
+            st = await poll(lambda: _slow_closed(client), 5)
+    tail = data.rstrip(b"\r\n0").rsplit(b"event: ", 1)[-1]
+    assert tail.startswith(b"error\ndata: ")
+    err = orjson.loads(tail.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+    assert err["kind"] == "error" and err["code"] == "resource_exhausted"
+    assert st["streams"]["slow_consumer_closed"] == 1
+
+
+async def test_ws_write_completing_late_closes_4008(broker_factory):
+    import wsproto
+    from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+    broker = broker_factory(stream={"slow_consumer_timeout": 1})
+    wid = "late-ws"
+    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with trio.fail_after(30):
+        async with client_for(broker) as client, trio.open_nursery() as nursery:
+            await sock.connect(("127.0.0.1", broker.port))
+            await sock.send(ws.send(Request(host="127.0.0.1", target="/v1/ws")))
+            accepted = False
+            while not accepted:
+                ws.receive_data(await sock.recv(4096))
+                accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+            sub = {"op": "subscribe", "sub": "s", "workflow": wid}
+            await sock.send(ws.send(TextMessage(orjson.dumps(sub).decode())))
+            await poll(lambda: _conn_total(client, 1), 5)
+            await start_firehose(nursery, broker.zmq, "--workflow", wid, "--count", "3000", "--rate", "3000",
+                                 "--payload", "4000")
+            closes: list[CloseConnection] = []
+
+            def closed(chunk: bytes) -> bool:
+                ws.receive_data(chunk)
+                closes.extend(e for e in ws.events() if isinstance(e, CloseConnection))
+                return bool(closes)
+
+            await _stall_then_read(sock, 1.5, closed)
+            st = await poll(lambda: _slow_closed(client), 5)
+    assert [c.code for c in closes] == [4008]
+    assert st["streams"]["slow_consumer_closed"] == 1

@@ -19,6 +19,7 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +136,12 @@ def _end_message(wf_id: str, epoch: str, seq: int, state: str | None, journal_cu
 
 
 class WorkflowReader:
-    def __init__(self, wf: Workflow, flt: Filter, start: Start, *, coalesce_after: int = 256) -> None:
+    def __init__(
+        self, wf: Workflow, flt: Filter, start: Start, *, coalesce_after: int = 256,
+        counters: Counter[str] | None = None,
+    ) -> None:
+        # Shared with the adapter (metrics): coalesced, resyncs, gaps.
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self.wf = wf
         self.filter = flt
         self.coalesce_after = coalesce_after
@@ -194,6 +200,7 @@ class WorkflowReader:
         behind = ring.next_index - max(self.index, self._replay_end)
         if self.index < ring.first_index or behind > self.coalesce_after:
             out.extend(self._skip_ahead())
+            self.counters["gaps" if self.filter.is_log_stream else "resyncs"] += 1
             return out
         flt = self.filter
         for e in ring.entries_from(self.index):
@@ -210,6 +217,7 @@ class WorkflowReader:
                 break
         out, dropped = coalesce(out, flt.coalesce)
         self.coalesced += dropped
+        self.counters["coalesced"] += dropped
         return out
 
     def _skip_ahead(self) -> list[Item]:
@@ -257,7 +265,9 @@ class MultiReader:
         tenant: str | None = None,
         parent: str | None = None,
         coalesce_after: int = 256,
+        counters: Counter[str] | None = None,
     ) -> None:
+        self.counters: Counter[str] = Counter() if counters is None else counters
         if sum(x is not None for x in (workflows, tenant, parent)) != 1:
             raise InvalidArgument("give exactly one of workflows, tenant, parent")
         self.state = state
@@ -343,6 +353,7 @@ class MultiReader:
         behind = journal.next_index - max(self.index, self._replay_end)
         if self.index < journal.first_index or behind > self.coalesce_after * 4:
             out.extend(self._snapshots("resync"))
+            self.counters["resyncs"] += 1
             return out
         flt = self.filter
         epoch = self.state.node_epoch
@@ -362,4 +373,5 @@ class MultiReader:
                     break
         out, dropped = coalesce(out, flt.coalesce)
         self.coalesced += dropped
+        self.counters["coalesced"] += dropped
         return out

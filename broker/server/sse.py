@@ -143,7 +143,7 @@ def register(app: QuartTrio, hub: Hub) -> None:
         start = plan_workflow_start(wf, last_event_id=last_event_id, since=since)
         if start.mode == NO_CONTENT:
             return Response(b"", status=204)
-        reader = WorkflowReader(wf, flt, start, coalesce_after=hub.config.stream.coalesce_after)
+        reader = WorkflowReader(wf, flt, start, coalesce_after=hub.config.stream.coalesce_after, counters=hub.counters)
         return _stream(hub, reader, wid)
 
     @app.route("/v1/workflows/<wid>/stream")
@@ -179,6 +179,6 @@ def register(app: QuartTrio, hub: Hub) -> None:
         start = plan_multi_start(hub.state, last_event_id=last_event_id, since=since)
         reader = MultiReader(
             hub.state, flt, start, workflows=workflows, tenant=tenant, parent=parent,
-            coalesce_after=hub.config.stream.coalesce_after,
+            coalesce_after=hub.config.stream.coalesce_after, counters=hub.counters,
         )
         return _stream(hub, reader, JOURNAL)

@@ -234,7 +234,7 @@ class WsSession:
         # `cursor` resumes like Last-Event-ID: out of reach → resync, not an error.
         start = plan_multi_start(self.hub.state, last_event_id=cursor)
         sub.reader = MultiReader(
-            self.hub.state, flt, start, coalesce_after=self.hub.config.stream.coalesce_after,
+            self.hub.state, flt, start, coalesce_after=self.hub.config.stream.coalesce_after, counters=self.hub.counters,
             **{scope: value},
         )
         sub.key = JOURNAL
@@ -262,7 +262,7 @@ class WsSession:
             cursor = f"{wf.epoch}:{wf.terminal_seq}"
             await self.send(self._frame(sub, cursor, [Message(end, cursor)]))
             return False
-        sub.reader = WorkflowReader(wf, flt, start, coalesce_after=self.hub.config.stream.coalesce_after)
+        sub.reader = WorkflowReader(wf, flt, start, coalesce_after=self.hub.config.stream.coalesce_after, counters=self.hub.counters)
         sub.key = wid
         return True
 
