@@ -162,7 +162,7 @@ def from_mapping(data: dict[str, Any], source: str = "<defaults>") -> Config:
                 raise ConfigError(f"config key '{path}': must be one of {', '.join(choices)} (got {value!r})")
             values[key] = value
         sections[name] = Section(name, values)
-    for key, value in data.items():
+    for key in data:
         if key not in _SCHEMA and key not in _SCHEMA[""]:
             raise ConfigError(f"config key '{key}': unknown key")
     top = {k: (_check(k, kind, data[k]) if k in data else d) for k, (kind, d) in _SCHEMA[""].items()}
@@ -175,7 +175,9 @@ def from_mapping(data: dict[str, Any], source: str = "<defaults>") -> Config:
 def _check_binds(sections: dict[str, Any]) -> None:
     zmq_bind = sections["ingest"].zmq_bind
     if not zmq_bind.startswith(("tcp://", "ipc://", "inproc://")):
-        raise ConfigError(f"config key 'ingest.zmq_bind': expected a ZeroMQ endpoint like tcp://127.0.0.1:5557, got {zmq_bind!r}")
+        raise ConfigError(
+            f"config key 'ingest.zmq_bind': expected a ZeroMQ endpoint like tcp://127.0.0.1:5557, got {zmq_bind!r}"
+        )
     parse_http_bind(sections["http"].bind)
 
 

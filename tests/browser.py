@@ -118,8 +118,9 @@ class Cdp:
                 raise CdpError(self.closed)
             await self._event_arrived.wait()
 
-    async def send(self, method: str, params: dict[str, Any] | None = None, *, session_id: str | None = None,
-                   timeout: float = 10) -> dict[str, Any]:
+    async def send(
+        self, method: str, params: dict[str, Any] | None = None, *, session_id: str | None = None, timeout: float = 10
+    ) -> dict[str, Any]:
         if self.closed:
             raise CdpError(f"{method}: {self.closed}")
         msg_id = next(self._ids)
@@ -225,7 +226,11 @@ async def open_browser(tmp_path: Path, *, start_timeout: float = 15) -> AsyncIte
     profile.mkdir()
     args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
     proc = await trio.lowlevel.open_process(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         async with _drive(proc, start_timeout) as browser:

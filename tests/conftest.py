@@ -54,7 +54,10 @@ class Daemon:
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "run", "-c", str(config_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
             env={**os.environ, **(env or {})},
         )
         self.http = ""
@@ -97,7 +100,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError("broker did not exit within %ss:\n%s" % (timeout, self.output()))
+                raise AssertionError(f"broker did not exit within {timeout}s:\n{self.output()}") from None
         self._push.close(0)
         self._ctx.term()
         return self.proc.returncode

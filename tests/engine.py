@@ -86,8 +86,13 @@ def _messages_from_file(path: str) -> list[list[bytes]]:
 
 def _messages_generated(args: argparse.Namespace) -> list[list[bytes]]:
     events = workflow_events(
-        args.workflow, args.tasks, args.log_lines, seq=args.seq, tenant=args.tenant,
-        parent=args.parent, final=args.final,
+        args.workflow,
+        args.tasks,
+        args.log_lines,
+        seq=args.seq,
+        tenant=args.tenant,
+        parent=args.parent,
+        final=args.final,
     )
     if args.batch > 1:
         frames = [orjson.dumps(events[i : i + args.batch]) for i in range(0, len(events), args.batch)]

@@ -50,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.kind == "log":
             ev = {"workflow_id": args.workflow, "type": "log", "level": "info", "message": f"{i} {filler}"}
         else:
-            ev = {"workflow_id": args.workflow, "type": "task." + ("running" if i % 2 == 0 else "completed"),
-                  "task_id": f"t{i // 2}", "data": {"f": filler}}
+            ev = {
+                "workflow_id": args.workflow,
+                "type": "task." + ("running" if i % 2 == 0 else "completed"),
+                "task_id": f"t{i // 2}",
+                "data": {"f": filler},
+            }
         t0 = time.monotonic()
         sock.send(orjson.dumps(ev))
         max_send = max(max_send, time.monotonic() - t0)

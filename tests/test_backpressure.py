@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,8 @@ def rss_kb(pid: int) -> int:
 
 
 async def start_firehose(nursery: trio.Nursery, endpoint: str, *args: str) -> trio.Process:
-    return await nursery.start(
-        lambda task_status: trio.run_process(
-            [sys.executable, "-m", "tests.firehose", "--endpoint", endpoint, *args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, check=True, task_status=task_status,
-        )
-    )
+    cmd = [sys.executable, "-m", "tests.firehose", "--endpoint", endpoint, *args]
+    return await nursery.start(partial(trio.run_process, cmd, cwd=ROOT, stdout=subprocess.DEVNULL, check=True))
 
 
 async def raw_sse_client(port: int, path: str, rcvbuf: int = 4096) -> trio.socket.SocketType:
@@ -93,8 +90,18 @@ async def test_stalled_client_is_closed_while_healthy_subscriber_gets_everything
                 await poll(lambda: _conn_total(client, 2), 5)
                 rss_before = rss_kb(broker.proc.pid)
                 engine = await start_firehose(
-                    nursery, broker.zmq, "--workflow", wid, "--count", str(count), "--rate", str(rate),
-                    "--payload", "400", "--summary", str(tmp_path / "engine.json"),
+                    nursery,
+                    broker.zmq,
+                    "--workflow",
+                    wid,
+                    "--count",
+                    str(count),
+                    "--rate",
+                    str(rate),
+                    "--payload",
+                    "400",
+                    "--summary",
+                    str(tmp_path / "engine.json"),
                 )
                 while len(got) < count:
                     ev = await healthy.expect()
@@ -112,9 +119,11 @@ async def test_stalled_client_is_closed_while_healthy_subscriber_gets_everything
     assert got == list(range(count))
     delays.sort()
     p50, p99, worst = delays[len(delays) // 2], delays[int(len(delays) * 0.99)], delays[-1]
-    print(f"\nhealthy subscriber: {count} events at {rate}/s, delay p50 {p50 * 1000:.1f} ms, "
-          f"p99 {p99 * 1000:.1f} ms, max {worst * 1000:.1f} ms; engine max send {summary['max_send_ms']:.2f} ms, "
-          f"elapsed {summary['elapsed']:.2f} s; broker RSS {rss_before} kB -> {rss_after} kB")
+    print(
+        f"\nhealthy subscriber: {count} events at {rate}/s, delay p50 {p50 * 1000:.1f} ms, "
+        f"p99 {p99 * 1000:.1f} ms, max {worst * 1000:.1f} ms; engine max send {summary['max_send_ms']:.2f} ms, "
+        f"elapsed {summary['elapsed']:.2f} s; broker RSS {rss_before} kB -> {rss_after} kB"
+    )
     assert p99 < 1.0, "the healthy subscriber must not be held up by the stalled one"
     # The engine is never slowed: its sends return at once and it keeps its pace.
     assert summary["max_send_ms"] < 500
@@ -148,8 +157,19 @@ async def test_slow_state_reader_gets_resync_and_ends_in_the_right_state(broker_
             reader = SlowReader(await raw_sse_client(broker.port, wf_path(wid)))
             await poll(lambda: _conn_total(client, 1), 5)
             await start_firehose(
-                nursery, broker.zmq, "--workflow", wid, "--count", str(tasks * 2), "--rate", "4000",
-                "--kind", "task", "--payload", "1500", "--end",
+                nursery,
+                broker.zmq,
+                "--workflow",
+                wid,
+                "--count",
+                str(tasks * 2),
+                "--rate",
+                "4000",
+                "--kind",
+                "task",
+                "--payload",
+                "1500",
+                "--end",
             )
             await reader.run(chunk=2048, pause=0.01)
     kinds = [m["kind"] for m in reader.events]
@@ -173,8 +193,10 @@ async def test_slow_state_reader_gets_resync_and_ends_in_the_right_state(broker_
             last_seq = m["seq"]
     assert wf_state == "completed"
     assert len(view) == tasks and set(view.values()) == {"completed"}
-    print(f"\nslow state reader: {len(reader.events)} messages for {tasks * 2 + 2} events, "
-          f"{kinds.count('resync')} resyncs")
+    print(
+        f"\nslow state reader: {len(reader.events)} messages for {tasks * 2 + 2} events, "
+        f"{kinds.count('resync')} resyncs"
+    )
 
 
 async def test_slow_log_reader_gets_gaps_that_add_up(broker_factory):
@@ -189,8 +211,19 @@ async def test_slow_log_reader_gets_gaps_that_add_up(broker_factory):
             reader = SlowReader(await raw_sse_client(broker.port, wf_path(wid, "logs")))
             await poll(lambda: _conn_total(client, 1), 5)
             await start_firehose(
-                nursery, broker.zmq, "--workflow", wid, "--count", str(lines), "--rate", "5000",
-                "--kind", "log", "--payload", "1500", "--end",
+                nursery,
+                broker.zmq,
+                "--workflow",
+                wid,
+                "--count",
+                str(lines),
+                "--rate",
+                "5000",
+                "--kind",
+                "log",
+                "--payload",
+                "1500",
+                "--end",
             )
             await reader.run(chunk=2048, pause=0.01)
     logs = [m for m in reader.events if m["kind"] == "log"]
@@ -201,23 +234,27 @@ async def test_slow_log_reader_gets_gaps_that_add_up(broker_factory):
     numbers = [int(m["message"].split()[0]) for m in logs]
     assert numbers == sorted(set(numbers))
     assert reader.events[-1]["kind"] == "end"
-    print(f"\nslow log reader: {len(logs)} lines delivered, {len(gaps)} gaps, "
-          f"{sum(g['dropped'] for g in gaps)} dropped")
+    print(
+        f"\nslow log reader: {len(logs)} lines delivered, {len(gaps)} gaps, {sum(g['dropped'] for g in gaps)} dropped"
+    )
 
 
 async def test_events_per_second_paces_and_coalesces(broker_factory):
     broker = broker_factory(limits={"events_per_second": 50})
     wid = "paced"
-    broker.push({"workflow_id": wid, "type": "workflow.running"},
-                {"workflow_id": wid, "type": "task.running", "task_id": "t"})
+    broker.push(
+        {"workflow_id": wid, "type": "workflow.running"}, {"workflow_id": wid, "type": "task.running", "task_id": "t"}
+    )
     with trio.fail_after(30):
         async with client_for(broker) as client:
             async with open_sse(client, wf_path(wid)) as s:
                 assert (await s.expect()).event == "snapshot"
                 for i in range(1, 101):
                     broker.push({"workflow_id": wid, "type": "task.progress", "task_id": "t", "progress": i})
-                broker.push({"workflow_id": wid, "type": "task.completed", "task_id": "t"},
-                            {"workflow_id": wid, "type": "workflow.completed"})
+                broker.push(
+                    {"workflow_id": wid, "type": "task.completed", "task_id": "t"},
+                    {"workflow_id": wid, "type": "workflow.completed"},
+                )
                 rest = await s.rest()
     progress = [e.json["progress"] for e in rest if e.event == "progress"]
     # Fewer writes than events: progress piled up while paced and was merged,
@@ -247,8 +284,9 @@ async def test_sse_write_completing_late_ends_with_error_event(broker_factory):
         async with client_for(broker) as client, trio.open_nursery() as nursery:
             sock = await raw_sse_client(broker.port, wf_path(wid))
             await poll(lambda: _conn_total(client, 1), 5)
-            await start_firehose(nursery, broker.zmq, "--workflow", wid, "--count", "3000", "--rate", "3000",
-                                 "--payload", "4000")
+            await start_firehose(
+                nursery, broker.zmq, "--workflow", wid, "--count", "3000", "--rate", "3000", "--payload", "4000"
+            )
             received = bytearray()
 
             def response_ended(chunk: bytes) -> bool:
@@ -286,8 +324,9 @@ async def test_ws_write_completing_late_closes_4008(broker_factory):
             sub = {"op": "subscribe", "sub": "s", "workflow": wid}
             await sock.send(ws.send(TextMessage(orjson.dumps(sub).decode())))
             await poll(lambda: _conn_total(client, 1), 5)
-            await start_firehose(nursery, broker.zmq, "--workflow", wid, "--count", "3000", "--rate", "3000",
-                                 "--payload", "4000")
+            await start_firehose(
+                nursery, broker.zmq, "--workflow", wid, "--count", "3000", "--rate", "3000", "--payload", "4000"
+            )
             closes: list[CloseConnection] = []
 
             def closed(chunk: bytes) -> bool:

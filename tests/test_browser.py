@@ -198,14 +198,16 @@ async def test_eventsource_resumes_after_admin_kick(broker_factory, tmp_path: Pa
             await page.send("Fetch.continueRequest", {"requestId": paused["requestId"]})
             await page.send("Fetch.disable")
             report = await wait_page(
-                page, f"reconnect and catch-up to seq {last_offline}",
+                page,
+                f"reconnect and catch-up to seq {last_offline}",
                 lambda r: r["opens"] >= 2 and last_offline in seqs_seen(r),
             )
 
             # 7. More live events, then the end.
             broker.push(*(e for e, _ in AFTER_RECONNECT))
             report = await wait_page(
-                page, "`end` and es.close()",
+                page,
+                "`end` and es.close()",
                 lambda r: r["seen"] and r["seen"][-1]["event"] == "end" and r["readyState"] == 2,
             )
             # Let anything stray (a late message, a reconnect) show up before judging.
@@ -213,7 +215,8 @@ async def test_eventsource_resumes_after_admin_kick(broker_factory, tmp_path: Pa
             report = await page_report(page)
 
             stream_requests = [
-                e["params"] for e in page.events("Network.requestWillBeSent")
+                e["params"]
+                for e in page.events("Network.requestWillBeSent")
                 if e["params"]["request"]["url"] == broker.url + STREAM_PATH
             ]
 

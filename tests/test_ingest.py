@@ -19,8 +19,21 @@ import trio
 from broker.core.envelope import kind_of
 
 from .e2e import (
-    Multipart, client_for, kinds, module_broker, msgs, open_sse, post_events, rejected, run_engine, seqs,
-    stats, uid, wf_path, write_frames, zmq_barrier,
+    Multipart,
+    client_for,
+    kinds,
+    module_broker,
+    msgs,
+    open_sse,
+    post_events,
+    rejected,
+    run_engine,
+    seqs,
+    stats,
+    uid,
+    wf_path,
+    write_frames,
+    zmq_barrier,
 )
 from .engine import workflow_events
 
@@ -77,8 +90,7 @@ def assert_complete_in_order(received: list[dict[str, Any]], expected: list[dict
             continue
         assert sent["type"] == "task.progress", f"lost seq {seq}: {sent}"
         assert any(
-            s2 > seq and m["type"] == "task.progress" and m["task_id"] == sent["task_id"]
-            for s2, m in got.items()
+            s2 > seq and m["type"] == "task.progress" and m["task_id"] == sent["task_id"] for s2, m in got.items()
         ), f"progress seq {seq} dropped without a later progress of its task: {sent}"
     assert not got, f"unexpected extra events: {got}"
 
@@ -122,7 +134,15 @@ async def test_engine_process_full_workflow_reaches_subscribers(daemon, engine_a
                 nursery.start_soon(subscribe, "from_start", {"since": "0"})
                 nursery.start_soon(subscribe, "live", {})
                 out = await run_engine(
-                    daemon.zmq, "--workflow", wid, "--tasks", "3", "--log-lines", "5", "--rate", "500",
+                    daemon.zmq,
+                    "--workflow",
+                    wid,
+                    "--tasks",
+                    "3",
+                    "--log-lines",
+                    "5",
+                    "--rate",
+                    "500",
                     *engine_args,
                 )
                 assert f"sent {_messages(len(expected), engine_args)} messages" in out
@@ -140,8 +160,10 @@ async def test_engine_process_full_workflow_reaches_subscribers(daemon, engine_a
         assert ev.id == f"{epoch}:{ev.json['seq']}"
     assert_complete_in_order(msgs(everything[:-1]), expected, 1)
     end = everything[-1]
-    assert end.json.items() >= {"kind": "end", "workflow_id": wid, "epoch": epoch, "seq": len(expected),
-                                "state": "completed"}.items()
+    assert (
+        end.json.items()
+        >= {"kind": "end", "workflow_id": wid, "epoch": epoch, "seq": len(expected), "state": "completed"}.items()
+    )
     assert end.id == everything[-2].id
 
     live = results["live"]
@@ -174,15 +196,18 @@ def _messages(n_events: int, args: list[str]) -> int:
 async def test_batch_frame_and_multipart_message_good_and_bad_interleaved(daemon, tmp_path: Path):
     wid = uid()
     good = [log(wid, f"good-{i}") for i in range(1, 9)]
-    frames = write_frames(tmp_path / "frames", [
-        # one frame, a JSON array: accepted event by event
-        [good[0], {"type": "log", "level": "info"}, good[1], {**good[2], "colour": "red"}, good[2]],
-        # one ZMQ message of several frames
-        Multipart([good[3], b"{not json", good[4], orjson.dumps({**log(wid, "x" * MAX_FRAME)}), good[5]]),
-        # a batch frame inside a multi-frame message
-        Multipart([[good[6], 42], good[7]]),
-        completed(wid),
-    ])
+    frames = write_frames(
+        tmp_path / "frames",
+        [
+            # one frame, a JSON array: accepted event by event
+            [good[0], {"type": "log", "level": "info"}, good[1], {**good[2], "colour": "red"}, good[2]],
+            # one ZMQ message of several frames
+            Multipart([good[3], b"{not json", good[4], orjson.dumps({**log(wid, "x" * MAX_FRAME)}), good[5]]),
+            # a batch frame inside a multi-frame message
+            Multipart([[good[6], 42], good[7]]),
+            completed(wid),
+        ],
+    )
     with trio.fail_after(20):
         async with client_for(daemon) as client:
             before = await rejected(client)
@@ -202,11 +227,13 @@ async def test_batch_frame_and_multipart_message_good_and_bad_interleaved(daemon
     ]
     assert "colour" in recent[1]["detail"]
     assert recent[2]["sample"] == "{not json"
-    assert by_reason == Counter({"missing_field": 1, "unknown_field": 1, "invalid_json": 1, "too_large": 1,
-                                 "not_object": 1})
+    assert by_reason == Counter(
+        {"missing_field": 1, "unknown_field": 1, "invalid_json": 1, "too_large": 1, "not_object": 1}
+    )
 
 
 # ------------------------------------------------------------- bad input
+
 
 def bad_inputs(wid_b: str, wid_e: str) -> list[tuple[str, bytes, str]]:
     """(name, frame, reason). wid_b is broker-sequenced with tenant acme, wid_e engine-sequenced."""
@@ -245,21 +272,25 @@ def bad_inputs(wid_b: str, wid_e: str) -> list[tuple[str, bytes, str]]:
         ("task_id list", {"workflow_id": w, "type": "task.running", "task_id": ["t"]}, "invalid_field"),
         ("parent_id number", {"workflow_id": w, "type": "x", "parent_id": 1}, "invalid_field"),
         ("state upper-case", {"workflow_id": w, "type": "x", "state": "Running"}, "invalid_field"),
-        ("progress string", {"workflow_id": w, "type": "task.progress", "task_id": "t", "progress": "50"},
-         "invalid_field"),
-        ("progress over 100", {"workflow_id": w, "type": "task.progress", "task_id": "t", "progress": 101},
-         "invalid_field"),
+        (
+            "progress string",
+            {"workflow_id": w, "type": "task.progress", "task_id": "t", "progress": "50"},
+            "invalid_field",
+        ),
+        (
+            "progress over 100",
+            {"workflow_id": w, "type": "task.progress", "task_id": "t", "progress": 101},
+            "invalid_field",
+        ),
         ("level unknown", {"workflow_id": w, "type": "log", "level": "verbose"}, "invalid_field"),
         ("message number", {"workflow_id": w, "type": "log", "level": "info", "message": 5}, "invalid_field"),
         ("misspelt field", {"workflowid": w, "workflow_id": w, "type": "x"}, "unknown_field"),
         ("extra field", {"workflow_id": w, "type": "x", "payload": {}}, "unknown_field"),
         ("batch of non-objects", b"[1]", "not_object"),
-        ("seq on broker-sequenced", {"workflow_id": wid_b, "type": "x", "seq": 2, "tenant": "acme"},
-         "unexpected_seq"),
+        ("seq on broker-sequenced", {"workflow_id": wid_b, "type": "x", "seq": 2, "tenant": "acme"}, "unexpected_seq"),
         ("no seq on engine-sequenced", {"workflow_id": wid_e, "type": "x"}, "missing_seq"),
         ("other tenant", {"workflow_id": wid_b, "type": "x", "tenant": "globex"}, "tenant_mismatch"),
-        ("other tenant, engine", {"workflow_id": wid_e, "type": "x", "seq": 2, "tenant": "globex"},
-         "tenant_mismatch"),
+        ("other tenant, engine", {"workflow_id": wid_e, "type": "x", "seq": 2, "tenant": "globex"}, "tenant_mismatch"),
     ]
     return [(name, f if isinstance(f, bytes) else orjson.dumps(f), reason) for name, f, reason in cases]
 
@@ -360,8 +391,10 @@ async def test_engine_seq_older_than_first_is_stale_and_first_event_waits_for_lo
                 first = await s.take(2)
                 assert seqs(first) == [9, 10] and [m["type"] for m in msgs(first)] == ["x.b", "x.a"]
                 before = await rejected(client)
-                daemon.push({"workflow_id": wid, "type": "x.c", "seq": 3},
-                            {"workflow_id": wid, "type": "workflow.completed", "seq": 11})
+                daemon.push(
+                    {"workflow_id": wid, "type": "x.c", "seq": 3},
+                    {"workflow_id": wid, "type": "workflow.completed", "seq": 11},
+                )
                 rest = await s.rest()
             recent, by_reason = await new_rejects(client, before)
     assert [(e.event, e.json["seq"]) for e in rest] == [("state", 11), ("end", 11)]
@@ -380,9 +413,15 @@ async def test_post_events_answers(daemon):
             assert r.headers["content-type"].startswith("application/json")
             assert r.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
 
-            r = await post_events(client, [
-                log(wid, "one"), {"workflow_id": wid}, log(wid, "two"), running(wid, id=f"{wid}-a"),
-            ])
+            r = await post_events(
+                client,
+                [
+                    log(wid, "one"),
+                    {"workflow_id": wid},
+                    log(wid, "two"),
+                    running(wid, id=f"{wid}-a"),
+                ],
+            )
             assert r.status_code == 202
             body = r.json()
             assert body["accepted"] == 2 and body["duplicates"] == 1
@@ -410,7 +449,11 @@ async def test_post_events_answers(daemon):
             assert r.status_code == 202
             events = await whole_stream(client, wid)
     assert [label(m) for m in msgs(events)] == [
-        "workflow.running", "one", "two", "workflow.completed", "end",
+        "workflow.running",
+        "one",
+        "two",
+        "workflow.completed",
+        "end",
     ]
 
 
@@ -419,6 +462,7 @@ async def test_post_oversized_body_is_400_and_nothing_is_ingested(daemon):
     batch = [log(wid, f"line {i}") for i in range(200)]
     body = orjson.dumps(batch)
     assert len(body) > MAX_FRAME
+
     async def chunks():
         for i in range(0, len(body), 1000):
             yield body[i : i + 1000]
@@ -503,10 +547,20 @@ async def test_duplicates_by_id_and_by_seq_are_dropped_and_counted(daemon):
             dups_after = (await stats(client))["counters"]["duplicates"]
 
     assert [label(m) for m in msgs(brk)] == [
-        "workflow.running", "first", "in batch", "new", "workflow.completed", "end",
+        "workflow.running",
+        "first",
+        "in batch",
+        "new",
+        "workflow.completed",
+        "end",
     ]
     assert [label(m) for m in msgs(eng)] == [
-        "workflow.running", "two", "three", "four", "workflow.completed", "end",
+        "workflow.running",
+        "two",
+        "three",
+        "four",
+        "workflow.completed",
+        "end",
     ]
     assert seqs(eng[:-1]) == [1, 2, 3, 4, 5]
     # 3 by id over ZMQ, 3 by seq, 2 by id over HTTP.
@@ -559,4 +613,10 @@ async def test_reorder_missing_seq_released_after_window_with_gap(daemon):
     assert three.event == "log" and three.json["seq"] == 3 and three.json["message"] == "three"
     assert [(e.event, e.json["seq"]) for e in rest] == [("state", 4), ("end", 4)]
     assert [r["reason"] for r in recent] == ["late_seq"]
-    assert [(e.event, e.json["seq"]) for e in replay] == [("state", 1), ("gap", 2), ("log", 3), ("state", 4), ("end", 4)]
+    assert [(e.event, e.json["seq"]) for e in replay] == [
+        ("state", 1),
+        ("gap", 2),
+        ("log", 3),
+        ("state", 4),
+        ("end", 4),
+    ]

@@ -35,7 +35,11 @@ def log(wid: str, message: str, **fields: Any) -> dict[str, Any]:
 async def run_cli(*args: str, timeout: float = 15) -> tuple[int, str, str]:
     with trio.fail_after(timeout):
         proc = await trio.run_process(
-            [sys.executable, "-m", "broker", *args], cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False,
+            [sys.executable, "-m", "broker", *args],
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
@@ -117,8 +121,11 @@ async def test_sigterm_with_open_streams_delivers_everything_then_closes_without
                 # at once, before the subscribers can have read it all.
                 d.push(*[log(a, f"zmq {i}") for i in range(50)], *[log(b, f"zmq b {i}") for i in range(20)])
                 await zmq_barrier(d, client)
-                r = await post_events(client, [log(a, f"http {i}") for i in range(100)]
-                                      + [ev(a, "task.running", task_id="t-1"), log(b, "last b")])
+                r = await post_events(
+                    client,
+                    [log(a, f"http {i}") for i in range(100)]
+                    + [ev(a, "task.running", task_id="t-1"), log(b, "last b")],
+                )
                 assert r.status_code == 202 and r.json()["accepted"] == 102
                 t0 = time.monotonic()
                 d.proc.send_signal(signal.SIGTERM)
@@ -153,11 +160,11 @@ async def test_version():
 async def test_check_config_prints_the_effective_config(tmp_path: Path):
     cfg = tmp_path / "b.toml"
     cfg.write_text(
-        'shutdown_timeout = 2.5\n'
+        "shutdown_timeout = 2.5\n"
         '[node]\nid = "node-x"\n'
         '[http]\nbind = "127.0.0.1:9999"\ncors_origins = ["https://a.example"]\n'
-        '[stream]\nkeepalive = 0.5\n'
-        '[order]\nreorder_window_ms = 50\n'
+        "[stream]\nkeepalive = 0.5\n"
+        "[order]\nreorder_window_ms = 50\n"
     )
     rc, out, err = await run_cli("check-config", "-c", str(cfg))
     assert rc == 0, err
@@ -172,8 +179,14 @@ async def test_check_config_prints_the_effective_config(tmp_path: Path):
     assert conf["stream"]["retry_ms"] == 2000 and conf["stream"]["unknown_workflow_wait"] == 5
     assert conf["stream"]["coalesce_after"] == 256 and conf["stream"]["slow_consumer_timeout"] == 10
     assert conf["ingest"] == {**conf["ingest"], "zmq_bind": "tcp://127.0.0.1:5557", "max_frame_bytes": 1048576}
-    assert conf["buffer"] == {**conf["buffer"], "ring_events": 1024, "ring_bytes": 1048576,
-                              "journal_events": 100000, "max_workflows": 100000, "terminal_ttl": 600}
+    assert conf["buffer"] == {
+        **conf["buffer"],
+        "ring_events": 1024,
+        "ring_bytes": 1048576,
+        "journal_events": 100000,
+        "max_workflows": 100000,
+        "terminal_ttl": 600,
+    }
     assert conf["order"]["dedup_window"] == 100000
     assert conf["limits"] == {**conf["limits"], "per_user": 5, "per_tenant": 1000, "global": 20000}
     assert conf["auth"]["mode"] == "none" and conf["store"]["backend"] == "memory"

@@ -18,7 +18,16 @@ import pytest
 import trio
 
 from .e2e import (
-    client_for, kinds, module_broker, open_sse, post_events, seqs, stats, uid, wf_path, zmq_barrier,
+    client_for,
+    kinds,
+    module_broker,
+    open_sse,
+    post_events,
+    seqs,
+    stats,
+    uid,
+    wf_path,
+    zmq_barrier,
 )
 from .sse_client import SseEvent
 
@@ -117,7 +126,7 @@ async def test_framing_headers_retry_and_raw_frames(daemon):
                 await post(client, log(wid, "line one\nline two"))  # a newline inside the data
                 frames = await frames_until(2)
     assert buf.startswith(b"retry: %d\n\n" % RETRY_MS)
-    body_bytes = buf[len(b"retry: %d\n\n" % RETRY_MS):].replace(b": keepalive\n\n", b"")
+    body_bytes = buf[len(b"retry: %d\n\n" % RETRY_MS) :].replace(b": keepalive\n\n", b"")
     assert len(frames) == 2, buf
     assert b"".join(b"id: %s\nevent: %s\ndata: %s\n\n" % f for f in frames) == body_bytes
     (id1, kind1, data1), (id2, kind2, data2) = frames
@@ -184,7 +193,9 @@ async def test_snapshot_first_with_task_states_then_live_in_order_then_end(daemo
     assert got[3].json["progress"] == 50
     assert got[5].json["result"] == {"ok": True}
     assert end.event == "end" and end.id == got[-1].id
-    assert end.json.items() >= {"kind": "end", "workflow_id": wid, "epoch": epoch, "seq": 14, "state": "completed"}.items()
+    assert (
+        end.json.items() >= {"kind": "end", "workflow_id": wid, "epoch": epoch, "seq": 14, "state": "completed"}.items()
+    )
 
 
 async def test_burst_over_zmq_arrives_complete_and_in_order(daemon):
@@ -241,7 +252,13 @@ async def test_terminal_workflow_stream_events_after_terminal_and_204(daemon):
     assert kinds(fresh) == ["snapshot", "end"]
     assert fresh[0].json["state"] == "cancelled" and fresh[0].json["seq"] == 4
     assert fresh[1].id == terminal_id and fresh[1].json["state"] == "cancelled"
-    assert [label(e) for e in replay] == [f"{wid}:workflow.running", "a", "b", f"{wid}:workflow.cancelled", f"end:{wid}"]
+    assert [label(e) for e in replay] == [
+        f"{wid}:workflow.running",
+        "a",
+        "b",
+        f"{wid}:workflow.cancelled",
+        f"end:{wid}",
+    ]
     assert [label(e) for e in resumed] == ["b", f"{wid}:workflow.cancelled", f"end:{wid}"]
     assert [label(e) for e in logs] == ["a", "b", f"end:{wid}"]
 
@@ -278,8 +295,10 @@ async def test_logs_stream_has_log_lines_only(daemon):
     with trio.fail_after(10):
         async with client_for(daemon) as client:
             await post(client, ev(wid, "workflow.running"), log(wid, "before"))
-            async with open_sse(client, wf_path(wid, "logs")) as s, \
-                    open_sse(client, wf_path(wid, "logs"), params={"level": "warning"}) as w:
+            async with (
+                open_sse(client, wf_path(wid, "logs")) as s,
+                open_sse(client, wf_path(wid, "logs"), params={"level": "warning"}) as w,
+            ):
                 assert (await s.expect()).event == "snapshot"
                 assert (await w.expect()).event == "snapshot"
                 await post(
@@ -301,18 +320,18 @@ async def test_logs_stream_has_log_lines_only(daemon):
 
 
 FILTER_EVENTS = [
-    ("workflow.running", {}),                                   # 1
-    ("task.running", {"task_id": "t-1"}),                       # 2
-    ("task.progress", {"task_id": "t-1", "progress": 50}),      # 3
+    ("workflow.running", {}),  # 1
+    ("task.running", {"task_id": "t-1"}),  # 2
+    ("task.progress", {"task_id": "t-1", "progress": 50}),  # 3
     ("log", {"task_id": "t-1", "level": "info", "message": "t1 info"}),  # 4
-    ("log", {"level": "warning", "message": "wf warning"}),     # 5
-    ("task.running", {"task_id": "t-2"}),                       # 6
+    ("log", {"level": "warning", "message": "wf warning"}),  # 5
+    ("task.running", {"task_id": "t-2"}),  # 6
     ("log", {"task_id": "t-2", "level": "error", "message": "t2 error"}),  # 7
-    ("token", {"data": "tok"}),                                 # 8
-    ("task.failed", {"task_id": "t-2", "error": "x"}),          # 9
+    ("token", {"data": "tok"}),  # 8
+    ("task.failed", {"task_id": "t-2", "error": "x"}),  # 9
     ("log", {"task_id": "t-1", "level": "debug", "message": "t1 debug"}),  # 10
-    ("task.completed", {"task_id": "t-1"}),                     # 11
-    ("workflow.completed", {}),                                 # 12
+    ("task.completed", {"task_id": "t-1"}),  # 11
+    ("workflow.completed", {}),  # 12
 ]
 
 
@@ -359,8 +378,10 @@ async def test_filters_live_and_on_multi_stream(daemon):
         async with client_for(daemon) as client:
             await post(client, ev(wid, "workflow.running"))
             q = {"types": "state,log", "level": "error", "states": "terminal"}
-            async with open_sse(client, wf_path(wid), params=q) as single, \
-                    open_sse(client, "/v1/stream", params={"workflows": wid, **q}) as multi:
+            async with (
+                open_sse(client, wf_path(wid), params=q) as single,
+                open_sse(client, "/v1/stream", params={"workflows": wid, **q}) as multi,
+            ):
                 assert (await single.expect()).event == "snapshot"
                 assert (await multi.expect()).event == "snapshot"
                 await post(client, *[ev(wid, t, **f) for t, f in FILTER_EVENTS[1:]])
@@ -392,7 +413,11 @@ async def test_coalesce_true_keeps_only_the_latest_state_per_task(daemon):
                 live = await s.expect()
     # One write: the latest state and the latest progress of each task, in order.
     assert [label(e) for e in pending] == [
-        f"{wid}:workflow.running", "hello", "t-1:task.progress", "t-2:task.running", "t-1:task.completed",
+        f"{wid}:workflow.running",
+        "hello",
+        "t-1:task.progress",
+        "t-2:task.running",
+        "t-1:task.completed",
     ]
     assert pending[2].json["progress"] == 20
     assert label(live) == "t-2:task.completed"
@@ -402,9 +427,20 @@ async def test_coalesce_true_keeps_only_the_latest_state_per_task(daemon):
 @pytest.mark.parametrize(
     "query",
     [
-        {"types": "bogus"}, {"types": "state,nope"}, {"types": ""}, {"types": ","}, {"tasks": ""},
-        {"states": ""}, {"level": "loud"}, {"level": ""}, {"level": "WARNING"}, {"coalesce": "maybe"},
-        {"since": "abc"}, {"since": "-1"}, {"since": "1.5"}, {"since": ""},
+        {"types": "bogus"},
+        {"types": "state,nope"},
+        {"types": ""},
+        {"types": ","},
+        {"tasks": ""},
+        {"states": ""},
+        {"level": "loud"},
+        {"level": ""},
+        {"level": "WARNING"},
+        {"coalesce": "maybe"},
+        {"since": "abc"},
+        {"since": "-1"},
+        {"since": "1.5"},
+        {"since": ""},
     ],
     ids=lambda q: "&".join(f"{k}={v}" for k, v in q.items()),
 )
@@ -423,8 +459,15 @@ async def test_bad_filter_values_are_400_at_once(daemon, view, query):
 
 @pytest.mark.parametrize(
     "query",
-    [{}, {"workflows": "a", "tenant": "t"}, {"tenant": "t", "parent": "p"}, {"workflows": ","}, {"workflows": ""},
-     {"tenant": ""}, {"parent": ""}],
+    [
+        {},
+        {"workflows": "a", "tenant": "t"},
+        {"tenant": "t", "parent": "p"},
+        {"workflows": ","},
+        {"workflows": ""},
+        {"tenant": ""},
+        {"parent": ""},
+    ],
     ids=lambda q: "&".join(f"{k}={v}" for k, v in q.items()) or "none",
 )
 async def test_multi_stream_scope_errors(daemon, query):
@@ -470,11 +513,16 @@ async def test_last_event_id_wins_over_since(daemon):
     wid = uid()
     with trio.fail_after(10):
         async with client_for(daemon) as client:
-            await post(client, ev(wid, "workflow.running"), *[log(wid, f"l{i}") for i in range(2, 6)],
-                       ev(wid, "workflow.completed"))
+            await post(
+                client,
+                ev(wid, "workflow.running"),
+                *[log(wid, f"l{i}") for i in range(2, 6)],
+                ev(wid, "workflow.completed"),
+            )
             epoch = await epoch_of(client, wid)
-            async with open_sse(client, wf_path(wid), params={"since": "1"},
-                                headers={"Last-Event-ID": f"{epoch}:4"}) as s:
+            async with open_sse(
+                client, wf_path(wid), params={"since": "1"}, headers={"Last-Event-ID": f"{epoch}:4"}
+            ) as s:
                 got = await s.rest()
     assert seqs(got) == [5, 6, 6]
 
@@ -652,7 +700,9 @@ async def test_curl_reads_a_stream_to_end(daemon):
         async with client_for(daemon) as client:
             await post(client, ev(wid, "workflow.running"))
             proc = await trio.lowlevel.open_process(
-                ["curl", "-sN", "--max-time", "12", f"{daemon.url}{wf_path(wid)}"], stdout=-1, stderr=-1,
+                ["curl", "-sN", "--max-time", "12", f"{daemon.url}{wf_path(wid)}"],
+                stdout=-1,
+                stderr=-1,
             )
             out = b""
             assert proc.stdout is not None
@@ -693,7 +743,13 @@ async def test_workflows_list_stream(daemon):
     assert {e.json["workflow_id"] for e in snaps} == {a, b}
     assert snaps[0].retry == RETRY_MS
     assert [label(e) for e in rest] == [
-        "a1", "b1", f"{a}:workflow.completed", f"end:{a}", "b2", f"{b}:workflow.failed", f"end:{b}",
+        "a1",
+        "b1",
+        f"{a}:workflow.completed",
+        f"end:{a}",
+        "b2",
+        f"{b}:workflow.failed",
+        f"end:{b}",
     ]
     ids = [JOURNAL_ID.match(e.id) for e in snaps + rest]
     assert all(ids), [e.id for e in snaps + rest]
@@ -727,7 +783,11 @@ async def test_tenant_stream_includes_new_workflows_of_that_tenant_only(daemon):
                 more = await s.expect()
     assert [e.json["workflow_id"] for e in snaps] == [w1]
     assert [label(e) for e in rest] == [
-        f"{w3}:workflow.created", "w1 line", "w3 line", f"{w1}:workflow.completed", f"end:{w1}",
+        f"{w3}:workflow.created",
+        "w1 line",
+        "w3 line",
+        f"{w1}:workflow.completed",
+        f"end:{w1}",
         f"{w3}:workflow.running",
     ]
     assert label(more) == "still open"
@@ -756,9 +816,19 @@ async def test_parent_stream_includes_children_and_grandchildren_started_later(d
                 rest = await s.rest()  # closes once the root and every descendant ended
     assert [e.json["workflow_id"] for e in snaps] == [p]
     assert [label(e) for e in rest] == [
-        f"{c1}:workflow.running", f"{g1}:workflow.running", "grandchild line", f"{c2}:workflow.running",
-        f"{p}:workflow.completed", f"end:{p}", "child line", f"{c1}:workflow.completed", f"end:{c1}",
-        f"{c2}:workflow.cancelled", f"end:{c2}", f"{g1}:workflow.completed", f"end:{g1}",
+        f"{c1}:workflow.running",
+        f"{g1}:workflow.running",
+        "grandchild line",
+        f"{c2}:workflow.running",
+        f"{p}:workflow.completed",
+        f"end:{p}",
+        "child line",
+        f"{c1}:workflow.completed",
+        f"end:{c1}",
+        f"{c2}:workflow.cancelled",
+        f"end:{c2}",
+        f"{g1}:workflow.completed",
+        f"end:{g1}",
     ]
     assert rest[0].json["parent_id"] == p and rest[1].json["parent_id"] == c1
 
@@ -767,8 +837,12 @@ async def test_parent_stream_snapshot_includes_existing_descendants(daemon):
     p, c1, g1 = uid("p"), uid("c1"), uid("g1")
     with trio.fail_after(10):
         async with client_for(daemon) as client:
-            await post(client, ev(p, "workflow.running"), ev(c1, "workflow.running", parent_id=p),
-                       ev(g1, "workflow.running", parent_id=c1))
+            await post(
+                client,
+                ev(p, "workflow.running"),
+                ev(c1, "workflow.running", parent_id=p),
+                ev(g1, "workflow.running", parent_id=c1),
+            )
             async with open_sse(client, "/v1/stream", params={"parent": c1}) as s:
                 snaps = await s.take(2)
                 await post(client, log(p, "parent line"), log(g1, "g line"))
@@ -781,8 +855,12 @@ async def test_multi_stream_opens_with_active_workflows_only(daemon):
     a, b, t = uid("a"), uid("b"), uid("tenant")
     with trio.fail_after(10):
         async with client_for(daemon) as client:
-            await post(client, ev(a, "workflow.running", tenant=t), ev(a, "workflow.completed"),
-                       ev(b, "workflow.running", tenant=t))
+            await post(
+                client,
+                ev(a, "workflow.running", tenant=t),
+                ev(a, "workflow.completed"),
+                ev(b, "workflow.running", tenant=t),
+            )
             async with open_sse(client, "/v1/stream", params={"workflows": f"{a},{b}"}) as s:
                 snaps = await s.take(1)
                 await post(client, log(a, "a after end"), log(b, "b1"), ev(b, "workflow.completed"))

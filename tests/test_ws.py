@@ -245,16 +245,16 @@ async def test_several_subscriptions_each_get_their_own_stream(broker):
             for sub, args in subs.items():
                 snap = await open_sub(c, sub, **args)
                 assert snap["workflow_id"] == args["workflow"] and snap["seq"] == 1
-            broker.push(ev(a, "task.running", task_id="t-1"))         # a2
-            broker.push(log(b, "info", "b-line"))                     # b2
-            broker.push(log(a, "info", "a-line"))                     # a3
-            broker.push(ev(a, "task.running", task_id="t-2"))         # a4
+            broker.push(ev(a, "task.running", task_id="t-1"))  # a2
+            broker.push(log(b, "info", "b-line"))  # b2
+            broker.push(log(a, "info", "a-line"))  # a3
+            broker.push(ev(a, "task.running", task_id="t-2"))  # a4
             broker.push(log(a, "warning", "t1-warn", task_id="t-1"))  # a5
-            broker.push(ev(b, "workflow.completed"))                  # b3
-            broker.push(ev(a, "token"))                               # a6
-            broker.push(ev(a, "task.completed", task_id="t-1"))       # a7
-            broker.push(log(a, "error", "t1-err", task_id="t-1"))     # a8: every a-sub
-            broker.push(ev(a, "workflow.failed"))                     # a9: terminal
+            broker.push(ev(b, "workflow.completed"))  # b3
+            broker.push(ev(a, "token"))  # a6
+            broker.push(ev(a, "task.completed", task_id="t-1"))  # a7
+            broker.push(log(a, "error", "t1-err", task_id="t-1"))  # a8: every a-sub
+            broker.push(ev(a, "workflow.failed"))  # a9: terminal
             got = {}
             for sub in subs:
                 got[sub] = await c.until(sub, lambda e: e["kind"] == "end")
@@ -316,15 +316,26 @@ async def test_workflows_list_subscription(broker):
             again = await c.next_sub("m")
             assert unbatch(again)[0]["kind"] == "snapshot" and unbatch(again)[0]["workflow_id"] == "m-c"
     assert [(e["kind"], e["workflow_id"]) for e in events] == [
-        ("log", "m-a"), ("state", "m-late"), ("state", "m-b"), ("end", "m-b"),
-        ("state", "m-a"), ("end", "m-a"), ("state", "m-late"), ("end", "m-late"),
+        ("log", "m-a"),
+        ("state", "m-late"),
+        ("state", "m-b"),
+        ("end", "m-b"),
+        ("state", "m-a"),
+        ("end", "m-a"),
+        ("state", "m-late"),
+        ("end", "m-late"),
     ]
     check_journal_cursors(raw0 + raw, "m", epoch)
 
 
 async def test_tenant_subscription_includes_new_workflows_of_that_tenant(broker):
-    broker.push([ev("t1-a", "workflow.running", tenant="t1"), ev("t2-a", "workflow.running", tenant="t2"),
-                 ev("t1-done", "workflow.completed", tenant="t1")])
+    broker.push(
+        [
+            ev("t1-a", "workflow.running", tenant="t1"),
+            ev("t2-a", "workflow.running", tenant="t2"),
+            ev("t1-done", "workflow.completed", tenant="t1"),
+        ]
+    )
     with trio.fail_after(10):
         epoch = await node_epoch(broker)
         async with ws_client(ws_url(broker)) as c:
@@ -342,8 +353,9 @@ async def test_tenant_subscription_includes_new_workflows_of_that_tenant(broker)
 
 
 async def test_parent_subscription_includes_children_started_later(broker):
-    broker.push([ev("p", "workflow.running"), ev("p-c1", "workflow.running", parent_id="p"),
-                 ev("u", "workflow.running")])
+    broker.push(
+        [ev("p", "workflow.running"), ev("p-c1", "workflow.running", parent_id="p"), ev("u", "workflow.running")]
+    )
     with trio.fail_after(10):
         async with ws_client(ws_url(broker)) as c:
             await subscribe(c, "p", parent="p")
@@ -357,7 +369,11 @@ async def test_parent_subscription_includes_children_started_later(broker):
             broker.push(log("p", "info", "root"))
             events, _ = await c.until("p", lambda e: e.get("message") == "root")
     assert [(e["kind"], e["workflow_id"]) for e in events] == [
-        ("state", "p-c2"), ("state", "p-c2-g"), ("log", "p-c2-g"), ("log", "p-c1"), ("log", "p"),
+        ("state", "p-c2"),
+        ("state", "p-c2-g"),
+        ("log", "p-c2-g"),
+        ("log", "p-c1"),
+        ("log", "p"),
     ]
 
 
@@ -379,7 +395,9 @@ async def test_multi_subscription_resumes_from_its_journal_cursor(broker):
             await subscribe(c, "r2", tenant="rt", cursor=cursor)
             events, _ = await c.until("r2", lambda e: e.get("message") == "4")
             assert [(e["kind"], e["workflow_id"], e.get("message")) for e in events] == [
-                ("log", "r-a", "3"), ("state", "r-b", None), ("log", "r-a", "4"),
+                ("log", "r-a", "3"),
+                ("state", "r-b", None),
+                ("log", "r-a", "4"),
             ]
             # `since` is a single-workflow seq: not for multi-workflow subscriptions
             await subscribe(c, "r3", tenant="rt", since=1)
@@ -446,8 +464,9 @@ async def test_progress_of_one_task_inside_one_batch_is_coalesced(broker):
     """DESIGN §6: "Pending events are sent in one write (SSE) or one batch (WS).
     Progress updates of one task inside one write are coalesced to the latest."""
     wid = "wf-progress"
-    broker.push([ev(wid, "workflow.running"), ev(wid, "task.running", task_id="t-1"),
-                 ev(wid, "task.running", task_id="t-2")])
+    broker.push(
+        [ev(wid, "workflow.running"), ev(wid, "task.running", task_id="t-1"), ev(wid, "task.running", task_id="t-2")]
+    )
     with trio.fail_after(10):
         async with ws_client(ws_url(broker)) as c:
             await open_sub(c, "s", workflow=wid)
@@ -459,8 +478,9 @@ async def test_progress_of_one_task_inside_one_batch_is_coalesced(broker):
             broker.push(frame)  # one frame: all pending at once, so one batch
             events, raw = await c.until("s", lambda e: e.get("message") == "marker")
     assert len(raw) == 1 and raw[0]["kind"] == "batch", raw
-    progress = {t: [e["progress"] for e in events if e["kind"] == "progress" and e["task_id"] == t]
-                for t in ("t-1", "t-2")}
+    progress = {
+        t: [e["progress"] for e in events if e["kind"] == "progress" and e["task_id"] == t] for t in ("t-1", "t-2")
+    }
     assert progress == {"t-1": [100], "t-2": [50]}, progress
     assert seqs(events) == sorted(seqs(events))
     check_cursors(raw, "s")
@@ -483,8 +503,9 @@ async def test_filter_op_replaces_the_filter_for_what_comes_next(broker):
                 check_cursors(raw, "logs")
                 return seqs(got)
 
-            assert await push_and_get(log(wid, "info", "i"), log(wid, "warning", "w"),
-                                      log(wid, "error", "e"), last=4) == [3, 4]
+            assert await push_and_get(
+                log(wid, "info", "i"), log(wid, "warning", "w"), log(wid, "error", "e"), last=4
+            ) == [3, 4]
 
             await c.send({"op": "filter", "sub": "logs", "filter": {"types": ["log"], "level": "debug"}})
             await c.roundtrip()
@@ -503,8 +524,7 @@ async def test_filter_op_replaces_the_filter_for_what_comes_next(broker):
 
             await c.send({"op": "filter", "sub": "logs", "filter": {"types": ["state"]}})
             await c.roundtrip()
-            assert await push_and_get(log(wid, "critical", "c2"), ev(wid, "task.running", task_id="t"),
-                                      last=11) == [11]
+            assert await push_and_get(log(wid, "critical", "c2"), ev(wid, "task.running", task_id="t"), last=11) == [11]
 
 
 # ------------------------------------------------------ unsubscribe, ping

@@ -19,7 +19,6 @@ import orjson
 
 from .envelope import LOG_LEVELS
 
-
 NO_LOGS = (0, 0, 0, 0, 0)  # per level: debug, info, warning, error, critical
 
 
@@ -37,9 +36,25 @@ class Entry:
     """One event in a workflow ring and the node journal."""
 
     __slots__ = (
-        "workflow_id", "tenant", "parent_id", "epoch", "seq", "seq_from", "kind", "task_id",
-        "state", "level", "terminal", "after_terminal", "body", "size", "offset", "cursor",
-        "log_counts", "_sse", "_sse_multi",
+        "workflow_id",
+        "tenant",
+        "parent_id",
+        "epoch",
+        "seq",
+        "seq_from",
+        "kind",
+        "task_id",
+        "state",
+        "level",
+        "terminal",
+        "after_terminal",
+        "body",
+        "size",
+        "offset",
+        "cursor",
+        "log_counts",
+        "_sse",
+        "_sse_multi",
     )
 
     def __init__(

@@ -26,15 +26,35 @@ from .errors import Reject
 
 WORKFLOW_STATES = ("created", "running", "suspended", "resumed", "completed", "failed", "cancelled")
 TASK_STATES = (
-    "created", "scheduled", "pending", "running", "retrying", "completed", "failed", "cancelled",
+    "created",
+    "scheduled",
+    "pending",
+    "running",
+    "retrying",
+    "completed",
+    "failed",
+    "cancelled",
 )
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 KNOWN_FIELDS = frozenset(
     {
-        "workflow_id", "type", "id", "seq", "tenant", "ts", "task_id", "state",
-        "progress", "level", "message", "parent_id", "result", "error", "data",
+        "workflow_id",
+        "type",
+        "id",
+        "seq",
+        "tenant",
+        "ts",
+        "task_id",
+        "state",
+        "progress",
+        "level",
+        "message",
+        "parent_id",
+        "result",
+        "error",
+        "data",
     }
 )
 

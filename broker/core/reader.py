@@ -42,9 +42,7 @@ class Start:
     seq: int = 0  # AT_INDEX on a workflow: the cursor's seq (what the client has)
 
 
-def plan_workflow_start(
-    wf: Workflow, *, last_event_id: str | None = None, since: str | None = None
-) -> Start:
+def plan_workflow_start(wf: Workflow, *, last_event_id: str | None = None, since: str | None = None) -> Start:
     """Where a single-workflow stream starts.
 
     Last-Event-ID (header or `last_event_id=`) wins over `since=`, because an
@@ -72,9 +70,7 @@ def plan_workflow_start(
         oldest = wf.oldest_cursor_seq()
         if seq == 0:
             if ring.dropped:
-                raise InvalidArgument(
-                    f"the first events are no longer held; oldest available since is {oldest}"
-                )
+                raise InvalidArgument(f"the first events are no longer held; oldest available since is {oldest}")
             seq = oldest
         elif seq < oldest:
             raise InvalidArgument(f"'since' {seq} is older than the ring; oldest available since is {oldest}")
@@ -84,20 +80,14 @@ def plan_workflow_start(
     return Start(SNAPSHOT)
 
 
-def plan_multi_start(
-    state: BrokerState, *, last_event_id: str | None = None, since: str | None = None
-) -> Start:
+def plan_multi_start(state: BrokerState, *, last_event_id: str | None = None, since: str | None = None) -> Start:
     """Where a multi-workflow stream starts (journal cursors `<epoch>.<offset>`)."""
     journal = state.journal
     text = last_event_id if last_event_id is not None else since
     if text is None:
         return Start(SNAPSHOT)
     parsed = parse_journal_cursor(text)
-    ok = (
-        parsed is not None
-        and parsed[0] == state.node_epoch
-        and journal.first_index <= parsed[1] <= journal.next_index
-    )
+    ok = parsed is not None and parsed[0] == state.node_epoch and journal.first_index <= parsed[1] <= journal.next_index
     if ok:
         assert parsed is not None
         return Start(AT_INDEX, parsed[1])  # offset N = index of the entry after it
@@ -118,8 +108,10 @@ def coalesce(items: list[Item], states: bool = False) -> tuple[list[Item], int]:
     seen: set[tuple[str, str, str]] = set()
     kept: list[Item] = []
     for it in reversed(items):
-        if isinstance(it, Entry) and it.task_id is not None and (
-            it.kind == "progress" or (states and it.kind == "state")
+        if (
+            isinstance(it, Entry)
+            and it.task_id is not None
+            and (it.kind == "progress" or (states and it.kind == "state"))
         ):
             key = (it.workflow_id, it.task_id, it.kind)
             if key in seen:
@@ -137,7 +129,12 @@ def _end_message(wf_id: str, epoch: str, seq: int, state: str | None, journal_cu
 
 class WorkflowReader:
     def __init__(
-        self, wf: Workflow, flt: Filter, start: Start, *, coalesce_after: int = 256,
+        self,
+        wf: Workflow,
+        flt: Filter,
+        start: Start,
+        *,
+        coalesce_after: int = 256,
         counters: Counter[str] | None = None,
     ) -> None:
         # Shared with the adapter (metrics): coalesced, resyncs, gaps.
@@ -240,8 +237,13 @@ class WorkflowReader:
         # is streamed.
         to = wf.terminal_seq if wf.terminal_seq is not None else wf.snapshot.seq
         msg: dict[str, Any] = {
-            "kind": "gap", "workflow_id": wf.id, "epoch": wf.epoch, "seq": to,
-            "from": self.seq + 1, "to": to, "dropped": dropped,
+            "kind": "gap",
+            "workflow_id": wf.id,
+            "epoch": wf.epoch,
+            "seq": to,
+            "from": self.seq + 1,
+            "to": to,
+            "dropped": dropped,
         }
         out: list[Item] = [Message(msg, f"{wf.epoch}:{to}")]
         self.index = ring.next_index

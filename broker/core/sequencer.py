@@ -39,7 +39,15 @@ class Release(NamedTuple):
 
 class Sequencer:
     __slots__ = (
-        "engine", "epoch", "window", "first_seq", "next_seq", "pending", "arrived", "deadline", "gaps",
+        "engine",
+        "epoch",
+        "window",
+        "first_seq",
+        "next_seq",
+        "pending",
+        "arrived",
+        "deadline",
+        "gaps",
     )
 
     def __init__(self, *, engine: bool, epoch: str, window: float) -> None:

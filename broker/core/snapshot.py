@@ -18,8 +18,17 @@ from .envelope import TERMINAL_STATES
 
 class TaskSnapshot:
     __slots__ = (
-        "task_id", "state", "progress", "attempt", "created", "started", "finished",
-        "updated", "message", "result", "error",
+        "task_id",
+        "state",
+        "progress",
+        "attempt",
+        "created",
+        "started",
+        "finished",
+        "updated",
+        "message",
+        "result",
+        "error",
     )
 
     def __init__(self, task_id: str, ts: int) -> None:
@@ -77,8 +86,17 @@ class TaskSnapshot:
 
 class WorkflowSnapshot:
     __slots__ = (
-        "workflow_id", "tenant", "parent_id", "state", "created", "updated", "seq",
-        "message", "result", "error", "tasks",
+        "workflow_id",
+        "tenant",
+        "parent_id",
+        "state",
+        "created",
+        "updated",
+        "seq",
+        "message",
+        "result",
+        "error",
+        "tasks",
     )
 
     def __init__(self, workflow_id: str, tenant: str, parent_id: str | None) -> None:
@@ -123,9 +141,7 @@ class WorkflowSnapshot:
             if "error" in ev:
                 self.error = ev["error"]
 
-    def to_message(
-        self, kind: str, epoch: str, tasks: frozenset[str] | None = None
-    ) -> dict[str, Any]:
+    def to_message(self, kind: str, epoch: str, tasks: frozenset[str] | None = None) -> dict[str, Any]:
         return {
             "kind": kind,
             "workflow_id": self.workflow_id,
@@ -139,9 +155,5 @@ class WorkflowSnapshot:
             "message": self.message,
             "result": self.result,
             "error": self.error,
-            "tasks": {
-                tid: t.to_dict()
-                for tid, t in self.tasks.items()
-                if tasks is None or tid in tasks
-            },
+            "tasks": {tid: t.to_dict() for tid, t in self.tasks.items() if tasks is None or tid in tasks},
         }

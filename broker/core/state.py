@@ -64,8 +64,17 @@ class IngestResult:
 
 class Workflow:
     __slots__ = (
-        "id", "tenant", "parent_id", "seq", "snapshot", "ring", "terminal_seq", "terminal_at",
-        "terminal_offset", "updated_at", "log_counts",
+        "id",
+        "tenant",
+        "parent_id",
+        "seq",
+        "snapshot",
+        "ring",
+        "terminal_seq",
+        "terminal_at",
+        "terminal_offset",
+        "updated_at",
+        "log_counts",
     )
 
     def __init__(self, wid: str, tenant: str, parent_id: str | None, seq: Sequencer, ring: Ring[Entry]) -> None:
@@ -144,9 +153,7 @@ class BrokerState:
                 self.counters["duplicates"] += 1
         return result
 
-    def _reject(
-        self, result: IngestResult, index: int, rej: Reject, now: float, source: str, frame: bytes
-    ) -> None:
+    def _reject(self, result: IngestResult, index: int, rej: Reject, now: float, source: str, frame: bytes) -> None:
         result.rejected.append((index, rej))
         self.record_reject(rej, now, source, frame, index)
 
@@ -195,7 +202,10 @@ class BrokerState:
             raise Reject("too_many_workflows", f"buffer.max_workflows ({self.limits.max_workflows}) reached")
         seq = Sequencer(engine="seq" in ev, epoch=self.make_epoch(), window=self.limits.reorder_window)
         wf = Workflow(
-            wid, ev.get("tenant", "default"), ev.get("parent_id"), seq,
+            wid,
+            ev.get("tenant", "default"),
+            ev.get("parent_id"),
+            seq,
             Ring(self.limits.ring_events, self.limits.ring_bytes),
         )
         wf.updated_at = now
@@ -212,12 +222,18 @@ class BrokerState:
             after_terminal = wf.terminal_seq is not None
             if rel.event is None:
                 msg = {
-                    "kind": "gap", "workflow_id": wf.id, "epoch": wf.epoch, "seq": rel.seq,
-                    "from": rel.gap_from, "to": rel.seq, "dropped": rel.seq - rel.gap_from + 1,
+                    "kind": "gap",
+                    "workflow_id": wf.id,
+                    "epoch": wf.epoch,
+                    "seq": rel.seq,
+                    "from": rel.gap_from,
+                    "to": rel.seq,
+                    "dropped": rel.seq - rel.gap_from + 1,
                     "server_ts": server_ts,
                 }
-                entry = Entry(msg, tenant=wf.tenant, parent_id=wf.parent_id,
-                              after_terminal=after_terminal, seq_from=rel.gap_from)
+                entry = Entry(
+                    msg, tenant=wf.tenant, parent_id=wf.parent_id, after_terminal=after_terminal, seq_from=rel.gap_from
+                )
                 self.counters["gaps"] += 1
                 if not after_terminal:
                     wf.snapshot.seq = rel.seq
@@ -238,8 +254,9 @@ class BrokerState:
                 if wf.parent_id is None and "parent_id" in ev and not wf.visible:
                     wf.parent_id = ev["parent_id"]
                     self.children.setdefault(wf.parent_id, set()).add(wf.id)
-                entry = Entry(msg, tenant=wf.tenant, parent_id=wf.parent_id,
-                              terminal=terminal, after_terminal=after_terminal)
+                entry = Entry(
+                    msg, tenant=wf.tenant, parent_id=wf.parent_id, terminal=terminal, after_terminal=after_terminal
+                )
                 if not after_terminal:
                     wf.snapshot.apply(ev, rel.seq, msg["ts"])
                 if terminal:
@@ -288,9 +305,7 @@ class BrokerState:
         return result
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            d for wid in self.reordering if (d := self.workflows[wid].seq.deadline) is not None
-        ]
+        deadlines = [d for wid in self.reordering if (d := self.workflows[wid].seq.deadline) is not None]
         return min(deadlines) if deadlines else None
 
     def _evict_one(self) -> bool:

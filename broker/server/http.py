@@ -91,7 +91,8 @@ def create_app(hub: Hub) -> QuartTrio:
         body = b"".join(chunks)
         result = hub.ingest(body, "http")
         rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]
-        if result.rejected and len(result.rejected) == 1 and result.rejected[0][1].reason in ("invalid_json", "too_large"):
+        whole_body = len(result.rejected) == 1 and result.rejected[0][1].reason in ("invalid_json", "too_large")
+        if whole_body:
             raise InvalidArgument(f"body is not a JSON event or array of events: {result.rejected[0][1].detail}")
         payload = {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": rejected}
         status = 202 if result.accepted or result.duplicates or not rejected else 400
@@ -107,8 +108,9 @@ def create_app(hub: Hub) -> QuartTrio:
     @app.route("/v1/admin/rejected")
     async def admin_rejected() -> Response:
         st = hub.state
-        return json_response({"total": st.counters["rejected"], "by_reason": dict(st.rejected_by_reason),
-                              "recent": list(st.rejects)})
+        return json_response(
+            {"total": st.counters["rejected"], "by_reason": dict(st.rejected_by_reason), "recent": list(st.rejects)}
+        )
 
     @app.route("/v1/admin/stats")
     async def admin_stats() -> Response:

@@ -87,9 +87,14 @@ class Connection:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.id, "transport": self.transport, "remote": self.remote, "path": self.path,
-            "opened": int(self.opened * 1000), "delivered": self.delivered,
-            "subscriptions": self.subscriptions, "slow": self.slow,
+            "id": self.id,
+            "transport": self.transport,
+            "remote": self.remote,
+            "path": self.path,
+            "opened": int(self.opened * 1000),
+            "delivered": self.delivered,
+            "subscriptions": self.subscriptions,
+            "slow": self.slow,
         }
 
 
@@ -212,8 +217,13 @@ class Hub:
                 if started is not None and started <= horizon and not conn.slow:
                     conn.slow = True
                     self.counters["slow_consumer_closed"] += 1
-                    log.info("connection %d (%s %s): no write progress for %ss: slow consumer",
-                             conn.id, conn.transport, conn.remote, timeout)
+                    log.info(
+                        "connection %d (%s %s): no write progress for %ss: slow consumer",
+                        conn.id,
+                        conn.transport,
+                        conn.remote,
+                        timeout,
+                    )
 
     def begin_drain(self) -> None:
         """Shutdown: every stream flushes what it has and ends."""
@@ -232,9 +242,7 @@ class Hub:
             raise Unavailable("the broker is shutting down")
         self.table.check(principal)
 
-    def open_connection(
-        self, transport: str, remote: str, path: str, principal: Principal = ANONYMOUS
-    ) -> Connection:
+    def open_connection(self, transport: str, remote: str, path: str, principal: Principal = ANONYMOUS) -> Connection:
         conn = Connection(next(self._conn_ids), transport, remote, path, time.time(), principal)
         rate = float(self.config.limits.events_per_second)
         if rate:
@@ -270,8 +278,11 @@ class Hub:
     def stats(self) -> dict[str, Any]:
         out = self.state.stats()
         by_transport = Counter(c.transport for c in self.connections.values())
-        out["connections"] = {"total": len(self.connections), **by_transport, **{
-            k: v for k, v in self.table.counts().items() if k != "total"}}
+        out["connections"] = {
+            "total": len(self.connections),
+            **by_transport,
+            **{k: v for k, v in self.table.counts().items() if k != "total"},
+        }
         out["waiters"] = len(self._waiters)
         out["delivered"] = dict(self.delivered)
         out["streams"] = dict(self.counters)

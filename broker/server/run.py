@@ -54,8 +54,7 @@ def bind_http(bind: str, backlog: int, slow_consumer_timeout: float = 0) -> sock
             # the timeout lets a write that does complete late send `error`
             # (SSE) or close 4008 (WS) first (see Hub.serve_watchdog).
             grace = max(1.0, slow_consumer_timeout / 5)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                            int((slow_consumer_timeout + grace) * 1000))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int((slow_consumer_timeout + grace) * 1000))
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -78,9 +77,7 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     return hc
 
 
-async def serve(
-    config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
-) -> None:
+async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT (or cancellation)."""
     hub = Hub(config)
     ctx = zmq.Context()
@@ -117,16 +114,17 @@ async def serve(
                 async def http(task_status: trio.TaskStatus[Any]) -> None:
                     try:
                         await worker_serve(
-                            wrap_app(app, hc.wsgi_max_body_size, None), hc,
+                            wrap_app(app, hc.wsgi_max_body_size, None),
+                            hc,
                             sockets=Sockets([], [http_sock], []),
-                            shutdown_trigger=stop_http.wait, task_status=task_status,
+                            shutdown_trigger=stop_http.wait,
+                            task_status=task_status,
                         )
                     finally:
                         http_done.set()
 
                 await nursery.start(http)
-                info = {"http": http_addr, "zmq": endpoint, "node": config.node.id,
-                        "node_epoch": hub.state.node_epoch}
+                info = {"http": http_addr, "zmq": endpoint, "node": config.node.id, "node_epoch": hub.state.node_epoch}
                 log.info("ready http=%s zmq=%s node=%s", http_addr, endpoint, config.node.id)
                 task_status.started(info)
 

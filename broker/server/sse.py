@@ -30,6 +30,7 @@ from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from ..core.state import Workflow
 from .hub import JOURNAL, NEW_WORKFLOW, Hub
+from .identity import principal_of
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -71,7 +72,8 @@ def _remote() -> str:
 def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Response:
     # Registered inside the generator: if the client is gone before the body
     # starts, `finally` would never run for a connection opened out here.
-    hub.check_capacity()
+    principal = principal_of(hub.config, request.headers, request.args)
+    hub.check_capacity(principal)
     remote, path = _remote(), request.path
     cfg = hub.config.stream
     multi = isinstance(reader, MultiReader)
@@ -80,7 +82,7 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            conn = hub.open_connection("sse", remote, path)
+            conn = hub.open_connection("sse", remote, path, principal)
         except BrokerError as err:  # the limit filled up since check_capacity()
             yield sse_error(err)
             return
@@ -178,7 +180,13 @@ def register(app: QuartTrio, hub: Hub) -> None:
         last_event_id, since = _cursor_args()
         start = plan_multi_start(hub.state, last_event_id=last_event_id, since=since)
         reader = MultiReader(
-            hub.state, flt, start, workflows=workflows, tenant=tenant, parent=parent,
-            coalesce_after=hub.config.stream.coalesce_after, counters=hub.counters,
+            hub.state,
+            flt,
+            start,
+            workflows=workflows,
+            tenant=tenant,
+            parent=parent,
+            coalesce_after=hub.config.stream.coalesce_after,
+            counters=hub.counters,
         )
         return _stream(hub, reader, JOURNAL)

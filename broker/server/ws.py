@@ -31,11 +31,12 @@ import trio
 from quart import websocket
 from quart_trio import QuartTrio
 
+from ..core.entry import Message
 from ..core.errors import BrokerError, InvalidArgument, Unavailable
 from ..core.filters import Filter
-from ..core.entry import Message
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from .hub import JOURNAL, Connection, Hub
+from .identity import principal_of
 from .sse import wait_for_workflow
 
 log = logging.getLogger("broker.ws")
@@ -234,7 +235,11 @@ class WsSession:
         # `cursor` resumes like Last-Event-ID: out of reach → resync, not an error.
         start = plan_multi_start(self.hub.state, last_event_id=cursor)
         sub.reader = MultiReader(
-            self.hub.state, flt, start, coalesce_after=self.hub.config.stream.coalesce_after, counters=self.hub.counters,
+            self.hub.state,
+            flt,
+            start,
+            coalesce_after=self.hub.config.stream.coalesce_after,
+            counters=self.hub.counters,
             **{scope: value},
         )
         sub.key = JOURNAL
@@ -257,12 +262,19 @@ class WsSession:
             return False
         if start.mode == NO_CONTENT:
             self._forget(sub)
-            end = {"kind": "end", "workflow_id": wf.id, "epoch": wf.epoch,
-                   "seq": wf.terminal_seq, "state": wf.snapshot.state}
+            end = {
+                "kind": "end",
+                "workflow_id": wf.id,
+                "epoch": wf.epoch,
+                "seq": wf.terminal_seq,
+                "state": wf.snapshot.state,
+            }
             cursor = f"{wf.epoch}:{wf.terminal_seq}"
             await self.send(self._frame(sub, cursor, [Message(end, cursor)]))
             return False
-        sub.reader = WorkflowReader(wf, flt, start, coalesce_after=self.hub.config.stream.coalesce_after, counters=self.hub.counters)
+        sub.reader = WorkflowReader(
+            wf, flt, start, coalesce_after=self.hub.config.stream.coalesce_after, counters=self.hub.counters
+        )
         sub.key = wid
         return True
 
@@ -317,10 +329,11 @@ def register(app: QuartTrio, hub: Hub) -> None:
     async def ws_endpoint() -> None:
         addr = websocket.remote_addr
         try:
-            hub.check_capacity()
+            principal = principal_of(hub.config, websocket.headers, websocket.args)
+            hub.check_capacity(principal)
             # Admitted before accept(), with no checkpoint in between, so two
             # connections racing for the last place cannot both get it.
-            conn = hub.open_connection("ws", str(addr) if addr else "", "/v1/ws")
+            conn = hub.open_connection("ws", str(addr) if addr else "", "/v1/ws", principal)
         except BrokerError as err:
             await websocket.accept()
             code = CLOSE_GOING_AWAY if hub.draining else CLOSE_TOO_MANY

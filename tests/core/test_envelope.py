@@ -35,6 +35,7 @@ def reject_of(obj: Any) -> Reject:
 
 # --------------------------------------------------------------- valid input
 
+
 @pytest.mark.parametrize(
     "obj, expected",
     [
@@ -91,9 +92,21 @@ def test_result_error_data_take_any_json(key: str, value: Any) -> None:
 
 def test_output_has_only_envelope_fields_plus_kind() -> None:
     full = {
-        "workflow_id": "wf", "type": "task.completed", "id": "i", "seq": 3, "tenant": "t", "ts": 5,
-        "task_id": "t1", "state": "completed", "progress": 100, "level": "info", "message": "m",
-        "parent_id": "p", "result": 1, "error": None, "data": {"x": 1},
+        "workflow_id": "wf",
+        "type": "task.completed",
+        "id": "i",
+        "seq": 3,
+        "tenant": "t",
+        "ts": 5,
+        "task_id": "t1",
+        "state": "completed",
+        "progress": 100,
+        "level": "info",
+        "message": "m",
+        "parent_id": "p",
+        "result": 1,
+        "error": None,
+        "data": {"x": 1},
     }
     assert set(full) == KNOWN_FIELDS
     out = validate(full)
@@ -112,6 +125,7 @@ def test_explicit_null_counts_as_absent_for_optional_fields() -> None:
 
 
 # ------------------------------------------------------------- invalid input
+
 
 @pytest.mark.parametrize(
     "obj, reason, detail",
@@ -230,6 +244,7 @@ def test_unhashable_level_is_rejected_not_raised(level: Any) -> None:
 
 # ------------------------------------------------------------------ kind_of
 
+
 @pytest.mark.parametrize(
     "etype, kind",
     [
@@ -258,6 +273,7 @@ def test_kind_of(etype: str, kind: str) -> None:
 
 # ------------------------------------------------------------- decode_frame
 
+
 def reasons(results: list[Any]) -> list[str]:
     return [r.reason if isinstance(r, Reject) else "ok" for r in results]
 
@@ -280,8 +296,10 @@ def reasons(results: list[Any]) -> list[str]:
         (b"{}", ["missing_field"]),
         (orjson.dumps(ev()), ["ok"]),
         (orjson.dumps([ev()]), ["ok"]),
-        (orjson.dumps([ev(), 5, ev(seq=0), ev(id="x"), [ev()], None, ev(bogus=1)]),
-         ["ok", "not_object", "invalid_field", "ok", "not_object", "not_object", "unknown_field"]),
+        (
+            orjson.dumps([ev(), 5, ev(seq=0), ev(id="x"), [ev()], None, ev(bogus=1)]),
+            ["ok", "not_object", "invalid_field", "ok", "not_object", "not_object", "unknown_field"],
+        ),
     ],
 )
 def test_decode_frame(frame: bytes, expected: list[str]) -> None:

@@ -26,6 +26,7 @@ def entry(kind: str, task_id: str | None = None, state: str | None = None, level
 
 # ------------------------------------------------------------ Filter.parse
 
+
 @pytest.mark.parametrize(
     "raw, expected",
     [
@@ -138,10 +139,19 @@ WF_EVENT = entry("event")
 T1_EVENT = entry("event", task_id="t1")
 GAP = entry("gap")
 ALL = {
-    "WF_STATE": WF_STATE, "WF_DONE": WF_DONE, "T1_RUN": T1_RUN, "T1_FAIL": T1_FAIL,
-    "T2_DONE": T2_DONE, "T1_PROG": T1_PROG, "T2_PROG": T2_PROG, "WF_LOG_INFO": WF_LOG_INFO,
-    "T1_LOG_WARN": T1_LOG_WARN, "T2_LOG_ERR": T2_LOG_ERR, "WF_EVENT": WF_EVENT,
-    "T1_EVENT": T1_EVENT, "GAP": GAP,
+    "WF_STATE": WF_STATE,
+    "WF_DONE": WF_DONE,
+    "T1_RUN": T1_RUN,
+    "T1_FAIL": T1_FAIL,
+    "T2_DONE": T2_DONE,
+    "T1_PROG": T1_PROG,
+    "T2_PROG": T2_PROG,
+    "WF_LOG_INFO": WF_LOG_INFO,
+    "T1_LOG_WARN": T1_LOG_WARN,
+    "T2_LOG_ERR": T2_LOG_ERR,
+    "WF_EVENT": WF_EVENT,
+    "T1_EVENT": T1_EVENT,
+    "GAP": GAP,
 }
 
 
@@ -153,8 +163,11 @@ ALL = {
         ({"types": "progress,event"}, "all", {"T1_PROG", "T2_PROG", "WF_EVENT", "T1_EVENT", "GAP"}),
         ({"types": "log"}, "all", {"WF_LOG_INFO", "T1_LOG_WARN", "T2_LOG_ERR", "GAP"}),
         # tasks: those tasks' events plus the workflow's own state changes
-        ({"tasks": "t1"}, "all",
-         {"WF_STATE", "WF_DONE", "T1_RUN", "T1_FAIL", "T1_PROG", "T1_LOG_WARN", "T1_EVENT", "GAP"}),
+        (
+            {"tasks": "t1"},
+            "all",
+            {"WF_STATE", "WF_DONE", "T1_RUN", "T1_FAIL", "T1_PROG", "T1_LOG_WARN", "T1_EVENT", "GAP"},
+        ),
         ({"tasks": "t1,t2"}, "all", set(ALL) - {"WF_LOG_INFO", "WF_EVENT"}),
         ({"tasks": "zz"}, "all", {"WF_STATE", "WF_DONE", "GAP"}),
         # states: only state messages are restricted
@@ -197,6 +210,7 @@ def test_is_log_stream(raw: dict[str, Any], view: str, is_log: bool) -> None:
 
 
 # ------------------------------------------------------------------ cursors
+
 
 @pytest.mark.parametrize(
     "text, expected",
@@ -248,9 +262,19 @@ def test_parse_journal_cursor(text: str, expected: tuple[str, int] | None) -> No
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("0", 0), ("41", 41), (" 7 ", 7), ("007", 7), ("9" * 19, int("9" * 19)),
-        ("9" * 20, None), ("-1", None), ("+1", None), ("1.0", None), ("", None), ("abc:1", None),
-        ("1e3", None), ("x", None),
+        ("0", 0),
+        ("41", 41),
+        (" 7 ", 7),
+        ("007", 7),
+        ("9" * 19, int("9" * 19)),
+        ("9" * 20, None),
+        ("-1", None),
+        ("+1", None),
+        ("1.0", None),
+        ("", None),
+        ("abc:1", None),
+        ("1e3", None),
+        ("x", None),
     ],
 )
 def test_parse_since(text: str, expected: int | None) -> None:

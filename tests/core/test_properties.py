@@ -13,12 +13,20 @@ from broker.core.entry import Entry
 from broker.core.errors import InvalidArgument
 from broker.core.filters import Filter
 from broker.core.reader import (
-    AT_INDEX, NO_CONTENT, RESYNC, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start,
+    AT_INDEX,
+    NO_CONTENT,
+    RESYNC,
+    MultiReader,
+    WorkflowReader,
+    plan_multi_start,
+    plan_workflow_start,
 )
 from broker.core.state import BrokerState, Limits
 
 SETTINGS = settings(
-    max_examples=200, deadline=None, database=None,
+    max_examples=200,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 WINDOW = 0.5
@@ -34,6 +42,7 @@ def bodies(items: list[Any]) -> list[bytes]:
 
 
 # ------------------------------------------------ (1) any delivery order, dups
+
 
 def engine_event(seq: int, n: int, terminal_at: int | None) -> dict[str, Any]:
     ev: dict[str, Any] = {"workflow_id": "wf", "seq": seq, "id": f"ev-{seq}", "ts": 1000 + seq}
@@ -102,6 +111,7 @@ def test_any_permutation_with_duplicates_equals_in_order(case: tuple[int, int | 
 
 # --------------------------------------------------- (2) withheld seqs, gaps
 
+
 @st.composite
 def withheld_case(draw: st.DrawFn) -> tuple[int, list[int], list[int]]:
     n = draw(st.integers(2, 30))
@@ -144,6 +154,7 @@ def test_withheld_seqs_become_gaps_after_one_window(case: tuple[int, list[int], 
 
 # ------------------------------------------------- (3) resume from any cursor
 
+
 def plain_event(draw: st.DrawFn, wid: str = "wf") -> dict[str, Any]:
     kind = draw(st.sampled_from(["wf", "task", "progress", "log", "event"]))
     tid = draw(st.sampled_from(["t1", "t2", "t3"]))
@@ -151,7 +162,9 @@ def plain_event(draw: st.DrawFn, wid: str = "wf") -> dict[str, Any]:
     if kind == "wf":
         ev["type"] = "workflow." + draw(st.sampled_from(["running", "suspended", "resumed"]))
     elif kind == "task":
-        ev.update(type="task." + draw(st.sampled_from(["created", "running", "retrying", "completed", "failed"])), task_id=tid)
+        ev.update(
+            type="task." + draw(st.sampled_from(["created", "running", "retrying", "completed", "failed"])), task_id=tid
+        )
     elif kind == "progress":
         ev.update(type="task.progress", task_id=tid, progress=draw(st.integers(0, 100)))
     elif kind == "log":
@@ -159,7 +172,9 @@ def plain_event(draw: st.DrawFn, wid: str = "wf") -> dict[str, Any]:
         if draw(st.booleans()):
             ev["task_id"] = tid
     else:
-        ev.update(type=draw(st.sampled_from(["timer.fired", "token", "output"])), data=draw(st.integers(-10**6, 10**6)))
+        ev.update(
+            type=draw(st.sampled_from(["timer.fired", "token", "output"])), data=draw(st.integers(-(10**6), 10**6))
+        )
     if draw(st.booleans()):
         ev["message"] = draw(st.text(max_size=8))
     return ev
@@ -170,7 +185,10 @@ def resume_case(draw: st.DrawFn) -> tuple[list[dict[str, Any]], int]:
     n = draw(st.integers(1, 40))
     events = [plain_event(draw) for _ in range(n)]
     if draw(st.booleans()):
-        events[-1] = {"workflow_id": "wf", "type": "workflow." + draw(st.sampled_from(["completed", "failed", "cancelled"]))}
+        events[-1] = {
+            "workflow_id": "wf",
+            "type": "workflow." + draw(st.sampled_from(["completed", "failed", "cancelled"])),
+        }
     ring_events = draw(st.one_of(st.just(1024), st.integers(1, 45)))
     return events, ring_events
 
@@ -218,7 +236,10 @@ def test_resume_from_any_cursor(case: tuple[list[dict[str, Any]], int]) -> None:
             assert all(e is by_seq[e.seq] for e in entries)
             if terminal:
                 assert orjson.loads(items[-1].body) == {
-                    "kind": "end", "workflow_id": "wf", "epoch": "abc", "seq": n,
+                    "kind": "end",
+                    "workflow_id": "wf",
+                    "epoch": "abc",
+                    "seq": n,
                     "state": events[-1]["type"].split(".")[1],
                 }
                 assert len(items) == len(entries) + 1 and r.done
@@ -230,8 +251,14 @@ def test_resume_from_any_cursor(case: tuple[list[dict[str, Any]], int]) -> None:
 # ------------------------------------- (4) many small pulls == one big pull
 
 FILTERS = [
-    ({}, "all"), ({"types": "state"}, "all"), ({"types": "log"}, "all"), ({"tasks": "t1"}, "all"),
-    ({"states": "terminal"}, "all"), ({"level": "warning"}, "logs"), ({}, "tasks"), ({}, "logs"),
+    ({}, "all"),
+    ({"types": "state"}, "all"),
+    ({"types": "log"}, "all"),
+    ({"tasks": "t1"}, "all"),
+    ({"states": "terminal"}, "all"),
+    ({"level": "warning"}, "logs"),
+    ({}, "tasks"),
+    ({}, "logs"),
     ({"types": "progress,event", "tasks": "t2,t3"}, "all"),
 ]
 
@@ -364,8 +391,11 @@ def test_log_gaps_add_up_to_exactly_what_was_missed(case: tuple[list[Any], int, 
             ev = op[1]
             if ev["type"] == "workflow.completed":
                 ended = True
-            elif ev["type"] == "log" and not ended and flt.min_level <= {"debug": 10, "info": 20, "warning": 30,
-                                                                         "error": 40, "critical": 50}[ev["level"]]:
+            elif (
+                ev["type"] == "log"
+                and not ended
+                and flt.min_level <= {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}[ev["level"]]
+            ):
                 total += 1
             s.ingest_frame(orjson.dumps(ev), NOW)
     got.extend(orjson.loads(i.body) for i in r.pull())

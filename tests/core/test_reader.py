@@ -11,7 +11,14 @@ from broker.core.entry import Entry, Message
 from broker.core.errors import InvalidArgument
 from broker.core.filters import Filter
 from broker.core.reader import (
-    AT_INDEX, NO_CONTENT, RESYNC, SNAPSHOT, MultiReader, Start, WorkflowReader, plan_multi_start,
+    AT_INDEX,
+    NO_CONTENT,
+    RESYNC,
+    SNAPSHOT,
+    MultiReader,
+    Start,
+    WorkflowReader,
+    plan_multi_start,
     plan_workflow_start,
 )
 from broker.core.state import BrokerState, Limits
@@ -57,6 +64,7 @@ def five(st: BrokerState, wid: str = "w") -> None:
 
 
 # ------------------------------------------------------- plan_workflow_start
+
 
 def _pos(start: Start) -> tuple[str, int]:
     return (start.mode, start.index)
@@ -145,6 +153,7 @@ def test_plan_engine_sequenced() -> None:
 
 
 # ------------------------------------------------------------ WorkflowReader
+
 
 def reader(st: BrokerState, wid: str = "w", flt: Filter | None = None, **plan: Any) -> WorkflowReader:
     coalesce_after = plan.pop("coalesce_after", 256)
@@ -372,6 +381,7 @@ def test_reorder_gap_is_delivered() -> None:
 
 # --------------------------------------------------------------- MultiReader
 
+
 def multi(st: BrokerState, flt: Filter | None = None, **kw: Any) -> MultiReader:
     plan = {k: kw.pop(k) for k in ("last_event_id", "since") if k in kw}
     return MultiReader(st, flt or Filter(), plan_multi_start(st, **plan), **kw)
@@ -570,6 +580,7 @@ def test_multi_resume_replays_far_back_cursor_in_full() -> None:
 
 # ------------------------------------------------------------- coalescing (§6)
 
+
 def _progress(tid: str, value: int, wid: str = "w") -> dict[str, Any]:
     return {"workflow_id": wid, "type": "task.progress", "task_id": tid, "progress": value}
 
@@ -580,8 +591,15 @@ def test_progress_of_one_task_in_one_write_is_coalesced_to_the_latest() -> None:
     wf = st.get("w")
     r = WorkflowReader(wf, Filter(), plan_workflow_start(wf))
     r.pull()
-    send(st, _progress("a", 10), _progress("b", 5), task("a", "running"), _progress("a", 20), _progress("b", 50),
-         _progress("a", 30))
+    send(
+        st,
+        _progress("a", 10),
+        _progress("b", 5),
+        task("a", "running"),
+        _progress("a", 20),
+        _progress("b", 50),
+        _progress("a", 30),
+    )
     got = [(orjson.loads(i.body)["kind"], orjson.loads(i.body).get("progress")) for i in r.pull()]
     # a's 10 and 20 and b's 5 are merged away; order of what stays is kept.
     assert got == [("state", None), ("progress", 50), ("progress", 30)]
@@ -600,11 +618,24 @@ def test_coalesce_true_keeps_only_the_latest_state_per_task() -> None:
     plain = WorkflowReader(wf, Filter(), plan_workflow_start(wf))
     merged = WorkflowReader(wf, Filter.parse({"coalesce": "true"}), plan_workflow_start(wf))
     plain.pull(), merged.pull()
-    send(st, task("a", "scheduled"), task("a", "running"), task("b", "running"), task("a", "completed"),
-         wfe(etype="workflow.suspended"), wfe(etype="workflow.resumed"))
+    send(
+        st,
+        task("a", "scheduled"),
+        task("a", "running"),
+        task("b", "running"),
+        task("a", "completed"),
+        wfe(etype="workflow.suspended"),
+        wfe(etype="workflow.resumed"),
+    )
     kinds = lambda items: [(orjson.loads(i.body).get("task_id"), orjson.loads(i.body)["state"]) for i in items]  # noqa: E731
-    assert kinds(plain.pull()) == [("a", "scheduled"), ("a", "running"), ("b", "running"), ("a", "completed"),
-                                   (None, "suspended"), (None, "resumed")]
+    assert kinds(plain.pull()) == [
+        ("a", "scheduled"),
+        ("a", "running"),
+        ("b", "running"),
+        ("a", "completed"),
+        (None, "suspended"),
+        (None, "resumed"),
+    ]
     # Workflow-level state changes are never merged: only task states are.
     assert kinds(merged.pull()) == [("b", "running"), ("a", "completed"), (None, "suspended"), (None, "resumed")]
     assert merged.coalesced == 2

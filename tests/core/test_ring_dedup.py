@@ -22,6 +22,7 @@ def seqs(ring: Ring[Item]) -> list[int]:
 
 # --------------------------------------------------------------------- ring
 
+
 def test_empty_ring() -> None:
     r: Ring[Item] = Ring(4)
     assert len(r) == 0 and r.first() is None and r.last() is None
@@ -131,6 +132,7 @@ def test_compaction_with_byte_bound() -> None:
 
 # ------------------------------------------------------------------- dedup
 
+
 def test_idwindow_max_ids_forgets_oldest_first() -> None:
     w = IdWindow(max_ids=2, max_age=600)
     w.add("a", 0)
@@ -142,8 +144,15 @@ def test_idwindow_max_ids_forgets_oldest_first() -> None:
 
 @pytest.mark.parametrize(
     "now, remaining",
-    [(0.0, {"a", "b", "c"}), (599.9, {"a", "b", "c"}), (600.0, {"b", "c"}), (604.9, {"b", "c"}),
-     (605.0, {"c"}), (610.0, set()), (10_000.0, set())],
+    [
+        (0.0, {"a", "b", "c"}),
+        (599.9, {"a", "b", "c"}),
+        (600.0, {"b", "c"}),
+        (604.9, {"b", "c"}),
+        (605.0, {"c"}),
+        (610.0, set()),
+        (10_000.0, set()),
+    ],
 )
 def test_idwindow_max_age(now: float, remaining: set[str]) -> None:
     w = IdWindow(max_ids=100, max_age=600)

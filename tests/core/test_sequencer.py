@@ -37,6 +37,7 @@ def offer_all(s: Sequencer, seqs: list[int], now: float = 0.0) -> list[Any]:
 
 # -------------------------------------------------------------- broker mode
 
+
 def test_broker_mode_numbers_events_in_arrival_order() -> None:
     s = Sequencer(engine=False, epoch="k3f9", window=W)
     assert s.epoch == "k3f9"
@@ -61,6 +62,7 @@ def test_broker_mode_rejects_seq() -> None:
 
 
 # -------------------------------------------------------------- engine mode
+
 
 def test_engine_mode_uses_engine_epoch_and_releases_in_order() -> None:
     s = engine()

@@ -51,6 +51,7 @@ def reasons(r: IngestResult) -> list[str]:
 
 # ------------------------------------------------------------------ ingest
 
+
 def test_random_epoch_shape() -> None:
     for _ in range(50):
         ep = random_epoch()
@@ -79,9 +80,17 @@ def test_message_body() -> None:
     send(st, task("t1", "completed", id="x", ts=123, tenant="default", result={"rows": 3}), now=5.0)
     (msg,) = ring_msgs(st)
     assert msg == {
-        "kind": "state", "workflow_id": "w", "epoch": "abc", "seq": 1, "type": "task.completed",
-        "id": "x", "task_id": "t1", "state": "completed", "result": {"rows": 3},
-        "ts": 123, "server_ts": 5000,
+        "kind": "state",
+        "workflow_id": "w",
+        "epoch": "abc",
+        "seq": 1,
+        "type": "task.completed",
+        "id": "x",
+        "task_id": "t1",
+        "state": "completed",
+        "result": {"rows": 3},
+        "ts": 123,
+        "server_ts": 5000,
     }
 
 
@@ -179,8 +188,14 @@ def test_engine_reorder_gap_via_tick() -> None:
     msgs = ring_msgs(st)
     assert [(m["kind"], m["seq"]) for m in msgs] == [("state", 1), ("gap", 2), ("log", 3), ("log", 4)]
     assert msgs[1] == {
-        "kind": "gap", "workflow_id": "w", "epoch": "e", "seq": 2, "from": 2, "to": 2,
-        "dropped": 1, "server_ts": 10500,
+        "kind": "gap",
+        "workflow_id": "w",
+        "epoch": "e",
+        "seq": 2,
+        "from": 2,
+        "to": 2,
+        "dropped": 1,
+        "server_ts": 10500,
     }
     assert st.counters["gaps"] == 1
     assert reasons(send(st, log(seq=2), now=11.0)) == ["late_seq"]
@@ -222,6 +237,7 @@ def test_unhashable_level_in_a_batch_does_not_break_ingest() -> None:
 
 # ----------------------------------------------------------------- rejects
 
+
 def test_rejects_list_is_bounded_and_describes_each_reject() -> None:
     st = mk(rejects_kept=3)
     for i in range(5):
@@ -246,6 +262,7 @@ def test_reject_sample_is_truncated_and_safe() -> None:
 
 
 # ------------------------------------------------------------------ limits
+
 
 def test_too_many_workflows() -> None:
     st = mk(max_workflows=2)
@@ -310,6 +327,7 @@ def test_terminal_ttl_counts_from_the_end_not_the_last_update() -> None:
 
 # --------------------------------------------------------------- snapshots
 
+
 def test_snapshot_contents() -> None:
     st = mk()
     send(
@@ -331,19 +349,44 @@ def test_snapshot_contents() -> None:
     wf = st.get("w")
     assert wf.terminal and wf.terminal_seq == 12
     assert wf.snapshot.to_message("snapshot", wf.epoch) == {
-        "kind": "snapshot", "workflow_id": "w", "epoch": "abc", "seq": 12, "tenant": "default",
-        "parent_id": "root", "state": "completed", "created": 1000, "updated": 1800,
-        "message": "done", "result": [1, 2], "error": None,
+        "kind": "snapshot",
+        "workflow_id": "w",
+        "epoch": "abc",
+        "seq": 12,
+        "tenant": "default",
+        "parent_id": "root",
+        "state": "completed",
+        "created": 1000,
+        "updated": 1800,
+        "message": "done",
+        "result": [1, 2],
+        "error": None,
         "tasks": {
             "t1": {
-                "task_id": "t1", "state": "completed", "progress": 100, "attempt": 2,
-                "created": 1100, "started": 1200, "finished": 1500, "updated": 1500,
-                "message": "40%", "result": {"rows": 3}, "error": {"why": "boom"},
+                "task_id": "t1",
+                "state": "completed",
+                "progress": 100,
+                "attempt": 2,
+                "created": 1100,
+                "started": 1200,
+                "finished": 1500,
+                "updated": 1500,
+                "message": "40%",
+                "result": {"rows": 3},
+                "error": {"why": "boom"},
             },
             "t2": {
-                "task_id": "t2", "state": "scheduled", "progress": None, "attempt": 0,
-                "created": 1600, "started": None, "finished": None, "updated": 1600,
-                "message": None, "result": None, "error": None,
+                "task_id": "t2",
+                "state": "scheduled",
+                "progress": None,
+                "attempt": 0,
+                "created": 1600,
+                "started": None,
+                "finished": None,
+                "updated": 1600,
+                "message": None,
+                "result": None,
+                "error": None,
             },
         },
     }
@@ -386,8 +429,12 @@ def test_events_after_terminal_are_kept_but_not_applied() -> None:
     assert wf.snapshot.to_message("snapshot", "abc") == before
     assert wf.terminal_seq == 3 and wf.snapshot.seq == 3
     assert [(e.seq, e.terminal, e.after_terminal) for e in wf.ring] == [
-        (1, False, False), (2, False, False), (3, True, False),
-        (4, False, True), (5, False, True), (6, False, True),
+        (1, False, False),
+        (2, False, False),
+        (3, True, False),
+        (4, False, True),
+        (5, False, True),
+        (6, False, True),
     ]
     assert [e.seq for e in st.journal if e.workflow_id == "w"] == [1, 2, 3, 4, 5, 6]
     assert wf.terminal_offset == 3
@@ -414,11 +461,16 @@ def test_ring_bounds_come_from_limits() -> None:
 
 # ------------------------------------------------------------ journal/stats
 
+
 def test_journal_offsets_in_ingest_order() -> None:
     st = mk()
     send(st, wfe("a"), wfe("b"), log("a"), log("b"), log("a"), batch=True)
     assert [(e.offset, e.workflow_id, e.seq) for e in st.journal] == [
-        (1, "a", 1), (2, "b", 1), (3, "a", 2), (4, "b", 2), (5, "a", 3),
+        (1, "a", 1),
+        (2, "b", 1),
+        (3, "a", 2),
+        (4, "b", 2),
+        (5, "a", 3),
     ]
     assert [e.sse_multi("abc").split(b"\n")[0] for e in st.journal][:2] == [b"id: abc.1", b"id: abc.2"]
 
@@ -432,7 +484,16 @@ def test_journal_is_bounded() -> None:
 
 def test_stats() -> None:
     st = mk(journal_events=3)
-    send(st, wfe("a"), wfe("b", "workflow.completed"), log("a"), log("a"), log("a", level="nope"), log("a", id="dup"), log("a", id="dup"))
+    send(
+        st,
+        wfe("a"),
+        wfe("b", "workflow.completed"),
+        log("a"),
+        log("a"),
+        log("a", level="nope"),
+        log("a", id="dup"),
+        log("a", id="dup"),
+    )
     st.ingest_frame(b"nope", 0.0)
     assert st.stats() == {
         "node_id": "n1",

@@ -1,0 +1,21 @@
+"""Who is asking: the one place a request becomes a `Principal`.
+
+With `auth.mode = "none"` (the only mode built so far) everyone is
+`ANONYMOUS`: no user or tenant identity, so only `limits.global` applies
+(DESIGN.md §6). JWT (§7) will read the token here — header, cookie or
+`access_token` query — and return `Principal(user=sub, tenant=tenant)`; the
+limits, and every handler, already take the principal from this function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..config import Config
+from ..core.limits import ANONYMOUS, Principal
+
+
+def principal_of(config: Config, headers: Mapping[str, str], args: Mapping[str, str]) -> Principal:
+    if config.auth.mode == "none":
+        return ANONYMOUS
+    raise AssertionError(f"auth.mode {config.auth.mode!r} is not built")  # config refuses it
