@@ -90,5 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5557", help="broker's ingest endpoint")
     p.set_defaults(func=cmd_push)
 
+    p = sub.add_parser("simulate", help="push realistic simulated workflows over ZMQ (an engine simulator)")
+    from .tools import simulate
+
+    simulate.add_arguments(p)
+    p.set_defaults(func=simulate.run)
+
     args = parser.parse_args(argv)
     return int(args.func(args))

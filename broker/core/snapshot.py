@@ -63,6 +63,7 @@ class TaskSnapshot:
             self.finished = ts
             if state == "completed":
                 self.progress = 100
+                self.error = None  # an error of an earlier attempt no longer stands
         if "result" in ev:
             self.result = ev["result"]
         if "error" in ev:

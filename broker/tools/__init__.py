@@ -1,0 +1,1 @@
+"""Tools for people: the engine simulator (and, later, tail)."""
