@@ -373,7 +373,7 @@ def test_snapshot_contents() -> None:
                 "updated": 1500,
                 "message": "40%",
                 "result": {"rows": 3},
-                "error": {"why": "boom"},
+                "error": None,  # the earlier attempt's error is cleared on completion
             },
             "t2": {
                 "task_id": "t2",
