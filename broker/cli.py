@@ -96,5 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_arguments(p)
     p.set_defaults(func=simulate.run)
 
+    p = sub.add_parser("bench", help="run the DESIGN §14 benchmark scenarios against a real broker process")
+    from .bench import runner
+
+    runner.add_arguments(p)
+    p.set_defaults(func=runner.run)
+
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -77,8 +77,19 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     return hc
 
 
+def raise_nofile_limit() -> None:
+    """Use the hard limit of open files (systemd's LimitNOFILE sets it): every
+    connection is a file descriptor, and the soft default is often 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT (or cancellation)."""
+    raise_nofile_limit()
     hub = Hub(config)
     ctx = zmq.Context()
     try:

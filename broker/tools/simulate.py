@@ -75,8 +75,13 @@ def workflow_script(wid: str, rng: random.Random, shape: Shape, parent: str | No
                     level, text = rng.choice(LOG_LINES)
                     yield dict(base, type="log", level=level, task_id=name, message=f"{name}: {text}")
             if attempt < attempts:
-                yield dict(base, type="task.retrying", task_id=name, message=f"attempt {attempt} failed",
-                           error={"reason": "transient"})
+                yield dict(
+                    base,
+                    type="task.retrying",
+                    task_id=name,
+                    message=f"attempt {attempt} failed",
+                    error={"reason": "transient"},
+                )
             elif rng.random() < shape.fail_rate:
                 yield dict(base, type="task.failed", task_id=name, error={"reason": "gave up"})
                 failed = True
@@ -136,8 +141,11 @@ def run(args: argparse.Namespace) -> int:
             if args.verbose and sent % 1000 == 0:
                 print(f"simulate: {sent} events, {started} workflows", file=sys.stderr)
     elapsed = time.monotonic() - start
-    print(f"simulate: pushed {sent} events of {started} workflows in {elapsed:.1f}s "
-          f"({sent / max(elapsed, 1e-9):.0f}/s) to {args.endpoint}; ids {prefix}-1…", file=sys.stderr)
+    print(
+        f"simulate: pushed {sent} events of {started} workflows in {elapsed:.1f}s "
+        f"({sent / max(elapsed, 1e-9):.0f}/s) to {args.endpoint}; ids {prefix}-1…",
+        file=sys.stderr,
+    )
     return 0
 
 
