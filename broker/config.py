@@ -9,18 +9,23 @@ even where the feature is not built yet.
 
 from __future__ import annotations
 
+import math
 import socket
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+MAX_NUMBER = 2**31 - 1  # socket options and counts are C ints
+
 
 class ConfigError(Exception):
     """A config problem; str() is one line naming the key."""
 
 
-# (type, default). "duration" = non-negative int or float; "count" = int >= 1.
+# (type, default). "count" = int >= 1; "nonneg" = number >= 0; "duration" =
+# seconds >= 0; "positive" = seconds > 0 (a zero keepalive would busy-loop).
+# Every number must be finite and at most MAX_NUMBER.
 _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "node": {"id": ("str", "")},
     "ingest": {
@@ -37,18 +42,20 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "ring_events": ("count", 1024),
         "ring_bytes": ("count", 1048576),
         "journal_events": ("count", 100000),
+        "journal_bytes": ("count", 64 * 1048576),
+        "max_tasks": ("count", 10000),
         "max_workflows": ("count", 100000),
         "terminal_ttl": ("duration", 600),
     },
     "order": {"reorder_window_ms": ("nonneg", 500), "dedup_window": ("count", 100000)},
     "stream": {
-        "keepalive": ("duration", 15),
+        "keepalive": ("positive", 15),
         "retry_ms": ("nonneg", 2000),
         "unknown_workflow_wait": ("duration", 5),
         "coalesce_after": ("count", 256),
-        "slow_consumer_timeout": ("duration", 10),
-        "ws_ping_interval": ("duration", 30),
-        "ws_pong_timeout": ("duration", 10),
+        "slow_consumer_timeout": ("positive", 10),
+        "ws_ping_interval": ("positive", 30),
+        "ws_pong_timeout": ("positive", 10),
     },
     "limits": {
         "per_user": ("count", 5),
@@ -117,14 +124,17 @@ def _check(path: str, kind: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise bad("a string")
         return value
-    if kind in ("count", "nonneg", "duration"):
-        allowed_float = kind == "duration" or kind == "nonneg"
+    if kind in ("count", "nonneg", "duration", "positive"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        if isinstance(value, float) and not allowed_float:
+        if isinstance(value, float) and kind == "count":
             raise bad("an integer")
+        if not math.isfinite(value) or value > MAX_NUMBER:
+            raise bad(f"a finite number up to {MAX_NUMBER}")
         if kind == "count" and value < 1:
             raise bad("an integer >= 1")
+        if kind == "positive" and value <= 0:
+            raise bad("a number of seconds > 0")
         if value < 0:
             raise bad("a non-negative number")
         return value
@@ -136,8 +146,15 @@ def _check(path: str, kind: str, value: Any) -> Any:
         if not isinstance(value, list):
             raise bad("a list of {pub = ..., replay = ...} tables")
         for i, peer in enumerate(value):
-            if not isinstance(peer, dict) or set(peer) - {"pub", "replay"} or "pub" not in peer:
-                raise ConfigError(f"config key '{path}[{i}]': expected a table with 'pub' and optional 'replay'")
+            if (
+                not isinstance(peer, dict)
+                or set(peer) - {"pub", "replay"}
+                or "pub" not in peer
+                or not all(isinstance(v, str) and v for v in peer.values())
+            ):
+                raise ConfigError(
+                    f"config key '{path}[{i}]': expected a table with string 'pub' and optional string 'replay'"
+                )
         return value
     raise AssertionError(kind)
 
@@ -163,7 +180,7 @@ def from_mapping(data: dict[str, Any], source: str = "<defaults>") -> Config:
             values[key] = value
         sections[name] = Section(name, values)
     for key in data:
-        if key not in _SCHEMA and key not in _SCHEMA[""]:
+        if key == "" or (key not in _SCHEMA and key not in _SCHEMA[""]):
             raise ConfigError(f"config key '{key}': unknown key")
     top = {k: (_check(k, kind, data[k]) if k in data else d) for k, (kind, d) in _SCHEMA[""].items()}
     if not sections["node"].id:

@@ -76,7 +76,13 @@ class SlowReader:
 
 
 async def test_stalled_client_is_closed_while_healthy_subscriber_gets_everything(broker_factory, tmp_path):
-    broker = broker_factory(stream={"slow_consumer_timeout": SLOW_TIMEOUT, "keepalive": 15})
+    # Room for ~0.6 s of lag before a resync: on a loaded 2-core CI machine a
+    # healthy reader can be held up for ~100 ms (the default 256 events at
+    # 3,000/s); what this test shows is that the stalled client never adds to it.
+    broker = broker_factory(
+        stream={"slow_consumer_timeout": SLOW_TIMEOUT, "keepalive": 15, "coalesce_after": 2000},
+        buffer={"ring_events": 4096, "ring_bytes": 8 * 1048576},
+    )
     count, rate = 15000, 3000
     wid = "firehose"
     broker.push({"workflow_id": wid, "type": "workflow.running"})

@@ -869,9 +869,9 @@ async def test_multi_stream_opens_with_active_workflows_only(daemon):
                 assert s.status == 200
                 await post(client, ev(uid("c"), "workflow.running", tenant=t))
                 tenant_first = await s.expect()
-            # Everything in scope has ended: nothing to send, the stream just closes.
+            # Everything in scope has ended: 204, so EventSource stops reconnecting.
             async with open_sse(client, "/v1/stream", params={"workflows": f"{a},{b}"}) as s:
-                assert s.status == 200
+                assert s.status == 204
                 nothing = await s.rest()
     assert [label(e) for e in snaps] == [f"snapshot:{b}"]
     assert [label(e) for e in rest] == ["b1", f"{b}:workflow.completed", f"end:{b}"]

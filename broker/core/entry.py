@@ -38,7 +38,7 @@ class Entry:
     __slots__ = (
         "workflow_id",
         "tenant",
-        "parent_id",
+        "ancestors",
         "epoch",
         "seq",
         "seq_from",
@@ -62,14 +62,14 @@ class Entry:
         msg: dict[str, Any],
         *,
         tenant: str,
-        parent_id: str | None,
+        ancestors: tuple[str, ...] = (),
         terminal: bool = False,
         after_terminal: bool = False,
         seq_from: int | None = None,
     ) -> None:
         self.workflow_id: str = msg["workflow_id"]
         self.tenant = tenant
-        self.parent_id = parent_id
+        self.ancestors = ancestors  # the workflow's parent, grandparent, …
         self.epoch: str = msg["epoch"]
         self.seq: int = msg["seq"]
         self.seq_from = self.seq if seq_from is None else seq_from
@@ -83,8 +83,9 @@ class Entry:
         # orjson returns its working buffer (4 KiB or more, seen with 3.13)
         # without shrinking it; entries live long, so keep an exact copy.
         self.body = bytes(memoryview(orjson.dumps(msg)))
-        # Accounted size: the body plus a rough fixed cost of the object.
-        self.size = len(self.body) + 200
+        # Accounted size: the body, the SSE frame cached beside it once
+        # anyone streams it, and a rough fixed cost of the object.
+        self.size = 2 * len(self.body) + 200
         self.offset = 0  # journal offset, set when journaled
         # The workflow's running count of log lines per level up to and
         # including this entry (shared tuple, set by BrokerState): a reader

@@ -62,6 +62,24 @@ _TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _STATE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_SEQ = 2**63 - 1
+# orjson decodes 1024 levels but encodes only ~254, and snapshots nest
+# payloads three levels deeper: keep opaque payloads well inside that.
+MAX_DEPTH = 64
+MAX_BATCH = 10000  # events in one frame: bounds the work one frame can cause
+
+
+def _depth_within(value: Any, limit: int) -> bool:
+    """True if the JSON value nests at most `limit` containers deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return True
 
 
 def _name(obj: dict[str, Any], key: str, max_len: int, *, required: bool = False) -> str | None:
@@ -170,7 +188,10 @@ def validate(obj: Any) -> dict[str, Any]:
 
     for key in ("result", "error", "data"):
         if key in obj:
-            ev[key] = obj[key]
+            value = obj[key]
+            if isinstance(value, (dict, list)) and not _depth_within(value, MAX_DEPTH):
+                raise Reject("invalid_field", f"'{key}' nests deeper than {MAX_DEPTH} levels")
+            ev[key] = value
     ev["kind"] = kind
     return ev
 
@@ -189,6 +210,8 @@ def decode_frame(frame: bytes, max_bytes: int) -> list[dict[str, Any] | Reject]:
     items = obj if isinstance(obj, list) else [obj]
     if isinstance(obj, list) and not obj:
         return [Reject("not_object", "empty batch")]
+    if len(items) > MAX_BATCH:
+        return [Reject("too_large", f"batch of {len(items)} events exceeds {MAX_BATCH}")]
     out: list[dict[str, Any] | Reject] = []
     for item in items:
         try:

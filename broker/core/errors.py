@@ -90,5 +90,6 @@ REJECT_REASONS = frozenset(
         "stale_seq",  # seq older than the workflow's first
         "late_seq",  # seq inside a range already released as a gap
         "too_many_workflows",  # buffer.max_workflows reached, none evictable
+        "too_many_tasks",  # buffer.max_tasks reached for the workflow
     }
 )

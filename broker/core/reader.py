@@ -145,9 +145,11 @@ class WorkflowReader:
         self.index = start.index
         self.seq = start.seq  # the last seq this reader has passed
         self.log_counts = self._log_counts_before(start.index)
-        # A resume replays the ring from its cursor in full, however far back:
-        # only what arrives after the stream opened counts as falling behind.
-        self._replay_end = wf.ring.next_index
+        # Lag is what piled up while this subscriber was busy writing: a
+        # reader that was idle (caught up, or just opened: a resume replays
+        # the ring from its cursor in full) gets everything the ring holds,
+        # however large the burst that woke it.
+        self._idle = True
         self._opening: str | None = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
         self.done = start.mode == NO_CONTENT
         self.coalesced = 0  # progress/state messages merged away
@@ -193,9 +195,11 @@ class WorkflowReader:
             out = []
         ring = self.wf.ring
         if ring.next_index == self.index:
+            self._idle = not out
             return out
-        behind = ring.next_index - max(self.index, self._replay_end)
-        if self.index < ring.first_index or behind > self.coalesce_after:
+        behind = ring.next_index - self.index
+        if self.index < ring.first_index or (not self._idle and behind > self.coalesce_after):
+            self._idle = False
             out.extend(self._skip_ahead())
             self.counters["gaps" if self.filter.is_log_stream else "resyncs"] += 1
             return out
@@ -215,6 +219,7 @@ class WorkflowReader:
         out, dropped = coalesce(out, flt.coalesce)
         self.coalesced += dropped
         self.counters["coalesced"] += dropped
+        self._idle = not out
         return out
 
     def _skip_ahead(self) -> list[Item]:
@@ -278,25 +283,26 @@ class MultiReader:
         self.tenant = tenant
         self.parent = parent
         self.coalesce_after = coalesce_after
-        self.index = start.index
-        self._replay_end = state.journal.next_index
         self._opening = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
+        # A fresh stream starts at the head (its snapshots stand for the past).
+        self.index = state.journal.next_index if self._opening else start.index
+        self._idle = True
         self.done = False
+        # Workflows whose `end` this reader sent; kept only for the scopes that
+        # can end (`workflows=`, `parent=`), where it is bounded by the scope.
         self.ended: set[str] = set()
         self.coalesced = 0
-        if start.mode == AT_INDEX:
-            self._check_done()  # everything in scope may have ended behind the cursor
+        self._check_done()  # everything in scope may have ended already
 
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
 
-    def in_scope(self, wid: str, tenant: str, parent_id: str | None) -> bool:
+    def _in_scope(self, e: Entry) -> bool:
         if self.workflows is not None:
-            return wid in self.workflows
+            return e.workflow_id in self.workflows
         if self.tenant is not None:
-            return tenant == self.tenant
-        assert self.parent is not None
-        return self.state.is_descendant(wid, self.parent, parent_id)
+            return e.tenant == self.tenant
+        return e.workflow_id == self.parent or self.parent in e.ancestors
 
     def _scope_workflows(self) -> list[Workflow]:
         st = self.state
@@ -309,21 +315,64 @@ class MultiReader:
         root = st.get(self.parent)
         return ([root] if root is not None else []) + [wf for wf in st.descendants(self.parent) if wf.visible]
 
-    def _journal_cursor(self) -> str:
-        return f"{self.state.node_epoch}.{self.state.journal.next_index}"
-
     def _snapshots(self, kind: str) -> list[Item]:
-        cursor = self._journal_cursor()
+        """One snapshot (or resync) per active workflow in scope. On a resync,
+        a workflow that ended in the skipped stretch gets its final state and
+        `end`, so the subscriber learns how it ended."""
+        journal = self.state.journal
+        skipped_from = self.index
+        cursor = f"{self.state.node_epoch}.{journal.next_index}"
         out: list[Item] = []
         for wf in self._scope_workflows():
-            if wf.terminal:
-                self.ended.add(wf.id)
-                continue
             msg = wf.snapshot.to_message(kind, wf.epoch, self.filter.tasks)
+            if wf.terminal:
+                if kind == RESYNC and wf.terminal_offset > skipped_from and wf.id not in self.ended:
+                    out.append(Message(msg, f"{wf.epoch}:{wf.snapshot.seq}", cursor))
+                    assert wf.terminal_seq is not None
+                    out.append(_end_message(wf.id, wf.epoch, wf.terminal_seq, wf.snapshot.state, cursor))
+                    self._mark_ended(wf.id)
+                continue
             out.append(Message(msg, f"{wf.epoch}:{wf.snapshot.seq}", cursor))
-        self.index = self.state.journal.next_index
+        self.index = journal.next_index
         self._check_done()
         return out
+
+    def _log_gaps(self) -> list[Item]:
+        """A log stream that falls behind: per workflow, a `gap` counting the
+        matching lines skipped; lines already off the journal are counted in
+        one gap without a workflow (they can no longer be attributed)."""
+        journal = self.state.journal
+        cursor = f"{self.state.node_epoch}.{journal.next_index}"
+        lost = max(0, journal.first_index - self.index)
+        counts: dict[str, tuple[Entry, int, int]] = {}  # wid -> (last entry, first seq, lines)
+        for e in journal.entries_from(self.index):
+            if e.after_terminal or not self._in_scope(e):
+                continue
+            if e.kind == "log" and self.filter.matches(e):
+                seen = counts.get(e.workflow_id)
+                counts[e.workflow_id] = (e, seen[1] if seen else e.seq, (seen[2] if seen else 0) + 1)
+        out: list[Item] = []
+        if lost:
+            msg = {"kind": "gap", "workflow_id": None, "epoch": None, "seq": None, "dropped": lost}
+            out.append(Message(msg, "", cursor))
+        for wid, (e, first, lines) in counts.items():
+            msg = {
+                "kind": "gap",
+                "workflow_id": wid,
+                "epoch": e.epoch,
+                "seq": e.seq,
+                "from": first,
+                "to": e.seq,
+                "dropped": lines,
+            }
+            out.append(Message(msg, e.cursor, cursor))
+        self.index = journal.next_index
+        self._check_done()
+        return out
+
+    def _mark_ended(self, wid: str) -> None:
+        if self.tenant is None:
+            self.ended.add(wid)
 
     def _has_ended(self, wid: str) -> bool:
         """Ended for this reader: its `end` was sent, or lies behind the cursor."""
@@ -349,26 +398,30 @@ class MultiReader:
             self._opening = None
         journal = self.state.journal
         if journal.next_index == self.index or self.done:
+            self._idle = True
             return out
-        # The journal interleaves every workflow, so "behind" is measured in
-        # journal entries of all workflows, hence the wider margin.
-        behind = journal.next_index - max(self.index, self._replay_end)
-        if self.index < journal.first_index or behind > self.coalesce_after * 4:
-            out.extend(self._snapshots("resync"))
-            self.counters["resyncs"] += 1
+        # Lag counts only while a write was in flight (see WorkflowReader);
+        # the journal interleaves every workflow, hence the wider margin.
+        behind = journal.next_index - self.index
+        if self.index < journal.first_index or (not self._idle and behind > self.coalesce_after * 4):
+            if self.filter.is_log_stream:
+                out.extend(self._log_gaps())
+                self.counters["gaps"] += 1
+            else:
+                out.extend(self._snapshots(RESYNC))
+                self.counters["resyncs"] += 1
+            self._idle = False
             return out
         flt = self.filter
         epoch = self.state.node_epoch
         for e in journal.entries_from(self.index):
             self.index += 1
-            if e.after_terminal or e.workflow_id in self.ended:
-                continue
-            if not self.in_scope(e.workflow_id, e.tenant, e.parent_id):
+            if e.after_terminal or not self._in_scope(e):
                 continue
             if flt.matches(e):
                 out.append(e)
             if e.terminal:
-                self.ended.add(e.workflow_id)
+                self._mark_ended(e.workflow_id)
                 out.append(_end_message(e.workflow_id, e.epoch, e.seq, e.state, f"{epoch}.{e.offset}"))
                 self._check_done()
                 if self.done:
@@ -376,4 +429,5 @@ class MultiReader:
         out, dropped = coalesce(out, flt.coalesce)
         self.coalesced += dropped
         self.counters["coalesced"] += dropped
+        self._idle = not out
         return out

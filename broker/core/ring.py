@@ -62,6 +62,7 @@ class Ring(Generic[T]):
     def _drop_oldest(self) -> None:
         old = self._items[self._head]
         self.bytes -= old.size
+        self._items[self._head] = None  # type: ignore[call-overload]  # release it now, not at compaction
         self._head += 1
         self.first_index += 1
         if self._head >= _COMPACT_AT and self._head * 2 >= len(self._items):

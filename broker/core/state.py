@@ -4,16 +4,18 @@
 ring), the node journal, the id dedup window, the counters and the bounded
 list of recent rejects. The trio adapters call:
 
-- `ingest_frame(frame, now, source)` for each ZMQ frame or HTTP body;
-- `tick(now)` periodically (reorder-window expiry, terminal TTL eviction,
+- `ingest_frame(frame, now, source, wall)` for each ZMQ frame or HTTP body;
+- `tick(now, wall)` periodically (reorder-window expiry, terminal TTL eviction,
   dedup expiry);
 
 and read the returned `IngestResult.touched` to wake subscribers of the
 workflows that got new entries. Readers (core/reader.py) read rings and the
 journal directly; nothing here knows about subscribers.
 
-Must never import trio, zmq, quart or psycopg, nor read a clock: `now` (wall
-clock seconds) is always passed in.
+Must never import trio, zmq, quart or psycopg, nor read a clock: `now` (a
+monotonic clock for every duration: reorder window, TTL, dedup age) and
+optionally `wall` (wall-clock seconds for `server_ts`; defaults to `now`) are
+passed in.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from .ring import Ring
 from .sequencer import Duplicate, Release, Sequencer
 from .snapshot import WorkflowSnapshot
 
+MAX_DEPTH = 64  # ancestors kept per workflow
+EVICTED_ANCESTRY_KEPT = 10000
+REJECTS_KEPT_PER_FRAME = 10  # listed in the recent rejects; all are counted
+
 _EPOCH_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
 
@@ -45,6 +51,8 @@ class Limits:
     ring_events: int = 1024
     ring_bytes: int = 1048576
     journal_events: int = 100000
+    journal_bytes: int = 64 * 1048576
+    max_tasks: int = 10000
     max_workflows: int = 100000
     terminal_ttl: float = 600.0
     reorder_window: float = 0.5
@@ -67,6 +75,7 @@ class Workflow:
         "id",
         "tenant",
         "parent_id",
+        "ancestors",
         "seq",
         "snapshot",
         "ring",
@@ -81,6 +90,10 @@ class Workflow:
         self.id = wid
         self.tenant = tenant
         self.parent_id = parent_id
+        # Parent, grandparent, …: fixed when the parent becomes known, so a
+        # `parent=` stream keeps grandchildren even after a middle workflow
+        # has been evicted.
+        self.ancestors: tuple[str, ...] = ()
         self.seq = seq
         self.snapshot = WorkflowSnapshot(wid, tenant, parent_id)
         self.ring = ring
@@ -122,43 +135,57 @@ class BrokerState:
         self.make_epoch = make_epoch
         self.node_epoch = make_epoch()
         self.workflows: dict[str, Workflow] = {}
-        self.children: dict[str, set[str]] = {}
+        # Every workflow under each ancestor (all depths), for `parent=` streams.
+        self.subtree: dict[str, set[str]] = {}
+        # Ancestry of recently evicted workflows: a child that starts after
+        # its parent was evicted still belongs to its grandparent's tree.
+        self.evicted_ancestry: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         # Terminal workflows, twice: in the order they ended (for the TTL) and
         # least recently updated first (for eviction under max_workflows).
         self.terminal: OrderedDict[str, None] = OrderedDict()
         self.terminal_lru: OrderedDict[str, None] = OrderedDict()
         # Workflows with events waiting in their reorder buffer.
         self.reordering: set[str] = set()
-        self.journal: Ring[Entry] = Ring(self.limits.journal_events)
+        self.journal: Ring[Entry] = Ring(self.limits.journal_events, self.limits.journal_bytes)
         self.ids = IdWindow(self.limits.dedup_window)
         self.rejects: deque[dict[str, Any]] = deque(maxlen=self.limits.rejects_kept)
         self.counters: Counter[str] = Counter()
         self.rejected_by_reason: Counter[str] = Counter()
         self._next_id = 0
+        self._wall = 0.0  # wall clock of the current call, for server_ts
 
     # ---------------------------------------------------------------- ingest
 
-    def ingest_frame(self, frame: bytes, now: float, source: str = "zmq") -> IngestResult:
+    def ingest_frame(self, frame: bytes, now: float, source: str = "zmq", wall: float | None = None) -> IngestResult:
+        self._wall = now if wall is None else wall
         result = IngestResult()
+        kept = 0
         for index, item in enumerate(decode_frame(frame, self.limits.max_frame_bytes)):
             if isinstance(item, Reject):
-                self._reject(result, index, item, now, source, frame)
+                self._reject(result, index, item, kept < REJECTS_KEPT_PER_FRAME, source, frame)
+                kept += 1
                 continue
             try:
                 self._ingest_event(item, now, result)
             except Reject as rej:
-                self._reject(result, index, rej, now, source, frame)
+                self._reject(result, index, rej, kept < REJECTS_KEPT_PER_FRAME, source, frame)
+                kept += 1
             except Duplicate:
                 result.duplicates += 1
                 self.counters["duplicates"] += 1
         return result
 
-    def _reject(self, result: IngestResult, index: int, rej: Reject, now: float, source: str, frame: bytes) -> None:
+    def _reject(self, result: IngestResult, index: int, rej: Reject, keep: bool, source: str, frame: bytes) -> None:
         result.rejected.append((index, rej))
-        self.record_reject(rej, now, source, frame, index)
+        if keep:
+            self.record_reject(rej, self._wall, source, frame, index)
+        else:  # a batch full of bad events: count them all, list the first few
+            self.counters["rejected"] += 1
+            self.rejected_by_reason[rej.reason] += 1
 
     def record_reject(self, rej: Reject, now: float, source: str, frame: bytes, index: int = 0) -> None:
-        """Count and keep a reject (also for frames refused before decoding)."""
+        """Count and keep a reject (also for frames refused before decoding);
+        `now` is wall-clock seconds."""
         self.counters["rejected"] += 1
         self.rejected_by_reason[rej.reason] += 1
         self.rejects.append(
@@ -183,10 +210,18 @@ class BrokerState:
             wf = self._create(wid, ev, now)
         elif tenant is not None and tenant != wf.tenant:
             raise Reject("tenant_mismatch", f"workflow '{wid}' belongs to another tenant")
+        task_id = ev.get("task_id")
+        if task_id is not None and len(wf.snapshot.tasks) >= self.limits.max_tasks and task_id not in wf.snapshot.tasks:
+            raise Reject("too_many_tasks", f"workflow '{wid}' has buffer.max_tasks ({self.limits.max_tasks}) tasks")
         releases = wf.seq.offer(ev, now)
         if event_id is None:
-            self._next_id += 1
-            ev["id"] = f"{self.node_id}-{self._next_id}"
+            # Skip ids an engine already used, so no two events share one.
+            while True:
+                self._next_id += 1
+                event_id = f"{self.node_id}-{self._next_id}"
+                if event_id not in self.ids:
+                    break
+            ev["id"] = event_id
         self.ids.add(ev["id"], now)
         result.accepted += 1
         self.counters["ingested"] += 1
@@ -211,12 +246,12 @@ class BrokerState:
         wf.updated_at = now
         self.workflows[wid] = wf
         if wf.parent_id is not None:
-            self.children.setdefault(wf.parent_id, set()).add(wid)
+            self._adopt(wf)
         self.counters["workflows_created"] += 1
         return wf
 
     def _apply(self, wf: Workflow, releases: list[Release], now: float, result: IngestResult) -> None:
-        server_ts = int(now * 1000)
+        server_ts = int(self._wall * 1000)
         was_visible = wf.visible
         for rel in releases:
             after_terminal = wf.terminal_seq is not None
@@ -232,7 +267,7 @@ class BrokerState:
                     "server_ts": server_ts,
                 }
                 entry = Entry(
-                    msg, tenant=wf.tenant, parent_id=wf.parent_id, after_terminal=after_terminal, seq_from=rel.gap_from
+                    msg, tenant=wf.tenant, ancestors=wf.ancestors, after_terminal=after_terminal, seq_from=rel.gap_from
                 )
                 self.counters["gaps"] += 1
                 if not after_terminal:
@@ -253,9 +288,9 @@ class BrokerState:
                 )
                 if wf.parent_id is None and "parent_id" in ev and not wf.visible:
                     wf.parent_id = ev["parent_id"]
-                    self.children.setdefault(wf.parent_id, set()).add(wf.id)
+                    self._adopt(wf)
                 entry = Entry(
-                    msg, tenant=wf.tenant, parent_id=wf.parent_id, terminal=terminal, after_terminal=after_terminal
+                    msg, tenant=wf.tenant, ancestors=wf.ancestors, terminal=terminal, after_terminal=after_terminal
                 )
                 if not after_terminal:
                     wf.snapshot.apply(ev, rel.seq, msg["ts"])
@@ -283,8 +318,9 @@ class BrokerState:
 
     # ------------------------------------------------------------------ time
 
-    def tick(self, now: float) -> IngestResult:
+    def tick(self, now: float, wall: float | None = None) -> IngestResult:
         """Release expired reorder buffers; evict terminal workflows past TTL."""
+        self._wall = now if wall is None else wall
         result = IngestResult()
         for wid in list(self.reordering):
             wf = self.workflows[wid]
@@ -319,12 +355,16 @@ class BrokerState:
         self.terminal.pop(wid, None)
         self.terminal_lru.pop(wid, None)
         self.reordering.discard(wid)
-        if wf.parent_id is not None:
-            siblings = self.children.get(wf.parent_id)
-            if siblings is not None:
-                siblings.discard(wid)
-                if not siblings:
-                    del self.children[wf.parent_id]
+        if wf.ancestors:
+            self.evicted_ancestry[wid] = wf.ancestors
+            if len(self.evicted_ancestry) > EVICTED_ANCESTRY_KEPT:
+                self.evicted_ancestry.popitem(last=False)
+        for ancestor in wf.ancestors:
+            below = self.subtree.get(ancestor)
+            if below is not None:
+                below.discard(wid)
+                if not below:
+                    del self.subtree[ancestor]
         self.counters["workflows_evicted"] += 1
 
     # ----------------------------------------------------------------- reads
@@ -333,34 +373,28 @@ class BrokerState:
         wf = self.workflows.get(wid)
         return wf if wf is not None and wf.visible else None
 
-    def is_descendant(self, wid: str | None, root: str, parent_id: str | None = None) -> bool:
-        """True if `wid` is `root` or a descendant of it (parent chain walk)."""
+    def _adopt(self, wf: Workflow) -> None:
+        """Fix `wf.ancestors` from its parent's, and index it under each."""
+        assert wf.parent_id is not None
+        parent = self.workflows.get(wf.parent_id)
+        inherited = parent.ancestors if parent is not None else self.evicted_ancestry.get(wf.parent_id, ())
+        # Bounded: a parent cycle or a very deep tree must not grow this.
+        wf.ancestors = ((wf.parent_id,) + inherited)[:MAX_DEPTH]
+        for ancestor in wf.ancestors:
+            self.subtree.setdefault(ancestor, set()).add(wf.id)
+
+    def is_descendant(self, wid: str, root: str) -> bool:
+        """True if `wid` is `root` or lies below it."""
         if wid == root:
             return True
-        pid = parent_id
-        if pid is None and wid is not None:
-            wf = self.workflows.get(wid)
-            pid = wf.parent_id if wf is not None else None
-        for _ in range(64):  # bounded: a parent cycle must not hang the broker
-            if pid is None:
-                return False
-            if pid == root:
-                return True
-            parent = self.workflows.get(pid)
-            pid = parent.parent_id if parent is not None else None
-        return False
+        wf = self.workflows.get(wid)
+        return wf is not None and root in wf.ancestors
 
     def descendants(self, root: str) -> Iterator[Workflow]:
-        stack = [root]
-        seen = {root}
-        while stack:
-            for child in self.children.get(stack.pop(), ()):
-                if child not in seen:
-                    seen.add(child)
-                    stack.append(child)
-                    wf = self.workflows.get(child)
-                    if wf is not None:
-                        yield wf
+        for wid in self.subtree.get(root, ()):
+            wf = self.workflows.get(wid)
+            if wf is not None:
+                yield wf
 
     def stats(self) -> dict[str, Any]:
         return {

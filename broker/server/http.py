@@ -15,7 +15,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..core.errors import BrokerError, InvalidArgument, NotFound, Reject
+from ..core.errors import BrokerError, InvalidArgument, NotFound, Reject, Unavailable
 from .hub import Hub
 
 
@@ -72,6 +72,9 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.route("/v1/events", methods=["POST"])
     async def post_events() -> Response:
+        if hub.draining:
+            # Ingest has stopped: accepting now would lose the events.
+            raise Unavailable("the broker is shutting down")
         limit = hub.state.limits.max_frame_bytes
         chunks: list[bytes] = []
         size = 0

@@ -40,6 +40,8 @@ def limits_from_config(config: Config) -> Limits:
         ring_events=b.ring_events,
         ring_bytes=b.ring_bytes,
         journal_events=b.journal_events,
+        journal_bytes=b.journal_bytes,
+        max_tasks=b.max_tasks,
         max_workflows=b.max_workflows,
         terminal_ttl=float(b.terminal_ttl),
         reorder_window=config.order.reorder_window_ms / 1000.0,
@@ -144,7 +146,7 @@ class Hub:
     # --------------------------------------------------------------- ingest
 
     def ingest(self, frame: bytes, source: str) -> IngestResult:
-        result = self.state.ingest_frame(frame, time.time(), source)
+        result = self.state.ingest_frame(frame, time.monotonic(), source, time.time())
         if result.rejected:
             now = time.monotonic()
             for index, rej in result.rejected:
@@ -154,7 +156,7 @@ class Hub:
         return result
 
     def tick(self) -> None:
-        self._wake(self.state.tick(time.time()))
+        self._wake(self.state.tick(time.monotonic(), time.time()))
 
     async def serve_ticker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reorder-window expiry, TTL eviction: run often enough for the window."""

@@ -94,7 +94,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
     ctx = zmq.Context()
     try:
         try:
-            pull, endpoint = bind_pull(ctx, config.ingest.zmq_bind, config.ingest.rcvhwm)
+            pull, endpoint = bind_pull(ctx, config.ingest.zmq_bind, config.ingest.rcvhwm, config.ingest.max_frame_bytes)
         except zmq.ZMQError as exc:
             raise StartupError(f"cannot bind ingest.zmq_bind {config.ingest.zmq_bind}: {exc}") from None
         try:
@@ -157,4 +157,6 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                 nursery.cancel_scope.cancel()
         log.info("stopped")
     finally:
-        ctx.term()
+        # destroy(), not term(): whatever failed, no socket left open may make
+        # the exit hang (term() waits for every socket to close).
+        ctx.destroy(linger=0)

@@ -25,7 +25,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..core.errors import BrokerError, InvalidArgument, NotFound, ResourceExhausted
+from ..core.errors import BrokerError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from ..core.state import Workflow
@@ -53,6 +53,8 @@ async def wait_for_workflow(hub: Hub, wid: str) -> Workflow:
             while (wf := hub.state.get(wid)) is None and not hub.draining:
                 await hub.wait(NEW_WORKFLOW, 3600)
     if wf is None:
+        if hub.draining:
+            raise Unavailable("the broker is shutting down")
         raise NotFound(f"workflow '{wid}' not found")
     return wf
 
@@ -108,6 +110,8 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                         # The write went through after all: say why we close.
                         yield sse_error(ResourceExhausted("slow consumer: writes made no progress"))
                         return
+                    if conn.closing.is_set():
+                        return  # an admin closed it: even a busy stream stops
                     await conn.pace(len(items))
                     continue
                 if prefix:
@@ -189,4 +193,8 @@ def register(app: QuartTrio, hub: Hub) -> None:
             coalesce_after=hub.config.stream.coalesce_after,
             counters=hub.counters,
         )
+        if reader.done:
+            # Everything in scope ended already (or behind the cursor): 204
+            # stops EventSource from reconnecting forever.
+            return Response(b"", status=204)
         return _stream(hub, reader, JOURNAL)

@@ -86,8 +86,10 @@ class WsSession:
         stream.slow_consumer_timeout but completed after all closes with 4008."""
         conn = self.conn
         conn.write_started = trio.current_time()
-        await websocket.send(data.decode())
-        conn.write_started = None
+        try:
+            await websocket.send(data.decode())
+        finally:
+            conn.write_started = None
         if conn.slow:
             await websocket.close(CLOSE_SLOW_CONSUMER, "slow consumer")
             assert self.nursery is not None

@@ -28,11 +28,15 @@ log = logging.getLogger("broker.ingest")
 BATCH = 1024  # messages per drain before yielding to other tasks
 
 
-def bind_pull(ctx: zmq.Context, endpoint: str, rcvhwm: int) -> tuple[zmq.Socket, str]:
+def bind_pull(ctx: zmq.Context, endpoint: str, rcvhwm: int, max_frame_bytes: int) -> tuple[zmq.Socket, str]:
     """Create and bind the PULL socket; return it and its actual endpoint."""
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    # Frames a little over the limit are received, rejected and counted
+    # (`too_large`); a message far over it is refused by libzmq itself (the
+    # peer is disconnected) before it can take the broker's memory.
+    sock.setsockopt(zmq.MAXMSGSIZE, min(4 * max_frame_bytes + 65536, 2**62))
     try:
         sock.bind(endpoint)
     except zmq.ZMQError:

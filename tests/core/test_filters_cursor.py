@@ -21,7 +21,7 @@ def entry(kind: str, task_id: str | None = None, state: str | None = None, level
         msg["state"] = state
     if level is not None:
         msg["level"] = level
-    return Entry(msg, tenant="default", parent_id=None)
+    return Entry(msg, tenant="default")
 
 
 # ------------------------------------------------------------ Filter.parse

@@ -301,11 +301,11 @@ def test_terminal_ttl_eviction_via_tick() -> None:
     send(st, wfe("p"), wfe("kid", parent_id="p"), now=0.0)
     send(st, wfe("kid", "workflow.completed"), now=10.0)
     send(st, wfe("active"), now=10.0)
-    assert st.children == {"p": {"kid"}}
+    assert st.subtree == {"p": {"kid"}}
     st.tick(69.9)
     assert "kid" in st.workflows
     st.tick(70.0)
-    assert "kid" not in st.workflows and st.children == {}
+    assert "kid" not in st.workflows and st.subtree == {}
     assert st.counters["workflows_evicted"] == 1
     st.tick(1e9)  # active workflows are never evicted
     assert sorted(st.workflows) == ["active", "p"]
@@ -443,12 +443,24 @@ def test_events_after_terminal_are_kept_but_not_applied() -> None:
 def test_parent_and_children() -> None:
     st = mk()
     send(st, wfe("root"), wfe("c1", parent_id="root"), wfe("c2", parent_id="c1"), wfe("x"))
-    assert st.children == {"root": {"c1"}, "c1": {"c2"}}
+    assert st.subtree == {"root": {"c1", "c2"}, "c1": {"c2"}}
+    assert st.get("c2").ancestors == ("c1", "root")
     assert sorted(w.id for w in st.descendants("root")) == ["c1", "c2"]
     assert st.is_descendant("c2", "root") and st.is_descendant("root", "root")
     assert not st.is_descendant("x", "root")
-    assert st.is_descendant(None, "root", parent_id="c1")
     assert st.get("c2").snapshot.parent_id == "c1"
+
+
+def test_grandchild_stays_in_the_subtree_after_its_parent_is_evicted() -> None:
+    st = mk(terminal_ttl=1.0)
+    send(st, wfe("root"), wfe("c1", parent_id="root"), wfe("c1", "workflow.completed"), now=0.0)
+    st.tick(5.0)
+    assert "c1" not in st.workflows
+    # A grandchild that starts now still belongs to root's tree.
+    send(st, wfe("c2", parent_id="c1"), now=6.0)
+    assert st.get("c2").ancestors == ("c1", "root")
+    assert {w.id for w in st.descendants("root")} == {"c2"}
+    assert st.is_descendant("c2", "root")
 
 
 def test_ring_bounds_come_from_limits() -> None:
