@@ -119,6 +119,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                 nursery.start_soon(ingest)
                 nursery.start_soon(hub.serve_ticker)
                 nursery.start_soon(hub.serve_watchdog)
+                nursery.start_soon(hub.serve_flusher)
                 hc = _hypercorn_config(config)
                 http_done = trio.Event()
 

@@ -89,6 +89,7 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
             yield sse_error(err)
             return
         conn.wait_key = key
+        hub.watch(key)
         try:
             prefix = b"retry: %d\n\n" % int(cfg.retry_ms)
             last_write = trio.current_time()
@@ -130,6 +131,7 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                     conn.write_started = None
                     last_write = trio.current_time()
         finally:
+            hub.unwatch(key)
             hub.close_connection(conn)
 
     response = Response(body(), status=200, headers=SSE_HEADERS)

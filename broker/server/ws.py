@@ -305,6 +305,7 @@ class WsSession:
                 return
             reader = sub.reader
             assert reader is not None
+            hub.watch(sub.key)
             try:
                 while True:
                     async with self.lock:
@@ -322,6 +323,7 @@ class WsSession:
                         break
                     await hub.wait(sub.key, 3600)
             finally:
+                hub.unwatch(sub.key)
                 if reader.done:
                     self._forget(sub)
 
