@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .cursor import parse_journal_cursor, parse_since, parse_workflow_cursor
-from .entry import Entry, Item, Message, level_slot
+from .entry import NO_LOGS, Entry, Item, Message, level_slot
 from .errors import InvalidArgument
 from .filters import Filter
 from .state import BrokerState, Workflow
@@ -292,6 +292,9 @@ class MultiReader:
         # can end (`workflows=`, `parent=`), where it is bounded by the scope.
         self.ended: set[str] = set()
         self.coalesced = 0
+        # Log streams: per workflow, its log counts as far as read (see _log_gaps).
+        self._opened_at = state.journal.next_index if self._opening else start.index
+        self._log_seen: dict[str, tuple[tuple[int, ...], int]] = {}
         self._check_done()  # everything in scope may have ended already
 
     def set_filter(self, flt: Filter) -> None:
@@ -333,44 +336,73 @@ class MultiReader:
                     self._mark_ended(wf.id)
                 continue
             out.append(Message(msg, f"{wf.epoch}:{wf.snapshot.seq}", cursor))
+            if self.filter.is_log_stream:
+                self._log_seen[wf.id] = (wf.log_counts, wf.snapshot.seq)
         self.index = journal.next_index
         self._check_done()
         return out
 
     def _log_gaps(self) -> list[Item]:
-        """A log stream that falls behind: per workflow, a `gap` counting the
-        matching lines skipped; lines already off the journal are counted in
-        one gap without a workflow (they can no longer be attributed)."""
+        """A log stream that falls behind: per workflow in scope, a `gap`
+        counting the matching lines it skipped. Exact from the workflows'
+        running per-level log counts against what this reader had seen of
+        each, also for lines already off the journal; for a workflow this
+        reader has no count of yet (a resumed stream), the skipped lines
+        still in the journal are counted."""
         journal = self.state.journal
         cursor = f"{self.state.node_epoch}.{journal.next_index}"
-        lost = max(0, journal.first_index - self.index)
-        counts: dict[str, tuple[Entry, int, int]] = {}  # wid -> (last entry, first seq, lines)
+        min_level = self.filter.min_level
+        in_journal: dict[str, int] = {}
+        first_skipped: dict[str, int] = {}
         for e in journal.entries_from(self.index):
             if e.after_terminal or not self._in_scope(e):
                 continue
+            first_skipped.setdefault(e.workflow_id, e.seq_from)
             if e.kind == "log" and self.filter.matches(e):
-                seen = counts.get(e.workflow_id)
-                counts[e.workflow_id] = (e, seen[1] if seen else e.seq, (seen[2] if seen else 0) + 1)
+                in_journal[e.workflow_id] = in_journal.get(e.workflow_id, 0) + 1
         out: list[Item] = []
-        if lost:
-            msg = {"kind": "gap", "workflow_id": None, "epoch": None, "seq": None, "dropped": lost}
-            out.append(Message(msg, "", cursor))
-        for wid, (e, first, lines) in counts.items():
-            msg = {
-                "kind": "gap",
-                "workflow_id": wid,
-                "epoch": e.epoch,
-                "seq": e.seq,
-                "from": first,
-                "to": e.seq,
-                "dropped": lines,
-            }
-            out.append(Message(msg, e.cursor, cursor))
+        for wf in self._scope_workflows():
+            if wf.id in self.ended:
+                continue
+            base = self._log_base(wf)
+            if base is None:
+                dropped = in_journal.get(wf.id, 0)
+                seq_from = first_skipped.get(wf.id, 0)
+            else:
+                dropped = sum(
+                    now - before
+                    for slot, (now, before) in enumerate(zip(wf.log_counts, base[0], strict=True))
+                    if (slot + 1) * 10 >= min_level
+                )
+                seq_from = base[1] + 1
+            to = wf.terminal_seq if wf.terminal_seq is not None else wf.snapshot.seq
+            self._log_seen[wf.id] = (wf.log_counts, to)
+            if dropped:
+                msg = {
+                    "kind": "gap",
+                    "workflow_id": wf.id,
+                    "epoch": wf.epoch,
+                    "seq": to,
+                    "from": seq_from,
+                    "to": to,
+                    "dropped": dropped,
+                }
+                out.append(Message(msg, f"{wf.epoch}:{to}", cursor))
         self.index = journal.next_index
         self._check_done()
         return out
 
+    def _log_base(self, wf: Workflow) -> tuple[tuple[int, ...], int] | None:
+        """The log counts and seq of `wf` as far as this reader has read it."""
+        seen = self._log_seen.get(wf.id)
+        if seen is not None:
+            return seen
+        if wf.first_offset > self._opened_at:
+            return NO_LOGS, 0  # it started after this reader opened
+        return None
+
     def _mark_ended(self, wid: str) -> None:
+        self._log_seen.pop(wid, None)
         if self.tenant is None:
             self.ended.add(wid)
 
@@ -414,10 +446,13 @@ class MultiReader:
             return out
         flt = self.filter
         epoch = self.state.node_epoch
+        track_logs = flt.is_log_stream
         for e in journal.entries_from(self.index):
             self.index += 1
             if e.after_terminal or not self._in_scope(e):
                 continue
+            if track_logs:
+                self._log_seen[e.workflow_id] = (e.log_counts, e.seq)
             if flt.matches(e):
                 out.append(e)
             if e.terminal:

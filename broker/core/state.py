@@ -82,6 +82,7 @@ class Workflow:
         "terminal_seq",
         "terminal_at",
         "terminal_offset",
+        "first_offset",
         "updated_at",
         "log_counts",
     )
@@ -100,6 +101,7 @@ class Workflow:
         self.terminal_seq: int | None = None
         self.terminal_at: float | None = None
         self.terminal_offset = 0  # journal offset of the terminal event
+        self.first_offset = 0  # journal offset of its first entry
         self.updated_at = 0.0
         self.log_counts = NO_LOGS  # streamed log lines so far, per level
 
@@ -305,6 +307,8 @@ class BrokerState:
             wf.ring.append(entry)
             self.journal.append(entry)
             entry.offset = self.journal.next_index  # offsets start at 1
+            if not wf.first_offset:
+                wf.first_offset = entry.offset
             if entry.terminal:
                 wf.terminal_offset = entry.offset
         wf.updated_at = now
@@ -382,6 +386,16 @@ class BrokerState:
         wf.ancestors = ((wf.parent_id,) + inherited)[:MAX_DEPTH]
         for ancestor in wf.ancestors:
             self.subtree.setdefault(ancestor, set()).add(wf.id)
+        # Descendants that arrived before this workflow knew its own parent
+        # hang below it already: extend their ancestry too.
+        for wid in list(self.subtree.get(wf.id, ())):
+            below = self.workflows.get(wid)
+            if below is None or wf.id not in below.ancestors:
+                continue
+            cut = below.ancestors.index(wf.id) + 1
+            below.ancestors = (below.ancestors[:cut] + wf.ancestors)[:MAX_DEPTH]
+            for ancestor in wf.ancestors:
+                self.subtree.setdefault(ancestor, set()).add(wid)
 
     def is_descendant(self, wid: str, root: str) -> bool:
         """True if `wid` is `root` or lies below it."""
