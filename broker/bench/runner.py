@@ -314,7 +314,22 @@ def _subscribers(
 
 
 def _fanout_broker(scale: Scale, workdir: Path, rate: int, count: int) -> dict[str, Any]:
-    broker = Broker(workdir)
+    sections: dict[str, dict[str, Any]] = {}
+    if not rate:
+        # Flat out, the engine is never slowed (ZMQ PUSH): the whole burst is
+        # in the ring before subscribers catch up. Size ring and lag limit to
+        # the burst so this measures delivery, not the resync policy (nchan's
+        # publisher, by contrast, waits for each message to be delivered).
+        sections = {
+            "buffer": {
+                "ring_events": count + 16,
+                "ring_bytes": 1024 * 1048576,
+                "journal_events": count + 16,
+                "journal_bytes": 1024 * 1048576,
+            },
+            "stream": {"coalesce_after": count + 16},
+        }
+    broker = Broker(workdir, **sections)
     workers = Workers(workdir)
     try:
         broker.push([{"workflow_id": "fan", "type": "workflow.running"}])
@@ -397,7 +412,15 @@ def scenario_fanout(scale: Scale, workdir: Path, nchan_reason: str | None) -> di
     if nchan_reason is None:
         out["nchan"] = _fanout_nchan(scale, workdir, scale.fanout_rate, count)
         out["nchan_flat_out"] = _fanout_nchan(scale, workdir, 0, scale.flat_events)
-        out["ratio_flat_out"] = out["broker_flat_out"]["deliveries_per_s"] / out["nchan_flat_out"]["deliveries_per_s"]
+        ours, theirs = out["broker_flat_out"], out["nchan_flat_out"]
+        if ours["delivered"] == ours["expected"]:
+            out["ratio_flat_out"] = ours["deliveries_per_s"] / theirs["deliveries_per_s"]
+        else:
+            # Events replaced by resync snapshots are not deliveries: no ratio.
+            out["ratio_flat_out_note"] = (
+                f"no ratio: the broker delivered {ours['delivered']} of {ours['expected']} events, "
+                f"the rest as resync snapshots"
+            )
     else:
         out["nchan"] = {"skipped": nchan_reason}
     return out
@@ -502,7 +525,9 @@ def scenario_storm(scale: Scale, workdir: Path) -> dict[str, Any]:
     workers = Workers(workdir)
     try:
         broker.push([{"workflow_id": "storm", "type": "workflow.running"}])
-        push, push_out = workers.start("push", "--endpoint", broker.zmq, "--count", str(before), "--workflow", "storm")
+        push, push_out = workers.start(
+            "push", "--endpoint", broker.zmq, "--count", str(before), "--workflow", "storm", "--stamp"
+        )
         workers.result(push, push_out, 60)
         wait_until(lambda: broker.get("/v1/workflows/storm")["seq"] >= before + 1, 30, "storm events")
         epoch = broker.get("/v1/workflows/storm")["epoch"]
@@ -620,10 +645,20 @@ def table(results: dict[str, Any]) -> str:
         nf = r.get("nchan_flat_out", {})
         rows.append(
             (
+                "  flat out: delivered",
+                f"{f['delivered']}/{f['expected']}",
+                f"{nf['delivered']}/{nf['expected']}" if nf.get("expected") else "-",
+                f"broker resyncs: {f.get('resyncs', 0)}",
+            )
+        )
+        rows.append(
+            (
                 "  flat out: deliveries/s",
                 fmt(f["deliveries_per_s"]),
                 fmt(nf.get("deliveries_per_s", "-")),
-                f"ratio {r['ratio_flat_out']:.2f} (target ≥ 2)" if "ratio_flat_out" in r else "",
+                f"ratio {r['ratio_flat_out']:.2f} (target ≥ 2)"
+                if "ratio_flat_out" in r
+                else ("no ratio: events lost to resync" if "ratio_flat_out_note" in r else ""),
             )
         )
     r = results.get("many")
