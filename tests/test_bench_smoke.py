@@ -20,7 +20,10 @@ def test_bench_tiny_runs_every_scenario(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "broker", "bench", "--tiny", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "machine:" in proc.stdout and "scenario" in proc.stdout

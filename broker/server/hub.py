@@ -293,6 +293,8 @@ class Hub:
         """Shutdown: every stream flushes what it has and ends."""
         self.draining = True
         self.drain_started.set()
+        for conn in self.connections.values():
+            conn.closing.set()  # WebSocket supervisors wait on it
         for ev in self._waiters.values():
             ev.set()
         self._waiters.clear()

@@ -111,8 +111,10 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                         # The write went through after all: say why we close.
                         yield sse_error(ResourceExhausted("slow consumer: writes made no progress"))
                         return
-                    if conn.closing.is_set():
-                        return  # an admin closed it: even a busy stream stops
+                    if conn.closing.is_set() and not hub.draining:
+                        # An admin closed it: even a busy stream stops.
+                        # (Draining sets `closing` too, but flushes first.)
+                        return
                     await conn.pace(len(items))
                     continue
                 if prefix:

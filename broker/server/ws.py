@@ -106,31 +106,44 @@ class WsSession:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self._ping_loop)
-            nursery.start_soon(self._drain_watch)
-            nursery.start_soon(self._kick_watch)
+            nursery.start_soon(self._supervise)
             while True:
                 raw = await websocket.receive()
                 self.last_seen = trio.current_time()
                 await self._handle(raw)
 
-    async def _ping_loop(self) -> None:
+    async def _supervise(self) -> None:
+        """Heartbeat, admin close and shutdown in one task (idle connections
+        are the common case: every task per connection costs memory).
+
+        `conn.closing` is set by an admin's DELETE and, for every connection,
+        when the broker starts draining."""
         cfg = self.hub.config.stream
+        next_ping = trio.current_time() + cfg.ws_ping_interval
+        ping_sent: float | None = None
         while True:
-            await trio.sleep(cfg.ws_ping_interval)
-            sent = trio.current_time()
-            await self.send(b'{"kind":"ping"}')
-            await trio.sleep(cfg.ws_pong_timeout)
-            if self.last_seen < sent:
-                log.info("ws %d: no pong within %ss, closing", self.conn.id, cfg.ws_pong_timeout)
-                await self.close(CLOSE_GOING_AWAY, "pong timeout")
+            due = next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout
+            with trio.move_on_at(due):
+                await self.conn.closing.wait()
+            if self.hub.draining:
+                await self._drain()
+                return
+            if self.conn.closing.is_set():
+                await self.close(1000, "closed by an administrator")
+                return
+            now = trio.current_time()
+            if ping_sent is not None and now >= ping_sent + cfg.ws_pong_timeout:
+                if self.last_seen < ping_sent:
+                    log.info("ws %d: no pong within %ss, closing", self.conn.id, cfg.ws_pong_timeout)
+                    await self.close(CLOSE_GOING_AWAY, "pong timeout")
+                    return
+                ping_sent = None
+            if ping_sent is None and now >= next_ping:
+                ping_sent = now
+                next_ping = now + cfg.ws_ping_interval
+                await self.send(b'{"kind":"ping"}')
 
-    async def _kick_watch(self) -> None:
-        await self.conn.closing.wait()
-        await self.close(1000, "closed by an administrator")
-
-    async def _drain_watch(self) -> None:
-        await self.hub.drain_started.wait()
+    async def _drain(self) -> None:
         async with self.lock:
             for sub in self.subs.values():
                 sub.scope.cancel()
