@@ -50,11 +50,15 @@ class Ring(Generic[T]):
     def append(self, item: T) -> int:
         """Append; drop the oldest beyond the bounds; return the item's index."""
         index = self.next_index
-        self._items.append(item)
-        self.next_index += 1
+        items = self._items
+        items.append(item)
+        self.next_index = index + 1
         self.bytes += item.size
-        while len(self) > 1 and (
-            len(self) > self.max_events or (self.max_bytes is not None and self.bytes > self.max_bytes)
+        # Hot path (twice per event: ring and journal): plain arithmetic, no
+        # method calls unless something must be dropped.
+        max_bytes = self.max_bytes
+        while (count := len(items) - self._head) > 1 and (
+            count > self.max_events or (max_bytes is not None and self.bytes > max_bytes)
         ):
             self._drop_oldest()
         return index

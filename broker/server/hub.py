@@ -157,12 +157,29 @@ class Hub:
     def ingest(self, frame: bytes, source: str) -> IngestResult:
         result = self.state.ingest_frame(frame, time.monotonic(), source, time.time())
         if result.rejected:
-            now = time.monotonic()
-            for index, rej in result.rejected:
-                if self._reject_log.allow(now):
-                    log.warning("ingest reject (%s, event %d): %s: %s", source, index, rej.reason, rej.detail)
+            self._log_rejects(result, source)
         self._wake(result)
         return result
+
+    def ingest_batch(self, frames: list[bytes], source: str) -> None:
+        """Ingest frames drained together: one clock read, one round of wakeups."""
+        now, wall = time.monotonic(), time.time()
+        touched: set[str] = set()
+        created = False
+        ingest = self.state.ingest_frame
+        for frame in frames:
+            result = ingest(frame, now, source, wall)
+            if result.rejected:
+                self._log_rejects(result, source)
+            touched |= result.touched
+            created = created or result.created
+        self._wake(IngestResult(touched=touched, created=created))
+
+    def _log_rejects(self, result: IngestResult, source: str) -> None:
+        now = time.monotonic()
+        for index, rej in result.rejected:
+            if self._reject_log.allow(now):
+                log.warning("ingest reject (%s, event %d): %s: %s", source, index, rej.reason, rej.detail)
 
     def tick(self) -> None:
         self._wake(self.state.tick(time.monotonic(), time.time()))

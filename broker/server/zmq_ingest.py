@@ -50,20 +50,21 @@ async def serve_zmq_ingest(
 ) -> None:
     fd = sock.getsockopt(zmq.FD)
     recv = sock.recv_multipart
-    ingest = hub.ingest
+    ingest_batch = hub.ingest_batch
     task_status.started()
     try:
         while True:
             if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 await trio.lowlevel.wait_readable(fd)
                 continue
+            frames: list[bytes] = []
             for _ in range(BATCH):
                 try:
-                    frames = recv(zmq.NOBLOCK, copy=True)
+                    frames += recv(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break
-                for frame in frames:
-                    ingest(frame, "zmq")
+            if frames:
+                ingest_batch(frames, "zmq")
             # The socket may still be readable: let other tasks run, then
             # re-check EVENTS at the top (no busy loop: EVENTS gates the sleep).
             await trio.lowlevel.checkpoint()
