@@ -341,3 +341,9 @@ async def test_no_leak_after_10000_sse_connect_disconnect_cycles(broker_factory)
 async def _idle(client: httpx.AsyncClient) -> dict[str, Any] | None:
     st = await stats(client)
     return st if st["connections"]["total"] == 0 and st["waiters"] == 0 else None
+
+
+async def test_shipped_configs_are_valid():
+    for name in ("broker.toml", "config/broker.full.toml"):
+        rc, out, err = await run_cli("check-config", "-c", str(ROOT / name))
+        assert rc == 0, (name, err)
