@@ -21,33 +21,9 @@ from broker.core.reader import (
     plan_multi_start,
     plan_workflow_start,
 )
-from broker.core.state import BrokerState, Limits
+from broker.core.state import BrokerState
 
-
-def mk(**limits: Any) -> BrokerState:
-    return BrokerState("n1", Limits(**limits), make_epoch=lambda: "abc")
-
-
-def send(st: BrokerState, *events: dict[str, Any], now: float = 0.0) -> None:
-    for ev in events:
-        r = st.ingest_frame(orjson.dumps(ev), now)
-        assert r.rejected == [], r.rejected
-
-
-def wfe(wid: str = "w", etype: str = "workflow.running", **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": etype, **kw}
-
-
-def log(wid: str = "w", level: str = "info", **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": "log", "level": level, **kw}
-
-
-def task(tid: str, state: str, wid: str = "w", **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": f"task.{state}", "task_id": tid, **kw}
-
-
-def body(item: Entry | Message) -> dict[str, Any]:
-    return orjson.loads(item.body)
+from .helpers import body, log, mk, send, task, wfe
 
 
 def brief(items: list[Entry | Message]) -> list[tuple[str, str, int]]:

@@ -24,42 +24,14 @@ from broker.core.errors import Reject
 from broker.core.filters import Filter
 from broker.core.reader import SNAPSHOT, MultiReader, Start, WorkflowReader
 from broker.core.ring import Ring
-from broker.core.state import BrokerState, IngestResult, Limits
+from broker.core.state import BrokerState, IngestResult
 from broker.server.hub import limits_from_config
+
+from .helpers import body, log, mk, send, task, wfe
 
 MAX_NUMBER = 2**31 - 1  # config numbers are C ints
 MAX_BATCH = 10000  # events in one frame
 REJECTS_KEPT_PER_FRAME = 10  # rejects of one frame listed in the recent rejects
-
-
-def mk(**limits: Any) -> BrokerState:
-    return BrokerState("n1", Limits(**limits), make_epoch=lambda: "abc")
-
-
-def send(st: BrokerState, *events: dict[str, Any], now: float = 0.0) -> IngestResult:
-    """Ingest each event as its own frame; every one must be accepted."""
-    total = IngestResult()
-    for ev in events:
-        r = st.ingest_frame(orjson.dumps(ev), now)
-        assert r.rejected == [], r.rejected
-        total.accepted += r.accepted
-    return total
-
-
-def wfe(wid: str = "w", etype: str = "workflow.running", **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": etype, **kw}
-
-
-def log(wid: str = "w", level: str = "info", **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": "log", "level": level, **kw}
-
-
-def task(tid: str, state: str, wid: str = "w", **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": f"task.{state}", "task_id": tid, **kw}
-
-
-def body(item: Entry | Message) -> dict[str, Any]:
-    return orjson.loads(item.body)
 
 
 def brief(items: list[Entry | Message]) -> list[tuple[str, str, int]]:
