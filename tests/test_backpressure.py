@@ -151,33 +151,28 @@ async def _slow_closed(client):
     return None
 
 
-async def test_slow_state_reader_gets_resync_and_ends_in_the_right_state(broker_factory):
+async def _run_slow_reader(broker_factory, wid: str, view: str, kind: str, count: int, rate: int) -> SlowReader:
+    """A raw-socket reader taking 2 KiB every 10 ms while an engine process
+    pushes `count` events of 1.5 KB payload at `rate`/s, then ends the workflow."""
     broker = broker_factory(stream={"coalesce_after": 50})
-    wid = "slow-state"
     broker.push({"workflow_id": wid, "type": "workflow.running"})
-    tasks = 2000
     with trio.fail_after(60):
         async with client_for(broker) as client, trio.open_nursery() as nursery:
-            async with open_sse(client, wf_path(wid)) as probe:
+            async with open_sse(client, wf_path(wid, view)) as probe:
                 assert (await probe.expect()).event == "snapshot"
-            reader = SlowReader(await raw_sse_client(broker.port, wf_path(wid)))
+            reader = SlowReader(await raw_sse_client(broker.port, wf_path(wid, view)))
             await poll(lambda: _conn_total(client, 1), 5)
             await start_firehose(
-                nursery,
-                broker.zmq,
-                "--workflow",
-                wid,
-                "--count",
-                str(tasks * 2),
-                "--rate",
-                "4000",
-                "--kind",
-                "task",
-                "--payload",
-                "1500",
-                "--end",
-            )
+                nursery, broker.zmq, "--workflow", wid, "--count", str(count), "--rate", str(rate),
+                "--kind", kind, "--payload", "1500", "--end",
+            )  # fmt: skip
             await reader.run(chunk=2048, pause=0.01)
+    return reader
+
+
+async def test_slow_state_reader_gets_resync_and_ends_in_the_right_state(broker_factory):
+    tasks = 2000
+    reader = await _run_slow_reader(broker_factory, "slow-state", "", "task", tasks * 2, 4000)
     kinds = [m["kind"] for m in reader.events]
     assert kinds[0] == "snapshot" and kinds[-1] == "end"
     assert "resync" in kinds, "a reader this slow must have been resynced"
@@ -206,32 +201,8 @@ async def test_slow_state_reader_gets_resync_and_ends_in_the_right_state(broker_
 
 
 async def test_slow_log_reader_gets_gaps_that_add_up(broker_factory):
-    broker = broker_factory(stream={"coalesce_after": 50})
-    wid = "slow-logs"
-    broker.push({"workflow_id": wid, "type": "workflow.running"})
     lines = 5000
-    with trio.fail_after(60):
-        async with client_for(broker) as client, trio.open_nursery() as nursery:
-            async with open_sse(client, wf_path(wid, "logs")) as probe:
-                assert (await probe.expect()).event == "snapshot"
-            reader = SlowReader(await raw_sse_client(broker.port, wf_path(wid, "logs")))
-            await poll(lambda: _conn_total(client, 1), 5)
-            await start_firehose(
-                nursery,
-                broker.zmq,
-                "--workflow",
-                wid,
-                "--count",
-                str(lines),
-                "--rate",
-                "5000",
-                "--kind",
-                "log",
-                "--payload",
-                "1500",
-                "--end",
-            )
-            await reader.run(chunk=2048, pause=0.01)
+    reader = await _run_slow_reader(broker_factory, "slow-logs", "logs", "log", lines, 5000)
     logs = [m for m in reader.events if m["kind"] == "log"]
     gaps = [m for m in reader.events if m["kind"] == "gap"]
     assert gaps, "a reader this slow must have skipped lines"

@@ -147,7 +147,6 @@ class Hub:
         self.delivered: Counter[str] = Counter()  # events written, by transport
         self.counters: Counter[str] = Counter()  # stream-side counters
         self.draining = False
-        self.drain_started = trio.Event()
         self._no_connections = trio.Event()
         self._reject_log = _RateLimitedLog()
         self.ingest_endpoint = ""
@@ -309,7 +308,6 @@ class Hub:
     def begin_drain(self) -> None:
         """Shutdown: every stream flushes what it has and ends."""
         self.draining = True
-        self.drain_started.set()
         for conn in self.connections.values():
             conn.closing.set()  # WebSocket supervisors wait on it
         for ev in self._waiters.values():
