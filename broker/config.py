@@ -56,6 +56,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "slow_consumer_timeout": ("positive", 10),
         "ws_ping_interval": ("positive", 30),
         "ws_pong_timeout": ("positive", 10),
+        "direct_writes": ("bool", True),
     },
     "limits": {
         "per_user": ("count", 5),
@@ -137,6 +138,10 @@ def _check(path: str, kind: str, value: Any) -> Any:
             raise bad("a number of seconds > 0")
         if value < 0:
             raise bad("a non-negative number")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
         return value
     if kind == "strlist":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -16,6 +16,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..core.errors import BrokerError, InvalidArgument, NotFound, Reject, Unavailable
+from .direct import SEND_KEY
 from .hub import Hub
 
 
@@ -131,4 +132,15 @@ def create_app(hub: Hub) -> QuartTrio:
 
     sse.register(app, hub)
     ws.register(app, hub)
+
+    quart_asgi = app.asgi_app
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        # SSE streams write to their socket directly (server/direct.py): they
+        # find it through Hypercorn's own `send`, which Quart wraps.
+        if scope["type"] == "http":
+            scope[SEND_KEY] = send
+        await quart_asgi(scope, receive, send)
+
+    app.asgi_app = asgi_app  # type: ignore[method-assign]
     return app

@@ -18,6 +18,7 @@ import itertools
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +31,11 @@ from ..core.state import BrokerState, IngestResult, Limits
 
 log = logging.getLogger("broker.hub")
 
-# Seconds of broker CPU one subscriber write costs, with headroom (measured
-# ≈ 20 µs on the 2-core bench machine): sets how often a busy workflow may
-# wake its subscribers (see Hub._wake_key).
-WRITE_COST = 40e-6
+# Seconds of broker CPU one subscriber write costs, with headroom (a direct
+# write measured ≈ 8 µs on the 2-core bench machine, one through the HTTP
+# stack ≈ 95 µs): sets how often a busy workflow may wake its subscribers
+# (see Hub._wake_key).
+WRITE_COST = 20e-6
 
 JOURNAL = "\x00journal"  # waiter key of multi-workflow streams
 NEW_WORKFLOW = "\x00new"  # waiter key of streams waiting for an unknown workflow
@@ -78,6 +80,12 @@ class Connection:
     rate: float = 0.0
     tokens: float = 0.0
     refilled: float = 0.0
+    # While parked (Hub.park): the hub calls `deliver()` when the key has
+    # new entries (it pulls and writes directly; False = the task must take
+    # over) and sets `wake` to hand the connection back to its task.
+    deliver: Callable[[], bool] | None = None
+    wake: trio.Event | None = None
+    last_write: float = 0.0  # trio clock of the last write (keepalive timing)
 
     async def pace(self, sent: int) -> None:
         """After a write of `sent` events, wait as limits.events_per_second
@@ -132,6 +140,7 @@ class Hub:
         self.config = config
         self.state = state or BrokerState(config.node.id, limits_from_config(config))
         self._waiters: dict[str, trio.Event] = {}
+        self._parked: dict[str, dict[int, Connection]] = {}  # key -> parked connections
         self.watchers: Counter[str] = Counter()  # subscribers per wait key
         self._last_wake: dict[str, float] = {}
         self._deferred: dict[str, float] = {}  # key -> when its wakeup is due
@@ -210,13 +219,17 @@ class Hub:
         between go out together in the next write. With few subscribers the
         interval is a fraction of a millisecond, i.e. no batching at all."""
         ev = self._waiters.get(key)
-        if ev is None:
+        parked = self._parked.get(key)
+        if ev is None and not parked:
             return
         interval = self.watchers.get(key, 0) * WRITE_COST
         last = self._last_wake.get(key)
         if last is None or now - last >= interval:
-            del self._waiters[key]
-            ev.set()
+            if ev is not None:
+                del self._waiters[key]
+                ev.set()
+            if parked:
+                self._deliver(parked)
             self._last_wake[key] = now
         elif key not in self._deferred:
             self._deferred[key] = last + interval
@@ -258,6 +271,48 @@ class Hub:
             del self.watchers[key]
 
     # ---------------------------------------------------------------- waits
+
+    @staticmethod
+    def _deliver(parked: dict[int, Connection]) -> None:
+        """Write new entries to parked connections right here (no task
+        switch per subscriber); hand back those that need their task."""
+        for conn in list(parked.values()):
+            try:
+                ok = conn.deliver()  # type: ignore[misc]
+            except Exception:  # a bug must not take ingest down with it
+                log.exception("connection %d: direct delivery failed", conn.id)
+                ok = False
+            if not ok:
+                del parked[conn.id]
+                if conn.wake is not None:
+                    conn.wake.set()
+
+    async def park(self, conn: Connection, key: str, timeout: float) -> bool:
+        """Like `wait()`, for a connection whose `deliver` writes directly:
+        while parked, the hub delivers new entries under `key` itself. The
+        task resumes (True) when a delivery needs it (a write left bytes
+        over, the stream ended, the socket failed), on an admin close or
+        draining — or (False) after `timeout` with nothing for the task.
+
+        Same rule as `wait()`: call it right after a `pull()` that returned
+        nothing, with no checkpoint in between."""
+        if self.draining or conn.closing.is_set():
+            return True
+        ev = conn.wake = trio.Event()
+        parked = self._parked.get(key)
+        if parked is None:
+            parked = self._parked[key] = {}
+        parked[conn.id] = conn
+        try:
+            with trio.move_on_after(timeout):
+                await ev.wait()
+                return True
+            return False
+        finally:
+            conn.wake = None
+            parked.pop(conn.id, None)
+            if not parked and self._parked.get(key) is parked:
+                del self._parked[key]
 
     async def wait(self, key: str, timeout: float) -> bool:
         """Wait for new entries under `key` (a workflow id, JOURNAL or
@@ -310,6 +365,8 @@ class Hub:
         self.draining = True
         for conn in self.connections.values():
             conn.closing.set()  # WebSocket supervisors wait on it
+            if conn.wake is not None:
+                conn.wake.set()
         for ev in self._waiters.values():
             ev.set()
         self._waiters.clear()
@@ -351,6 +408,8 @@ class Hub:
         if conn is None:
             return False
         conn.closing.set()
+        if conn.wake is not None:
+            conn.wake.set()
         ev = self._waiters.pop(conn.wait_key, None)
         if ev is not None:
             ev.set()  # the others woken with it find nothing new and wait again
@@ -364,7 +423,7 @@ class Hub:
             **by_transport,
             **{k: v for k, v in self.table.counts().items() if k != "total"},
         }
-        out["waiters"] = len(self._waiters)
+        out["waiters"] = len(self._waiters) + sum(len(p) for p in self._parked.values())
         out["watched_keys"] = len(self.watchers)
         out["delivered"] = dict(self.delivered)
         out["streams"] = dict(self.counters)

@@ -29,6 +29,7 @@ from ..core.errors import BrokerError, InvalidArgument, NotFound, ResourceExhaus
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from ..core.state import Workflow
+from .direct import SEND_KEY, DirectSocket
 from .hub import JOURNAL, NEW_WORKFLOW, Hub
 from .identity import principal_of
 
@@ -77,10 +78,12 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
     principal = principal_of(hub.config, request.headers, request.args)
     hub.check_capacity(principal)
     remote, path = _remote(), request.path
+    asgi_send = request.scope.get(SEND_KEY) if hub.config.stream.direct_writes else None
     cfg = hub.config.stream
     multi = isinstance(reader, MultiReader)
     node_epoch = hub.state.node_epoch
     delivered = hub.delivered
+    counters = hub.counters
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -90,22 +93,63 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
             return
         conn.wait_key = key
         hub.watch(key)
+        direct: DirectSocket | None = None
+
+        def take() -> tuple[bytes, int] | None:
+            """Everything pending for this subscriber as one write (and how
+            many messages it holds), or None."""
+            items = reader.pull()
+            if not items:
+                return None
+            if multi:
+                data = b"".join([it.sse_multi(node_epoch) for it in items])
+            else:
+                data = b"".join([it.sse() for it in items])
+            conn.delivered += len(items)
+            delivered["sse"] += len(items)
+            return data, len(items)
+
+        def deliver() -> bool:
+            """Called by the hub while this stream is parked: write what is
+            new straight to the socket. False hands the stream back to this
+            task (bytes left over, the stream ended, closing, socket gone)."""
+            assert direct is not None
+            if hub.draining or conn.closing.is_set() or not direct.ready():
+                return False
+            taken = take()
+            if taken is None:
+                return not reader.done
+            conn.last_write = trio.current_time()
+            counters["direct_writes"] += 1
+            return direct.write(taken[0]) and not reader.done
+
+        conn.deliver = deliver
         try:
             prefix = b"retry: %d\n\n" % int(cfg.retry_ms)
-            last_write = trio.current_time()
+            conn.last_write = trio.current_time()
             while True:
-                items = reader.pull()
-                if items:
-                    if multi:
-                        data = b"".join([it.sse_multi(node_epoch) for it in items])
-                    else:
-                        data = b"".join([it.sse() for it in items])
-                    conn.delivered += len(items)
-                    delivered["sse"] += len(items)
+                if direct is not None and (direct.pending or direct.broken):
+                    if direct.broken:
+                        direct = None  # the ordinary path meets the closed socket
+                        continue
+                    # What a direct write left over, sent the blocking way.
+                    counters["direct_partial"] += 1
                     conn.write_started = trio.current_time()
-                    yield prefix + data
+                    await direct.flush()
                     conn.write_started = None
-                    last_write = trio.current_time()
+                    conn.last_write = trio.current_time()
+                    if conn.slow:
+                        yield sse_error(ResourceExhausted("slow consumer: writes made no progress"))
+                        return
+                taken = take()
+                if taken is not None:
+                    conn.write_started = trio.current_time()
+                    yield prefix + taken[0]
+                    conn.write_started = None
+                    conn.last_write = trio.current_time()
+                    if prefix and asgi_send is not None:
+                        # The response has started: its socket can be found.
+                        direct = DirectSocket.attach(asgi_send)
                     prefix = b""
                     if conn.slow:
                         # The write went through after all: say why we close.
@@ -115,24 +159,31 @@ def _stream(hub: Hub, reader: WorkflowReader | MultiReader, key: str) -> Respons
                         # An admin closed it: even a busy stream stops.
                         # (Draining sets `closing` too, but flushes first.)
                         return
-                    await conn.pace(len(items))
+                    await conn.pace(taken[1])
                     continue
                 if prefix:
                     yield prefix
-                    last_write = trio.current_time()
+                    conn.last_write = trio.current_time()
+                    if asgi_send is not None:
+                        direct = DirectSocket.attach(asgi_send)
                     prefix = b""
                     continue
                 if reader.done or hub.draining or conn.closing.is_set():
                     return
                 # Silence is timed from the last write: wakeups for events
                 # this stream filters out must not postpone the keepalive.
-                silent_for = trio.current_time() - last_write
-                if silent_for >= cfg.keepalive or not await hub.wait(key, cfg.keepalive - silent_for):
+                silent_for = trio.current_time() - conn.last_write
+                if silent_for >= cfg.keepalive:
                     conn.write_started = trio.current_time()
                     yield b": keepalive\n\n"
                     conn.write_started = None
-                    last_write = trio.current_time()
+                    conn.last_write = trio.current_time()
+                elif direct is not None and not conn.rate and direct.ready():
+                    await hub.park(conn, key, cfg.keepalive - silent_for)
+                else:
+                    await hub.wait(key, cfg.keepalive - silent_for)
         finally:
+            conn.deliver = None
             hub.unwatch(key)
             hub.close_connection(conn)
 
