@@ -464,6 +464,7 @@ def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
             expected=per_wf * len(paths),
             elapsed=elapsed,
             rss_kb=broker.rss_kb(),
+            **{k: v for k, v in broker.stats().items() if k in ("streams", "gc")},
         )
         return merged
     finally:

@@ -28,6 +28,7 @@ from ..config import Config
 from ..core.errors import Unavailable
 from ..core.limits import ANONYMOUS, ConnectionTable, Principal
 from ..core.state import BrokerState, IngestResult, Limits
+from .gc_policy import GcStats
 
 log = logging.getLogger("broker.hub")
 
@@ -159,6 +160,7 @@ class Hub:
         self._no_connections = trio.Event()
         self._reject_log = _RateLimitedLog()
         self.ingest_endpoint = ""
+        self.gc_stats: GcStats | None = None  # set by run.serve (gc_policy)
 
     # --------------------------------------------------------------- ingest
 
@@ -428,4 +430,6 @@ class Hub:
         out["delivered"] = dict(self.delivered)
         out["streams"] = dict(self.counters)
         out["draining"] = self.draining
+        if self.gc_stats is not None:
+            out["gc"] = self.gc_stats.to_json()
         return out

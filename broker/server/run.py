@@ -27,6 +27,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from ..config import Config, parse_http_bind
+from . import gc_policy
 from .http import create_app
 from .hub import Hub
 from .zmq_ingest import bind_pull, serve_zmq_ingest
@@ -136,6 +137,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                         http_done.set()
 
                 await nursery.start(http)
+                hub.gc_stats = gc_policy.install()
                 info = {"http": http_addr, "zmq": endpoint, "node": config.node.id, "node_epoch": hub.state.node_epoch}
                 log.info("ready http=%s zmq=%s node=%s", http_addr, endpoint, config.node.id)
                 task_status.started(info)
@@ -158,6 +160,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                 nursery.cancel_scope.cancel()
         log.info("stopped")
     finally:
+        if hub.gc_stats is not None:
+            gc_policy.uninstall(hub.gc_stats)
         # destroy(), not term(): whatever failed, no socket left open may make
         # the exit hang (term() waits for every socket to close).
         ctx.destroy(linger=0)
