@@ -21,8 +21,8 @@ so bytes never interleave.
 
 These are Hypercorn's and h11's internals (pinned in pyproject.toml). If
 any piece is not where it is expected, `DirectSocket.attach` returns None
-and the stream uses the ordinary path; tests/test_sse.py checks that the
-direct path is the one in use with the pinned versions.
+and the stream uses the ordinary path; tests/test_direct_writes.py checks
+that the direct path is the one in use with the pinned versions.
 """
 
 from __future__ import annotations
@@ -37,9 +37,6 @@ try:  # h11's writer for chunked bodies (private name; checked, not assumed)
     from h11._writers import ChunkedWriter
 except ImportError:  # pragma: no cover - another h11 layout: no direct path
     ChunkedWriter = None  # type: ignore[assignment,misc]
-
-# The ASGI scope key under which the app wrapper leaves Hypercorn's `send`.
-SEND_KEY = "broker.asgi_send"
 
 
 class DirectSocket:

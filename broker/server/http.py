@@ -16,7 +16,6 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..core.errors import BrokerError, InvalidArgument, NotFound, Reject, Unavailable
-from .direct import SEND_KEY
 from .hub import Hub
 
 
@@ -53,12 +52,8 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.after_request
     async def _cors(response: Response) -> Response:
-        origin = request.headers.get("Origin")
-        if origin and cors and ("*" in cors or origin in cors):
-            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in cors else origin
-            response.headers["Vary"] = "Origin"
-            response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Last-Event-ID"
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        for name, value in sse.cors_headers(request.headers.get("Origin"), cors):
+            response.headers[name] = value
         return response
 
     @app.route("/healthz")
@@ -130,17 +125,17 @@ def create_app(hub: Hub) -> QuartTrio:
             raise NotFound(f"no connection {conn_id}")
         return json_response({"closing": conn_id}, 202)
 
-    sse.register(app, hub)
     ws.register(app, hub)
 
     quart_asgi = app.asgi_app
 
     async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
-        # SSE streams write to their socket directly (server/direct.py): they
-        # find it through Hypercorn's own `send`, which Quart wraps.
-        if scope["type"] == "http":
-            scope[SEND_KEY] = send
-        await quart_asgi(scope, receive, send)
+        # SSE streams are plain ASGI (lighter per stream, and they write to
+        # their socket directly: see sse.py and direct.py).
+        if scope["type"] == "http" and sse.is_stream_path(scope["path"]):
+            await sse.handle(hub, scope, receive, send)
+        else:
+            await quart_asgi(scope, receive, send)
 
     app.asgi_app = asgi_app  # type: ignore[method-assign]
     return app

@@ -83,10 +83,17 @@ class Connection:
     refilled: float = 0.0
     # While parked (Hub.park): the hub calls `deliver()` when the key has
     # new entries (it pulls and writes directly; False = the task must take
-    # over) and sets `wake` to hand the connection back to its task.
+    # over) and cancels `wake` to hand the connection back to its task.
     deliver: Callable[[], bool] | None = None
-    wake: trio.Event | None = None
+    wake: trio.CancelScope | None = None
+    woken: bool = False
     last_write: float = 0.0  # trio clock of the last write (keepalive timing)
+
+    def hand_back(self) -> None:
+        """End a `Hub.park` of this connection: its task has work to do."""
+        if self.wake is not None:
+            self.woken = True
+            self.wake.cancel()
 
     async def pace(self, sent: int) -> None:
         """After a write of `sent` events, wait as limits.events_per_second
@@ -286,35 +293,38 @@ class Hub:
                 ok = False
             if not ok:
                 del parked[conn.id]
-                if conn.wake is not None:
-                    conn.wake.set()
+                conn.hand_back()
 
-    async def park(self, conn: Connection, key: str, timeout: float) -> bool:
-        """Like `wait()`, for a connection whose `deliver` writes directly:
-        while parked, the hub delivers new entries under `key` itself. The
-        task resumes (True) when a delivery needs it (a write left bytes
-        over, the stream ended, the socket failed), on an admin close or
-        draining — or (False) after `timeout` with nothing for the task.
+    async def park(self, conn: Connection, key: str, timeout: float, receive: Any) -> bool | None:
+        """Like `wait()`, for a stream whose `conn.deliver` can write
+        directly: while parked, the hub delivers new entries under `key`
+        itself. Returns True when the task has work (a delivery handed the
+        stream back: bytes left over, the stream ended, no direct socket;
+        an admin close; draining), False after `timeout`, None when the
+        client disconnected (the wait is on the request's ASGI `receive`).
 
         Same rule as `wait()`: call it right after a `pull()` that returned
         nothing, with no checkpoint in between."""
         if self.draining or conn.closing.is_set():
             return True
-        ev = conn.wake = trio.Event()
         parked = self._parked.get(key)
         if parked is None:
             parked = self._parked[key] = {}
         parked[conn.id] = conn
+        conn.woken = False
+        conn.wake = trio.CancelScope(deadline=trio.current_time() + timeout)
         try:
-            with trio.move_on_after(timeout):
-                await ev.wait()
-                return True
-            return False
+            with conn.wake:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
         finally:
             conn.wake = None
             parked.pop(conn.id, None)
             if not parked and self._parked.get(key) is parked:
                 del self._parked[key]
+        return conn.woken
 
     async def wait(self, key: str, timeout: float) -> bool:
         """Wait for new entries under `key` (a workflow id, JOURNAL or
@@ -367,8 +377,7 @@ class Hub:
         self.draining = True
         for conn in self.connections.values():
             conn.closing.set()  # WebSocket supervisors wait on it
-            if conn.wake is not None:
-                conn.wake.set()
+            conn.hand_back()
         for ev in self._waiters.values():
             ev.set()
         self._waiters.clear()
@@ -410,8 +419,7 @@ class Hub:
         if conn is None:
             return False
         conn.closing.set()
-        if conn.wake is not None:
-            conn.wake.set()
+        conn.hand_back()
         ev = self._waiters.pop(conn.wait_key, None)
         if ev is not None:
             ev.set()  # the others woken with it find nothing new and wait again
