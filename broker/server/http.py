@@ -31,7 +31,7 @@ _HTTP_CODES = {400: "invalid_argument", 404: "not_found", 405: "invalid_argument
 
 
 def create_app(hub: Hub) -> QuartTrio:
-    from . import sse, ws  # routes register themselves on the app
+    from . import sse, ws  # the streams, served as plain ASGI
 
     app = QuartTrio("broker")
     app.config["MAX_CONTENT_LENGTH"] = None  # ingest enforces its own limit while reading
@@ -125,15 +125,15 @@ def create_app(hub: Hub) -> QuartTrio:
             raise NotFound(f"no connection {conn_id}")
         return json_response({"closing": conn_id}, 202)
 
-    ws.register(app, hub)
-
     quart_asgi = app.asgi_app
 
     async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
-        # SSE streams are plain ASGI (lighter per stream, and they write to
-        # their socket directly: see sse.py and direct.py).
+        # Streams are plain ASGI, lighter per connection (SSE also writes
+        # to its socket directly: see sse.py and direct.py).
         if scope["type"] == "http" and sse.is_stream_path(scope["path"]):
             await sse.handle(hub, scope, receive, send)
+        elif scope["type"] == "websocket" and scope["path"] == "/v1/ws":
+            await ws.handle(hub, scope, receive, send)
         else:
             await quart_asgi(scope, receive, send)
 

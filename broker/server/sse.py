@@ -31,16 +31,15 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 import orjson
 import trio
-from werkzeug.datastructures import Headers, MultiDict
 
 from ..core.errors import BrokerError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from ..core.state import Workflow
+from .asgi import ScopeInfo
 from .direct import DirectSocket
 from .hub import JOURNAL, NEW_WORKFLOW, Hub
 from .identity import principal_of
@@ -96,17 +95,8 @@ async def wait_for_workflow(hub: Hub, wid: str) -> Workflow:
     return wf
 
 
-class _Request:
-    """What the stream handlers read from an ASGI scope."""
-
-    def __init__(self, scope: dict[str, Any]) -> None:
-        self.path: str = scope["path"]
-        self.method: str = scope["method"]
-        self.headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
-        qs = scope.get("query_string", b"").decode("utf-8", "replace")
-        self.args: MultiDict[str, str] = MultiDict(parse_qsl(qs, keep_blank_values=True))
-        client = scope.get("client")
-        self.remote = str(client[0]) if client else ""
+class _Request(ScopeInfo):
+    __slots__ = ()
 
     def cursor_args(self) -> tuple[str | None, str | None]:
         last_event_id = self.headers.get("Last-Event-ID")

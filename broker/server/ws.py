@@ -1,10 +1,13 @@
 """WebSocket endpoint `GET /v1/ws` (DESIGN.md §5): many subscriptions per
 connection, live filter changes, app-level ping/pong, close codes.
 
-Per connection: one task reads client messages (it must keep reading even
-when the client only listens: quart-trio's receive queue holds 10, then
-Hypercorn stops reading the connection), one task pings, one waits for
-shutdown, and one task per subscription pulls from its reader and writes.
+Served as plain ASGI (`handle()`, dispatched from http.py): a Quart
+WebSocket adds a request context and a nursery of two tasks per
+connection, and idle connections are the common case. Per connection: one
+task reads client messages (it must keep reading even when the client only
+listens: Hypercorn's queue to the app holds 10 messages, then it stops
+reading the connection), one supervises (heartbeat, admin close,
+shutdown), and one task per subscription pulls from its reader and writes.
 
 Writes go through one lock, and a subscription *pulls inside the lock*, so
 its messages reach the socket in the order its reader produced them even
@@ -16,7 +19,7 @@ reader and closes with 1001.
 Heartbeat: every `stream.ws_ping_interval` the server sends
 `{"kind":"ping"}`; any client message within `stream.ws_pong_timeout`
 (normally `{"op":"pong"}`) keeps the connection. Protocol-level pings are
-not used: Quart does not expose pongs, and browser code cannot see them.
+not used: ASGI does not expose pongs, and browser code cannot see them.
 """
 
 from __future__ import annotations
@@ -28,13 +31,12 @@ from typing import Any
 
 import orjson
 import trio
-from quart import websocket
-from quart_trio import QuartTrio
 
 from ..core.entry import Message
 from ..core.errors import BrokerError, InvalidArgument, Unavailable
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
+from .asgi import ScopeInfo
 from .hub import JOURNAL, Connection, Hub
 from .identity import principal_of
 from .sse import wait_for_workflow
@@ -67,8 +69,48 @@ def _error(code: str, message: str, sub: str | None = None) -> bytes:
     return orjson.dumps(body)
 
 
+class ClientGone(Exception):
+    """The client closed the WebSocket (or the connection dropped)."""
+
+
+class AsgiWebSocket:
+    """The few WebSocket operations the broker uses, over ASGI directly."""
+
+    def __init__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self._receive = receive
+        self._send = send
+        self.request = ScopeInfo(scope)
+        self.closed = False
+
+    async def accept(self) -> None:
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            raise ClientGone
+        await self._send({"type": "websocket.accept"})
+
+    async def receive(self) -> str | bytes:
+        while True:
+            message = await self._receive()
+            if message["type"] == "websocket.receive":
+                text = message.get("text")
+                return text if text is not None else message.get("bytes") or b""
+            if message["type"] == "websocket.disconnect":
+                self.closed = True
+                raise ClientGone
+
+    async def send(self, text: str) -> None:
+        if not self.closed:
+            await self._send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
 class WsSession:
-    def __init__(self, hub: Hub, conn: Connection) -> None:
+    def __init__(self, hub: Hub, conn: Connection, websocket: AsgiWebSocket) -> None:
+        self.ws = websocket
         self.hub = hub
         self.conn = conn
         self.lock = trio.Lock()
@@ -87,17 +129,17 @@ class WsSession:
         conn = self.conn
         conn.write_started = trio.current_time()
         try:
-            await websocket.send(data.decode())
+            await self.ws.send(data.decode())
         finally:
             conn.write_started = None
         if conn.slow:
-            await websocket.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            await self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer")
             assert self.nursery is not None
             self.nursery.cancel_scope.cancel()
 
     async def close(self, code: int, reason: str) -> None:
         async with self.lock:
-            await websocket.close(code, reason)
+            await self.ws.close(code, reason)
         assert self.nursery is not None
         self.nursery.cancel_scope.cancel()
 
@@ -108,7 +150,7 @@ class WsSession:
             self.nursery = nursery
             nursery.start_soon(self._supervise)
             while True:
-                raw = await websocket.receive()
+                raw = await self.ws.receive()
                 self.last_seen = trio.current_time()
                 await self._handle(raw)
 
@@ -151,8 +193,8 @@ class WsSession:
                 if sub.reader is not None:
                     items = sub.reader.pull()
                     if items:
-                        await websocket.send(self._encode(sub, items).decode())
-            await websocket.close(CLOSE_GOING_AWAY, "server shutting down")
+                        await self.ws.send(self._encode(sub, items).decode())
+            await self.ws.close(CLOSE_GOING_AWAY, "server shutting down")
         assert self.nursery is not None
         self.nursery.cancel_scope.cancel()
 
@@ -341,16 +383,17 @@ class WsSession:
                     self._forget(sub)
 
 
-def register(app: QuartTrio, hub: Hub) -> None:
-    @app.websocket("/v1/ws")
-    async def ws_endpoint() -> None:
-        addr = websocket.remote_addr
+async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Serve one WebSocket request to /v1/ws."""
+    websocket = AsgiWebSocket(scope, receive, send)
+    try:
         try:
-            principal = principal_of(hub.config, websocket.headers, websocket.args)
+            req = websocket.request
+            principal = principal_of(hub.config, req.headers, req.args)
             hub.check_capacity(principal)
             # Admitted before accept(), with no checkpoint in between, so two
             # connections racing for the last place cannot both get it.
-            conn = hub.open_connection("ws", str(addr) if addr else "", "/v1/ws", principal)
+            conn = hub.open_connection("ws", req.remote, "/v1/ws", principal)
         except BrokerError as err:
             await websocket.accept()
             code = CLOSE_GOING_AWAY if hub.draining else CLOSE_TOO_MANY
@@ -359,6 +402,8 @@ def register(app: QuartTrio, hub: Hub) -> None:
             return
         try:
             await websocket.accept()
-            await WsSession(hub, conn).run()
+            await WsSession(hub, conn, websocket).run()
         finally:
             hub.close_connection(conn)
+    except* ClientGone:
+        pass  # raised inside the session's nursery, hence except*
