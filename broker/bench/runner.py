@@ -426,6 +426,22 @@ def scenario_fanout(scale: Scale, workdir: Path, nchan_reason: str | None) -> di
     return out
 
 
+def _gc_pause_ms(r: dict[str, Any]) -> float:
+    return sum(g["pause_total_ms"] for g in r.get("gc_during_run", {}).values())
+
+
+def _gc_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Collections and pause time between two `gc` stats snapshots."""
+    out = {}
+    for gen, a in after.items():
+        b = before.get(gen, {})
+        out[gen] = {
+            "collections": a["collections"] - b.get("collections", 0),
+            "pause_total_ms": round(a["pause_total_ms"] - b.get("pause_total_ms", 0.0), 1),
+        }
+    return out
+
+
 def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
     wfs = scale.many_workflows
     count = int(scale.many_rate * scale.many_seconds)
@@ -438,6 +454,7 @@ def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
         paths = [f"/v1/workflows/many-{w}/stream" for w in range(wfs) for _ in range(scale.many_subs_each)]
         subs = _subscribers(workers, broker.url, paths, per_wf, scale.many_seconds + 60, scale.sub_procs)
         wait_until(lambda: broker.stats()["connections"]["total"] >= len(paths), 60, "subscribers")
+        gc_before = broker.stats().get("gc", {})
         start = time.monotonic()
         push, push_out = workers.start(
             "push",
@@ -456,6 +473,7 @@ def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
         elapsed = time.monotonic() - start
         workers.result(push, push_out, 30)
         merged = merge_subs(results)
+        stats = broker.stats()
         merged.update(
             workflows=wfs,
             subscribers=len(paths),
@@ -464,7 +482,8 @@ def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
             expected=per_wf * len(paths),
             elapsed=elapsed,
             rss_kb=broker.rss_kb(),
-            **{k: v for k, v in broker.stats().items() if k in ("streams", "gc")},
+            streams=stats["streams"],
+            gc_during_run=_gc_delta(gc_before, stats.get("gc", {})),
         )
         return merged
     finally:
@@ -668,7 +687,7 @@ def table(results: dict[str, Any]) -> str:
             (
                 f"many: {r['workflows']} wf × {r['subscribers'] // r['workflows']} subs, {r['rate']}/s",
                 f"p50 {r['p50_ms']:.1f} / p99 {r['p99_ms']:.1f} ms",
-                f"{r['delivered']}/{r['expected']} delivered",
+                f"{r['delivered']}/{r['expected']} delivered; GC paused {_gc_pause_ms(r):.0f} ms",
                 "target p99 ≤ 10 ms",
             )
         )
