@@ -376,7 +376,7 @@ class Hub:
         """Shutdown: every stream flushes what it has and ends."""
         self.draining = True
         for conn in self.connections.values():
-            conn.closing.set()  # WebSocket supervisors wait on it
+            conn.closing.set()  # streams check it once handed back
             conn.hand_back()
         for ev in self._waiters.values():
             ev.set()

@@ -6,13 +6,14 @@ WebSocket adds a request context and a nursery of two tasks per
 connection, and idle connections are the common case. Per connection: one
 task reads client messages (it must keep reading even when the client only
 listens: Hypercorn's queue to the app holds 10 messages, then it stops
-reading the connection), one supervises (heartbeat, admin close,
-shutdown), and one task per subscription pulls from its reader and writes.
+reading the connection) and also keeps the heartbeat and watches for an
+admin close or shutdown; one task per subscription pulls from its reader
+and writes.
 
 Writes go through one lock, and a subscription *pulls inside the lock*, so
 its messages reach the socket in the order its reader produced them even
 when several subscriptions and the control replies interleave. On shutdown
-the drain task takes the lock, stops the subscription tasks (none can hold
+the session takes the lock, stops the subscription tasks (none can hold
 pulled-but-unsent events, since pulls happen under the lock), flushes every
 reader and closes with 1001.
 
@@ -146,44 +147,48 @@ class WsSession:
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            nursery.start_soon(self._supervise)
-            while True:
-                raw = await self.ws.receive()
-                self.last_seen = trio.current_time()
-                await self._handle(raw)
-
-    async def _supervise(self) -> None:
-        """Heartbeat, admin close and shutdown in one task (idle connections
-        are the common case: every task per connection costs memory).
-
-        `conn.closing` is set by an admin's DELETE and, for every connection,
-        when the broker starts draining."""
+        """Client messages, heartbeat, admin close and shutdown in one task
+        (idle connections are the common case: every task per connection
+        costs memory). The wait for the next client message is cut short
+        when a ping or pong deadline falls due, and by the hub
+        (`Connection.hand_back`) when an admin closes the connection or the
+        broker starts draining (both set `conn.closing`)."""
         cfg = self.hub.config.stream
+        conn = self.conn
         next_ping = trio.current_time() + cfg.ws_ping_interval
         ping_sent: float | None = None
-        while True:
-            due = next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout
-            with trio.move_on_at(due):
-                await self.conn.closing.wait()
-            if self.hub.draining:
-                await self._drain()
-                return
-            if self.conn.closing.is_set():
-                await self.close(1000, "closed by an administrator")
-                return
-            now = trio.current_time()
-            if ping_sent is not None and now >= ping_sent + cfg.ws_pong_timeout:
-                if self.last_seen < ping_sent:
-                    log.info("ws %d: no pong within %ss, closing", self.conn.id, cfg.ws_pong_timeout)
-                    await self.close(CLOSE_GOING_AWAY, "pong timeout")
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            while True:
+                raw: str | bytes | None = None
+                if not conn.closing.is_set():
+                    due = next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout
+                    conn.wake = trio.CancelScope(deadline=due)
+                    try:
+                        with conn.wake:
+                            raw = await self.ws.receive()
+                    finally:
+                        conn.wake = None
+                if raw is not None:
+                    self.last_seen = trio.current_time()
+                    await self._handle(raw)
+                if self.hub.draining:
+                    await self._drain()
                     return
-                ping_sent = None
-            if ping_sent is None and now >= next_ping:
-                ping_sent = now
-                next_ping = now + cfg.ws_ping_interval
-                await self.send(b'{"kind":"ping"}')
+                if conn.closing.is_set():
+                    await self.close(1000, "closed by an administrator")
+                    return
+                now = trio.current_time()
+                if ping_sent is not None and now >= ping_sent + cfg.ws_pong_timeout:
+                    if self.last_seen < ping_sent:
+                        log.info("ws %d: no pong within %ss, closing", conn.id, cfg.ws_pong_timeout)
+                        await self.close(CLOSE_GOING_AWAY, "pong timeout")
+                        return
+                    ping_sent = None
+                if ping_sent is None and now >= next_ping:
+                    ping_sent = now
+                    next_ping = now + cfg.ws_ping_interval
+                    await self.send(b'{"kind":"ping"}')
 
     async def _drain(self) -> None:
         async with self.lock:
