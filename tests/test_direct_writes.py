@@ -142,12 +142,15 @@ class RawResponse:
             parser.feed(data)
 
 
-async def raw_get(port: int, path: str, version: str = "HTTP/1.1", rcvbuf: int = 0) -> RawResponse:
+async def raw_get(port: int, path: str, version: str = "HTTP/1.1", rcvbuf: int = 0, extra: bytes = b"") -> RawResponse:
+    """A GET on a raw socket; `extra` is sent after the request line and
+    Host/Accept headers (more headers, the blank line, a body)."""
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf:  # before connect, so the advertised window stays small
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     await sock.connect(("127.0.0.1", port))
-    await sock.send(f"GET {path} {version}\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+    head = f"GET {path} {version}\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n".encode()
+    await sock.send(head + (extra or b"\r\n"))
     return RawResponse(sock)
 
 
@@ -286,6 +289,38 @@ async def test_http10_client_gets_a_close_delimited_body_without_direct_writes(b
     frames = sse.frames
     assert [f.event for f in frames[-2:]] == ["state", "end"]
     assert_in_order(frames[1:-2], 2, count)
+
+
+async def test_stream_request_body_is_read_and_an_abandoned_body_opens_no_stream(daemon):
+    """A GET to a stream path with a body: the body is read before the
+    stream starts; a client that leaves halfway through its body gets no
+    stream (before, the disconnect read as the end of the body and the
+    stream stayed open with nobody reading)."""
+    wid = uid("body")
+    with trio.fail_after(15):
+        async with client_for(daemon) as client:
+            # Leaves after 3 of 10 body bytes, before the workflow exists.
+            gone = await raw_get(daemon.port, wf_path(wid), extra=b"Content-Length: 10\r\n\r\nabc")
+            gone.sock.close()
+            # A whole body, in two sends: this one streams.
+            resp = await raw_get(daemon.port, wf_path(wid), extra=b"Content-Length: 10\r\n\r\nabcde")
+            await resp.sock.send(b"fghij")
+            daemon.push(ev(wid, "workflow.running"))
+            _, status, _ = await resp.head()
+            assert status == 200
+            body = ChunkedSse(resp)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(body.run)
+                await body.started.wait()
+                assert body.sse.frames[0].event == "snapshot"
+                # The abandoned request, woken by the same workflow, would
+                # be a second stream by now.
+                st = await stats(client)
+                assert st["connections"]["total"] == 1, st["connections"]
+                daemon.push(ev(wid, "workflow.completed"))
+            assert body.ended and body.sse.frames[-1].event == "end"
+            resp.sock.close()
+            await poll(lambda: _connections(client, 0), 5)
 
 
 async def _connections(client: httpx.AsyncClient, n: int) -> dict[str, Any] | None:

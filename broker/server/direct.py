@@ -27,6 +27,7 @@ that the direct path is the one in use with the pinned versions.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
@@ -37,6 +38,10 @@ try:  # h11's writer for chunked bodies (private name; checked, not assumed)
     from h11._writers import ChunkedWriter
 except ImportError:  # pragma: no cover - another h11 layout: no direct path
     ChunkedWriter = None  # type: ignore[assignment,misc]
+
+
+# send() errors that mean the peer is gone (the request's reader notices too).
+_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.EBADF, errno.ETIMEDOUT})
 
 
 class DirectSocket:
@@ -84,14 +89,18 @@ class DirectSocket:
         `ready()`). True if it all went out; otherwise what is left waits in
         `pending` for `flush()`, or the socket failed (`broken`: the client
         is gone and Hypercorn's reader ends the request)."""
+        if not data:
+            return True  # an empty chunk would end the body
         frame = b"%x\r\n%b\r\n" % (len(data), data)
         try:
             sent = self._sock.send(frame)
         except BlockingIOError:
             sent = 0
-        except OSError:
-            self.broken = True  # the client is gone; its reader will notice
-            return False
+        except OSError as err:
+            if err.errno in _GONE:
+                self.broken = True  # the client is gone; its reader will notice
+                return False
+            sent = 0  # anything else: Hypercorn's own send meets it in flush()
         if sent == len(frame):
             return True
         self.pending = frame[sent:]

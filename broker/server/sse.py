@@ -126,8 +126,12 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send) 
             raise _MethodNotAllowed
         # The request message (a GET has an empty body) comes first; after
         # it, `receive()` returns only when the client disconnects.
-        while (await receive()).get("more_body"):
-            pass
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # gone before its request body ended
+            if not message.get("more_body"):
+                break
         reader, key = await _plan(hub, req)
         principal = principal_of(hub.config, req.headers, req.args)
         hub.check_capacity(principal)
@@ -312,16 +316,19 @@ async def _stream(
 
     conn.deliver = deliver
     try:
-        await run()
-    except _ClientGone:
-        return
+        try:
+            await run()
+        except _ClientGone:
+            return
+        finally:
+            conn.deliver = None
+            hub.unwatch(key)
+        # A normal end closes the chunked body (after an error Hypercorn
+        # closes the connection instead). The connection is counted until
+        # then, so a drain waits for this last chunk too.
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        conn.deliver = None
-        hub.unwatch(key)
         hub.close_connection(conn)
-    # A normal end closes the chunked body (after an error Hypercorn closes
-    # the connection instead).
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _ClientGone(Exception):
