@@ -669,6 +669,24 @@ async def test_unknown_workflow_is_not_found_after_the_wait(broker_factory):
             assert seqs(events) == [1]
 
 
+async def test_unsubscribe_while_waiting_for_the_workflow(broker_factory):
+    b = broker_factory(stream={"unknown_workflow_wait": 5})
+    with trio.fail_after(10):
+        async with ws_client(ws_url(b)) as c:
+            await subscribe(c, "p", workflow="wf-later")
+            await subscribe(c, "q", workflow="wf-later")
+            await c.roundtrip()
+            await c.send({"op": "unsubscribe", "sub": "p"})
+            assert await c.next_sub("p") == {"kind": "unsubscribed", "sub": "p"}
+            b.push(ev("wf-later", "workflow.running"))
+            snap = await c.next_sub("q")  # the other one opens
+            assert snap["kind"] == "snapshot" and snap["seq"] == 1
+            await c.roundtrip()
+            assert c.pending_for("p") == []
+        stats = await wait_stats(b, lambda s: s["connections"]["total"] == 0)
+        assert stats["waiters"] == 0, stats
+
+
 # ---------------------------------------------------------------- the end
 
 
@@ -759,6 +777,34 @@ async def test_client_answering_pings_stays_connected(broker_factory):
             b.push(log("wf-hb", "info", "still connected"))
             events, _ = await c.events("s", 1)
             assert events[0]["message"] == "still connected"
+
+
+async def test_pongs_are_read_while_events_stream_without_pause(broker_factory):
+    """One task serves the connection: between writes it must still read
+    the client's pongs, or a busy subscription would be closed as silent."""
+    b = broker_factory(stream=HEARTBEAT)
+    wid = "wf-busy"
+    b.push(ev(wid, "workflow.running"))
+    with trio.fail_after(20):
+        async with ws_client(ws_url(b)) as c:
+            await open_sub(c, "s", workflow=wid)
+            pushed = 0
+
+            async def engine() -> None:
+                nonlocal pushed
+                while True:  # an event every 2 ms until cancelled
+                    pushed += 1
+                    b.push(log(wid, "info", f"m{pushed}"))
+                    await trio.sleep(0.002)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine)
+                await c.wait_pings(5)  # ≈ 5 ping/pong-timeout cycles under load
+                nursery.cancel_scope.cancel()
+            await c.roundtrip()  # still open (a close would have raised)
+            events, _ = await c.until("s", lambda m: m.get("message") == f"m{pushed}")
+    assert pushed > 300, pushed
+    assert seqs(events) == list(range(2, 2 + len(events))), "gap or reorder"
 
 
 async def test_silent_client_is_closed_with_1001(broker_factory):

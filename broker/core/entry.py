@@ -32,6 +32,13 @@ def sse_frame(event_id: str, kind: str, body: bytes) -> bytes:
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), body)
 
 
+def dumps_exact(obj: Any) -> bytes:
+    """orjson.dumps for bytes that live long: orjson returns its working
+    buffer (4 KiB or more, seen with 3.13) without shrinking it, so keep an
+    exact-size copy."""
+    return bytes(memoryview(orjson.dumps(obj)))
+
+
 class Entry:
     """One event in a workflow ring and the node journal."""
 
@@ -80,9 +87,7 @@ class Entry:
         self.level = LOG_LEVELS[level] if level is not None else 0
         self.terminal = terminal
         self.after_terminal = after_terminal
-        # orjson returns its working buffer (4 KiB or more, seen with 3.13)
-        # without shrinking it; entries live long, so keep an exact copy.
-        self.body = bytes(memoryview(orjson.dumps(msg)))
+        self.body = dumps_exact(msg)
         # Accounted size: the body, the SSE frame cached beside it once
         # anyone streams it, and a rough fixed cost of the object.
         self.size = 2 * len(self.body) + 200

@@ -149,6 +149,8 @@ class Hub:
         self.state = state or BrokerState(config.node.id, limits_from_config(config))
         self._waiters: dict[str, trio.Event] = {}
         self._parked: dict[str, dict[int, Connection]] = {}  # key -> parked connections
+        # key -> callbacks of subscriptions listening on it (WebSocket; see listen())
+        self._listeners: dict[str, dict[int, Callable[[str], None]]] = {}
         self.watchers: Counter[str] = Counter()  # subscribers per wait key
         self._last_wake: dict[str, float] = {}
         self._deferred: dict[str, float] = {}  # key -> when its wakeup is due
@@ -229,7 +231,8 @@ class Hub:
         interval is a fraction of a millisecond, i.e. no batching at all."""
         ev = self._waiters.get(key)
         parked = self._parked.get(key)
-        if ev is None and not parked:
+        listeners = self._listeners.get(key)
+        if ev is None and not parked and not listeners:
             return
         interval = self.watchers.get(key, 0) * WRITE_COST
         last = self._last_wake.get(key)
@@ -239,6 +242,8 @@ class Hub:
                 ev.set()
             if parked:
                 self._deliver(parked)
+            if listeners:
+                self._notify(key, listeners)
             self._last_wake[key] = now
         elif key not in self._deferred:
             self._deferred[key] = last + interval
@@ -280,6 +285,30 @@ class Hub:
             del self.watchers[key]
 
     # ---------------------------------------------------------------- waits
+
+    def listen(self, key: str, token: object, callback: Callable[[str], None]) -> None:
+        """Call `callback(key)` on every wakeup of `key` until `unlisten`:
+        a subscription that is not a task (WebSocket) hears of new entries
+        this way and needs no wait of its own. `token` identifies it."""
+        listeners = self._listeners.get(key)
+        if listeners is None:
+            listeners = self._listeners[key] = {}
+        listeners[id(token)] = callback
+
+    def unlisten(self, key: str, token: object) -> None:
+        listeners = self._listeners.get(key)
+        if listeners is not None:
+            listeners.pop(id(token), None)
+            if not listeners:
+                del self._listeners[key]
+
+    @staticmethod
+    def _notify(key: str, listeners: dict[int, Callable[[str], None]]) -> None:
+        for callback in list(listeners.values()):
+            try:
+                callback(key)
+            except Exception:  # a bug must not take ingest down with it
+                log.exception("listener of %r failed", key)
 
     @staticmethod
     def _deliver(parked: dict[int, Connection]) -> None:
@@ -433,7 +462,11 @@ class Hub:
             **by_transport,
             **{k: v for k, v in self.table.counts().items() if k != "total"},
         }
-        out["waiters"] = len(self._waiters) + sum(len(p) for p in self._parked.values())
+        out["waiters"] = (
+            len(self._waiters)
+            + sum(len(p) for p in self._parked.values())
+            + sum(len(w) for w in self._listeners.values())
+        )
         out["watched_keys"] = len(self.watchers)
         out["delivered"] = dict(self.delivered)
         out["streams"] = dict(self.counters)

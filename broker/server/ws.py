@@ -3,19 +3,24 @@ connection, live filter changes, app-level ping/pong, close codes.
 
 Served as plain ASGI (`handle()`, dispatched from http.py): a Quart
 WebSocket adds a request context and a nursery of two tasks per
-connection, and idle connections are the common case. Per connection: one
-task reads client messages (it must keep reading even when the client only
-listens: Hypercorn's queue to the app holds 10 messages, then it stops
-reading the connection) and also keeps the heartbeat and watches for an
-admin close or shutdown; one task per subscription pulls from its reader
-and writes.
+connection, and idle connections are the common case. Per connection, one
+task does everything: it reads client messages (it must keep reading even
+when the client only listens: Hypercorn's queue to the app holds 10
+messages, then it stops reading the connection), writes what the
+subscriptions' readers have, keeps the heartbeat and watches for an admin
+close or shutdown. Subscriptions are not tasks: each *listens* on its
+wait key (`Hub.listen`); a wakeup marks the key due and cuts the wait for
+the next client message short (`Connection.hand_back`), and the session
+pulls the due subscriptions' readers and writes. Under a steady stream of
+events the session still looks for client messages between writes (a
+short poll), so pongs are never starved. A subscription to a workflow that
+does not exist yet listens for new workflows until it appears or
+`stream.unknown_workflow_wait` runs out.
 
-Writes go through one lock, and a subscription *pulls inside the lock*, so
-its messages reach the socket in the order its reader produced them even
-when several subscriptions and the control replies interleave. On shutdown
-the session takes the lock, stops the subscription tasks (none can hold
-pulled-but-unsent events, since pulls happen under the lock), flushes every
-reader and closes with 1001.
+With one task per connection there is no lock: every pull is followed by
+its write with no other write in between, so a subscription's messages
+reach the socket in the order its reader produced them. On shutdown the
+session flushes every reader and closes with 1001.
 
 Heartbeat: every `stream.ws_ping_interval` the server sends
 `{"kind":"ping"}`; any client message within `stream.ws_pong_timeout`
@@ -26,21 +31,19 @@ not used: ASGI does not expose pongs, and browser code cannot see them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import orjson
 import trio
 
-from ..core.entry import Message
-from ..core.errors import BrokerError, InvalidArgument, Unavailable
+from ..core.entry import Message, dumps_exact
+from ..core.errors import BrokerError, InvalidArgument, NotFound, Unavailable
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
+from ..core.state import Workflow
 from .asgi import ScopeInfo
-from .hub import JOURNAL, Connection, Hub
+from .hub import JOURNAL, NEW_WORKFLOW, Connection, Hub
 from .identity import principal_of
-from .sse import wait_for_workflow
 
 log = logging.getLogger("broker.ws")
 
@@ -51,16 +54,37 @@ CLOSE_SLOW_CONSUMER = 4008
 SUBSCRIBE_KEYS = frozenset({"op", "sub", "workflow", "workflows", "tenant", "parent", "since", "cursor", "filter"})
 
 
+# How long the session looks for a client message when subscriptions have
+# more to write (events keep coming): long enough to take one that is
+# already queued, short enough not to delay the next write.
+POLL = 1e-4
+
+
 class Subscription:
-    __slots__ = ("id", "id_json", "scope", "reader", "key", "multi")
+    __slots__ = ("id", "id_json", "reader", "key", "multi", "live", "pending")
 
     def __init__(self, sub_id: str) -> None:
         self.id = sub_id
-        self.id_json = orjson.dumps(sub_id)
-        self.scope = trio.CancelScope()
+        self.id_json = dumps_exact(sub_id)  # kept for the connection's life
         self.reader: WorkflowReader | MultiReader | None = None
-        self.key = ""
+        self.key = ""  # the hub wait key it listens on
         self.multi = False
+        self.live = False  # listening on `key` (Hub.listen), counted in its watchers
+        # Waiting for its workflow to appear (listening on NEW_WORKFLOW).
+        self.pending: _Pending | None = None
+
+
+class _Pending:
+    """A workflow subscription whose workflow does not exist yet."""
+
+    __slots__ = ("workflow", "filter", "cursor", "since", "deadline")
+
+    def __init__(self, workflow: str, flt: Filter, cursor: str | None, since: str | None, deadline: float) -> None:
+        self.workflow = workflow
+        self.filter = flt
+        self.cursor = cursor
+        self.since = since
+        self.deadline = deadline
 
 
 def _error(code: str, message: str, sub: str | None = None) -> bytes:
@@ -74,13 +98,16 @@ class ClientGone(Exception):
     """The client closed the WebSocket (or the connection dropped)."""
 
 
+class _Closed(Exception):
+    """The session closed the WebSocket itself: nothing more to do."""
+
+
 class AsgiWebSocket:
     """The few WebSocket operations the broker uses, over ASGI directly."""
 
-    def __init__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def __init__(self, receive: Any, send: Any) -> None:
         self._receive = receive
         self._send = send
-        self.request = ScopeInfo(scope)
         self.closed = False
 
     async def accept(self) -> None:
@@ -110,22 +137,20 @@ class AsgiWebSocket:
 
 
 class WsSession:
+    """One WebSocket connection: a single task (see the module docstring)."""
+
     def __init__(self, hub: Hub, conn: Connection, websocket: AsgiWebSocket) -> None:
         self.ws = websocket
         self.hub = hub
         self.conn = conn
-        self.lock = trio.Lock()
         self.subs: dict[str, Subscription] = {}
         self.last_seen = trio.current_time()
-        self.nursery: trio.Nursery | None = None
         self.node_epoch = hub.state.node_epoch
+        self.due: set[str] = set()  # wait keys with news not yet pulled
+        self.pending = 0  # subscriptions waiting for their workflow
 
     async def send(self, data: bytes) -> None:
-        async with self.lock:
-            await self._write(data)
-
-    async def _write(self, data: bytes) -> None:
-        """One write (the lock held); a write that made no progress for
+        """One write; a write that made no progress for
         stream.slow_consumer_timeout but completed after all closes with 4008."""
         conn = self.conn
         conn.write_started = trio.current_time()
@@ -134,74 +159,77 @@ class WsSession:
         finally:
             conn.write_started = None
         if conn.slow:
-            await self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer")
-            assert self.nursery is not None
-            self.nursery.cancel_scope.cancel()
+            await self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     async def close(self, code: int, reason: str) -> None:
-        async with self.lock:
-            await self.ws.close(code, reason)
-        assert self.nursery is not None
-        self.nursery.cancel_scope.cancel()
+        await self.ws.close(code, reason)
+        raise _Closed
 
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        """Client messages, heartbeat, admin close and shutdown in one task
-        (idle connections are the common case: every task per connection
-        costs memory). The wait for the next client message is cut short
-        when a ping or pong deadline falls due, and by the hub
-        (`Connection.hand_back`) when an admin closes the connection or the
-        broker starts draining (both set `conn.closing`)."""
+        try:
+            await self._loop()
+        except _Closed:
+            pass
+        finally:
+            for sub in list(self.subs.values()):
+                self._stop(sub)
+
+    async def _loop(self) -> None:
+        """Client messages, subscription writes, heartbeat, admin close and
+        shutdown in one task (idle connections are the common case: every
+        task per connection costs memory). The wait for the next client
+        message is cut short when a ping, pong or pending-subscription
+        deadline falls due, when a subscription's key has news (`_notify`),
+        and by the hub (`Connection.hand_back`) when an admin closes the
+        connection or the broker starts draining (both set `conn.closing`)."""
         cfg = self.hub.config.stream
         conn = self.conn
         next_ping = trio.current_time() + cfg.ws_ping_interval
         ping_sent: float | None = None
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            while True:
-                raw: str | bytes | None = None
-                if not conn.closing.is_set():
-                    due = next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout
-                    conn.wake = trio.CancelScope(deadline=due)
-                    try:
-                        with conn.wake:
-                            raw = await self.ws.receive()
-                    finally:
-                        conn.wake = None
-                if raw is not None:
-                    self.last_seen = trio.current_time()
-                    await self._handle(raw)
-                if self.hub.draining:
-                    await self._drain()
-                    return
-                if conn.closing.is_set():
-                    await self.close(1000, "closed by an administrator")
-                    return
-                now = trio.current_time()
-                if ping_sent is not None and now >= ping_sent + cfg.ws_pong_timeout:
-                    if self.last_seen < ping_sent:
-                        log.info("ws %d: no pong within %ss, closing", conn.id, cfg.ws_pong_timeout)
-                        await self.close(CLOSE_GOING_AWAY, "pong timeout")
-                        return
-                    ping_sent = None
-                if ping_sent is None and now >= next_ping:
-                    ping_sent = now
-                    next_ping = now + cfg.ws_ping_interval
-                    await self.send(b'{"kind":"ping"}')
+        while True:
+            if self.hub.draining:
+                await self._drain()
+            if conn.closing.is_set():
+                await self.close(1000, "closed by an administrator")
+            if self.due:
+                await self._flush_due()
+            now = trio.current_time()
+            if self.pending:
+                await self._open_pending(now)
+            if ping_sent is not None and now >= ping_sent + cfg.ws_pong_timeout:
+                if self.last_seen < ping_sent:
+                    log.info("ws %d: no pong within %ss, closing", conn.id, cfg.ws_pong_timeout)
+                    await self.close(CLOSE_GOING_AWAY, "pong timeout")
+                ping_sent = None
+            if ping_sent is None and now >= next_ping:
+                ping_sent = now
+                next_ping = now + cfg.ws_ping_interval
+                await self.send(b'{"kind":"ping"}')
+            due = next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout
+            if self.pending:
+                due = min(due, *(s.pending.deadline for s in self.subs.values() if s.pending is not None))
+            if self.due:  # news came during the writes: only a quick look
+                due = min(due, trio.current_time() + POLL)
+            raw: str | bytes | None = None
+            conn.wake = trio.CancelScope(deadline=due)
+            try:
+                with conn.wake:
+                    raw = await self.ws.receive()
+            finally:
+                conn.wake = None
+            if raw is not None:
+                self.last_seen = trio.current_time()
+                await self._handle(raw)
 
     async def _drain(self) -> None:
-        async with self.lock:
-            for sub in self.subs.values():
-                sub.scope.cancel()
-            for sub in list(self.subs.values()):
-                if sub.reader is not None:
-                    items = sub.reader.pull()
-                    if items:
-                        await self.ws.send(self._encode(sub, items).decode())
-            await self.ws.close(CLOSE_GOING_AWAY, "server shutting down")
-        assert self.nursery is not None
-        self.nursery.cancel_scope.cancel()
+        for sub in list(self.subs.values()):
+            if sub.reader is not None and sub.live:
+                items = sub.reader.pull()
+                if items:
+                    await self.ws.send(self._encode(sub, items).decode())
+        await self.close(CLOSE_GOING_AWAY, "server shutting down")
 
     # -------------------------------------------------------------- messages
 
@@ -218,7 +246,7 @@ class WsSession:
         sub_id = msg.get("sub") if isinstance(msg.get("sub"), str) else None
         try:
             if op == "subscribe":
-                self._subscribe(msg)
+                await self._subscribe(msg)
             elif op == "filter":
                 sub = self._existing(msg)
                 if sub.reader is None:
@@ -229,8 +257,7 @@ class WsSession:
                 sub.reader.set_filter(Filter.parse(flt, from_query=False))
             elif op == "unsubscribe":
                 sub = self._existing(msg)
-                sub.scope.cancel()
-                self._forget(sub)
+                self._stop(sub)
                 await self.send(b'{"kind":"unsubscribed","sub":' + sub.id_json + b"}")
             elif op == "ping":
                 await self.send(b'{"kind":"pong"}')
@@ -251,7 +278,7 @@ class WsSession:
             raise InvalidArgument(f"no subscription {str(sub_id)[:128]!r}")
         return self.subs[sub_id]
 
-    def _subscribe(self, msg: dict[str, Any]) -> None:
+    async def _subscribe(self, msg: dict[str, Any]) -> None:
         unknown = set(msg) - SUBSCRIBE_KEYS
         if unknown:
             raise InvalidArgument(f"unknown key '{sorted(unknown)[0]}' in subscribe")
@@ -286,11 +313,14 @@ class WsSession:
         elif not isinstance(value, str) or not value:
             raise InvalidArgument(f"'{scope}' must be a non-empty string")
         if scope == "workflow":
-            self.subs[sub_id] = sub
-            self.conn.subscriptions = len(self.subs)
-            assert self.nursery is not None
-            opener = partial(self._open_workflow_sub, sub, value, flt, cursor, since_text)
-            self.nursery.start_soon(self._run_sub, sub, opener)
+            wf = self.hub.state.get(value)
+            if wf is not None:
+                await self._open_workflow_sub(sub, wf, flt, cursor, since_text)
+            else:
+                # The subscription exists while it waits (up to
+                # stream.unknown_workflow_wait) for the workflow's first event.
+                deadline = trio.current_time() + self.hub.config.stream.unknown_workflow_wait
+                self._wait_for_workflow(sub, _Pending(value, flt, cursor, since_text, deadline))
             return
         if since_text is not None:
             raise InvalidArgument("multi-workflow subscriptions resume with 'cursor' (a journal cursor)")
@@ -306,24 +336,15 @@ class WsSession:
         )
         sub.key = JOURNAL
         sub.multi = True
-        self.subs[sub_id] = sub
-        self.conn.subscriptions = len(self.subs)
-        assert self.nursery is not None
-        self.nursery.start_soon(self._run_sub, sub, None)
+        self._start(sub)
 
     async def _open_workflow_sub(
-        self, sub: Subscription, wid: str, flt: Filter, cursor: str | None, since: str | None
-    ) -> bool:
-        """Wait for the workflow and place the reader; False if the sub ended."""
-        try:
-            wf = await wait_for_workflow(self.hub, wid)
-            start = plan_workflow_start(wf, last_event_id=cursor, since=since)
-        except BrokerError as err:
-            self._forget(sub)
-            await self.send(_error(err.code, err.message, sub.id))
-            return False
+        self, sub: Subscription, wf: Workflow, flt: Filter, cursor: str | None, since: str | None
+    ) -> None:
+        """Place the reader and start the subscription, or reply `end` if
+        the client has everything already (a BrokerError for a bad cursor)."""
+        start = plan_workflow_start(wf, last_event_id=cursor, since=since)
         if start.mode == NO_CONTENT:
-            self._forget(sub)
             end = {
                 "kind": "end",
                 "workflow_id": wf.id,
@@ -333,17 +354,87 @@ class WsSession:
             }
             cursor = f"{wf.epoch}:{wf.terminal_seq}"
             await self.send(self._frame(sub, cursor, [Message(end, cursor)]))
-            return False
+            return
         sub.reader = WorkflowReader(
             wf, flt, start, coalesce_after=self.hub.config.stream.coalesce_after, counters=self.hub.counters
         )
-        sub.key = wid
-        return True
+        sub.key = wf.id
+        self._start(sub)
 
-    def _forget(self, sub: Subscription) -> None:
+    async def _open_pending(self, now: float) -> None:
+        """Open the waiting subscriptions whose workflow appeared; reply
+        not_found to those whose `stream.unknown_workflow_wait` ran out."""
+        for sub in list(self.subs.values()):
+            pending = sub.pending
+            if pending is None:
+                continue
+            wf = self.hub.state.get(pending.workflow)
+            if wf is None and now < pending.deadline:
+                continue
+            self._stop(sub)  # stops listening for new workflows
+            try:
+                if wf is None:
+                    raise NotFound(f"workflow '{pending.workflow}' not found")
+                await self._open_workflow_sub(sub, wf, pending.filter, pending.cursor, pending.since)
+            except BrokerError as err:
+                await self.send(_error(err.code, err.message, sub.id))
+
+    def _start(self, sub: Subscription) -> None:
+        """Listen on the subscription's key; its first write (snapshot or
+        backlog) goes out on the next round of the session."""
+        self.subs[sub.id] = sub
+        self.conn.subscriptions = len(self.subs)
+        self.hub.watch(sub.key)
+        self.hub.listen(sub.key, sub, self._notify)
+        sub.live = True
+        self.due.add(sub.key)
+
+    def _wait_for_workflow(self, sub: Subscription, pending: _Pending) -> None:
+        sub.pending = pending
+        self.pending += 1
+        self.subs[sub.id] = sub
+        self.conn.subscriptions = len(self.subs)
+        self.hub.listen(NEW_WORKFLOW, sub, self._notify)
+
+    def _stop(self, sub: Subscription) -> None:
+        """The subscription ends: no more listening, gone from the session."""
+        if sub.live:
+            sub.live = False
+            self.hub.unlisten(sub.key, sub)
+            self.hub.unwatch(sub.key)
+        if sub.pending is not None:
+            sub.pending = None
+            self.pending -= 1
+            self.hub.unlisten(NEW_WORKFLOW, sub)
         if self.subs.get(sub.id) is sub:
             del self.subs[sub.id]
         self.conn.subscriptions = len(self.subs)
+
+    def _notify(self, key: str) -> None:
+        """Called by the hub: `key` has new entries (or a workflow appeared)."""
+        self.due.add(key)
+        self.conn.hand_back()
+
+    async def _flush_due(self) -> None:
+        """Pull and write every subscription whose key had news. Each pull
+        is followed by its write with no checkpoint in between, so messages
+        reach the socket in the order the reader produced them."""
+        due, self.due = self.due, set()
+        conn = self.conn
+        hub = self.hub
+        for sub in list(self.subs.values()):
+            reader = sub.reader
+            if reader is None or not sub.live or sub.key not in due:
+                continue
+            items = reader.pull()
+            if items:
+                await self.send(self._encode(sub, items))
+                conn.delivered += len(items)
+                hub.delivered["ws"] += len(items)
+            if reader.done:
+                self._stop(sub)
+            elif items:
+                await conn.pace(len(items))
 
     def _encode(self, sub: Subscription, items: list[Any]) -> bytes:
         reader = sub.reader
@@ -358,47 +449,20 @@ class WsSession:
             return head + b"," + items[0].body[1:]
         return head + b',"kind":"batch","events":[' + b",".join([it.body for it in items]) + b"]}"
 
-    async def _run_sub(self, sub: Subscription, opener: Callable[[], Awaitable[bool]] | None) -> None:
-        hub = self.hub
-        with sub.scope:
-            if opener is not None and not await opener():
-                return
-            reader = sub.reader
-            assert reader is not None
-            hub.watch(sub.key)
-            try:
-                while True:
-                    async with self.lock:
-                        items = reader.pull()
-                        if items:
-                            await self._write(self._encode(sub, items))
-                    if items:
-                        self.conn.delivered += len(items)
-                        hub.delivered["ws"] += len(items)
-                        if reader.done:
-                            break
-                        await self.conn.pace(len(items))
-                        continue
-                    if reader.done or hub.draining:
-                        break
-                    await hub.wait(sub.key, 3600)
-            finally:
-                hub.unwatch(sub.key)
-                if reader.done:
-                    self._forget(sub)
-
 
 async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Serve one WebSocket request to /v1/ws."""
-    websocket = AsgiWebSocket(scope, receive, send)
+    websocket = AsgiWebSocket(receive, send)
     try:
         try:
-            req = websocket.request
+            # The request's headers and arguments are needed only here.
+            req = ScopeInfo(scope)
             principal = principal_of(hub.config, req.headers, req.args)
             hub.check_capacity(principal)
             # Admitted before accept(), with no checkpoint in between, so two
             # connections racing for the last place cannot both get it.
             conn = hub.open_connection("ws", req.remote, "/v1/ws", principal)
+            del req
         except BrokerError as err:
             await websocket.accept()
             code = CLOSE_GOING_AWAY if hub.draining else CLOSE_TOO_MANY
@@ -410,5 +474,5 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> No
             await WsSession(hub, conn, websocket).run()
         finally:
             hub.close_connection(conn)
-    except* ClientGone:
-        pass  # raised inside the session's nursery, hence except*
+    except ClientGone:
+        pass
