@@ -128,6 +128,20 @@ def _end_message(wf_id: str, epoch: str, seq: int, state: str | None, journal_cu
 
 
 class WorkflowReader:
+    __slots__ = (
+        "counters",
+        "wf",
+        "filter",
+        "coalesce_after",
+        "index",
+        "seq",
+        "log_counts",
+        "_idle",
+        "_opening",
+        "done",
+        "coalesced",
+    )  # one per subscriber: no per-instance dict
+
     def __init__(
         self,
         wf: Workflow,
@@ -261,6 +275,24 @@ class WorkflowReader:
 
 class MultiReader:
     """A stream over several workflows, read from the node journal."""
+
+    __slots__ = (
+        "counters",
+        "state",
+        "filter",
+        "workflows",
+        "tenant",
+        "parent",
+        "coalesce_after",
+        "_opening",
+        "index",
+        "_idle",
+        "done",
+        "ended",
+        "coalesced",
+        "_opened_at",
+        "_log_seen",
+    )
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -58,7 +58,7 @@ def limits_from_config(config: Config) -> Limits:
     )
 
 
-@dataclass
+@dataclass(slots=True)  # one per open stream: no per-instance dict
 class Connection:
     id: int
     transport: str  # "sse" or "ws"
@@ -70,7 +70,7 @@ class Connection:
     subscriptions: int = 0
     # Set by an admin's DELETE: the stream flushes and closes (SSE without
     # `end`, so the client reconnects with its cursor; WS with 1000).
-    closing: trio.Event = field(default_factory=trio.Event)
+    closing: bool = False
     wait_key: str = ""
     # Slow consumers (DESIGN §6): when the current write started (trio
     # clock), None between writes; `slow` once a write made no progress for
@@ -334,7 +334,7 @@ class Hub:
 
         Same rule as `wait()`: call it right after a `pull()` that returned
         nothing, with no checkpoint in between."""
-        if self.draining or conn.closing.is_set():
+        if self.draining or conn.closing:
             return True
         parked = self._parked.get(key)
         if parked is None:
@@ -405,7 +405,7 @@ class Hub:
         """Shutdown: every stream flushes what it has and ends."""
         self.draining = True
         for conn in self.connections.values():
-            conn.closing.set()  # streams check it once handed back
+            conn.closing = True  # streams check it once handed back
             conn.hand_back()
         for ev in self._waiters.values():
             ev.set()
@@ -447,7 +447,7 @@ class Hub:
         conn = self.connections.get(conn_id)
         if conn is None:
             return False
-        conn.closing.set()
+        conn.closing = True
         conn.hand_back()
         ev = self._waiters.pop(conn.wait_key, None)
         if ev is not None:

@@ -148,7 +148,9 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send) 
         # stops EventSource from reconnecting forever.
         await _respond(send, 204, b"", cors)
         return
-    await _stream(hub, reader, key, req, principal, receive, send, cors)
+    remote, path = req.remote, req.path
+    del req  # headers and arguments are not needed while streaming
+    await _stream(hub, reader, key, remote, path, principal, receive, send, cors)
 
 
 class _MethodNotAllowed(Exception):
@@ -207,7 +209,8 @@ async def _stream(
     hub: Hub,
     reader: WorkflowReader | MultiReader,
     key: str,
-    req: _Request,
+    remote: str,
+    path: str,
     principal: Any,
     receive: Receive,
     send: Send,
@@ -224,7 +227,7 @@ async def _stream(
         await send({"type": "http.response.body", "body": data, "more_body": True})
 
     try:
-        conn = hub.open_connection("sse", req.remote, req.path, principal)
+        conn = hub.open_connection("sse", remote, path, principal)
     except BrokerError as err:  # the limit filled up since check_capacity()
         await write(sse_error(err))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -252,7 +255,7 @@ async def _stream(
         new straight to the socket. False hands the stream back to this
         task (no direct socket, bytes left over, the stream ended,
         closing, the socket is gone)."""
-        if direct is None or conn.rate or hub.draining or conn.closing.is_set() or not direct.ready():
+        if direct is None or conn.rate or hub.draining or conn.closing or not direct.ready():
             return False  # paced streams (limits.events_per_second) write themselves
         taken = take()
         if taken is None:
@@ -295,13 +298,13 @@ async def _stream(
                     return
                 if taken is None:
                     continue
-                if conn.closing.is_set() and not hub.draining:
+                if conn.closing and not hub.draining:
                     # An admin closed it: even a busy stream stops.
                     # (Draining sets `closing` too, but flushes first.)
                     return
                 await conn.pace(taken[1])
                 continue
-            if reader.done or hub.draining or conn.closing.is_set():
+            if reader.done or hub.draining or conn.closing:
                 return
             # Silence is timed from the last write: wakeups for events
             # this stream filters out must not postpone the keepalive.

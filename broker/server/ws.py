@@ -191,7 +191,7 @@ class WsSession:
         while True:
             if self.hub.draining:
                 await self._drain()
-            if conn.closing.is_set():
+            if conn.closing:
                 await self.close(1000, "closed by an administrator")
             if self.due:
                 await self._flush_due()
