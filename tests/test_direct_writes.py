@@ -415,7 +415,7 @@ async def test_stats_report_gc_pauses_per_generation(daemon):
             gc = (await stats(client))["gc"]
     assert set(gc) == {"gen0", "gen1", "gen2"}
     for gen in gc.values():
-        assert set(gen) == {"collections", "pause_total_ms", "pause_max_ms"}
+        assert set(gen) == {"collections", "pause_total_ms", "pause_max_ms", "collected"}
         assert isinstance(gen["collections"], int) and gen["collections"] >= 0
         for key in ("pause_total_ms", "pause_max_ms"):
             assert isinstance(gen[key], (int, float)) and not isinstance(gen[key], bool) and gen[key] >= 0

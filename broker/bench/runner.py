@@ -214,6 +214,20 @@ def merge_subs(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["p99_ms"] = percentile(lat, 0.99) * 1000
     out["max_ms"] = max(lat) * 1000 if lat else float("nan")
     out["samples"] = len(lat)
+    # p99 of each second of the run (by arrival), seconds with ≥ 100 samples:
+    # whether the tail is spread out or a few bad moments.
+    by_second: dict[int, list[float]] = {}
+    for r in results:
+        for sec, value in zip(r.get("latency_at", []), r["latency"], strict=False):
+            by_second.setdefault(sec, []).append(value)
+    seconds = [(sec, v) for sec, v in sorted(by_second.items()) if len(v) >= 100]
+    p99s = [percentile(v, 0.99) * 1000 for _, v in seconds]
+    if p99s:
+        out["first_second"] = seconds[0][0]  # Unix time of p99_by_second_ms[0]
+        out["p99_by_second_ms"] = [round(x, 1) for x in p99s]
+        out["p99_worst_second_ms"] = max(p99s)
+        out["p99_median_second_ms"] = percentile(p99s, 0.5)
+        out["seconds_p99_within_10ms"] = sum(1 for x in p99s if x <= 10)
     return out
 
 
@@ -691,6 +705,15 @@ def table(results: dict[str, Any]) -> str:
                 "target p99 ≤ 10 ms",
             )
         )
+        if "p99_by_second_ms" in r:
+            rows.append(
+                (
+                    "  p99 of each second: median / worst",
+                    f"{r['p99_median_second_ms']:.1f} / {r['p99_worst_second_ms']:.1f} ms",
+                    f"{r['seconds_p99_within_10ms']} of {len(r['p99_by_second_ms'])} seconds within 10 ms",
+                    "",
+                )
+            )
     r = results.get("idle")
     if r:
         rows.append(
@@ -774,6 +797,7 @@ def run(args: argparse.Namespace) -> int:
                 for sub in r.values():
                     if isinstance(sub, dict):
                         sub.pop("latency", None)
+                        sub.pop("latency_at", None)
         Path(args.json).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
         print(f"\nJSON written to {args.json}")
     return 1 if failed else 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import os
 import socket
 import sys
@@ -187,6 +188,7 @@ async def _sse_client(
     headers: str,
     res: SubResult,
     lat: list[float],
+    lat_at: list[int],
     expect: int,
     sample_every: int,
 ) -> None:
@@ -249,6 +251,7 @@ async def _sse_client(
                 samples += 1
                 if samples % sample_every == 0:
                     lat.append(now - float(data[tpos:end]))
+                    lat_at.append(int(now))  # the second it arrived in
             if b"event: end" in data:
                 res.ended = True
     finally:
@@ -266,12 +269,20 @@ def role_sse(args: argparse.Namespace) -> None:
         headers = f"Last-Event-ID: {args.last_event_id}\r\n"
     results = [SubResult() for _ in paths]
     lat: list[float] = []
+    lat_at: list[int] = []
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             for path, res in zip(paths, results, strict=True):
-                nursery.start_soon(_sse_client, host, port, path, headers, res, lat, args.expect, args.sample_every)
+                nursery.start_soon(
+                    _sse_client, host, port, path, headers, res, lat, lat_at, args.expect, args.sample_every
+                )
                 await trio.sleep(args.stagger)
+            # A measuring client must not pause on its own: its garbage
+            # collections (1,000+ connections' objects) would show as delay.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
             _ready()
             with trio.move_on_after(args.duration):
                 # A cheap poll of this process's own counters (no event per read).
@@ -295,6 +306,7 @@ def role_sse(args: argparse.Namespace) -> None:
             "first_i": [r.first_i for r in results] if args.report_first else [],
             "last_rx": max((r.last_rx for r in results), default=0.0),
             "latency": lat,
+            "latency_at": lat_at,
         },
     )
 

@@ -1,28 +1,47 @@
 """The garbage collector's policy and its pauses, made visible.
 
-Measured on the bench machine (docs/benchmarks.md): a full (generation 2)
-collection walks every tracked object at ≈ 0.65 µs each, so with 5,000
-streams open (≈ 200 objects each in Hypercorn, Quart and trio) and full
-rings it stops the event loop for 0.5–0.8 s. With CPython's defaults a
-growing heap gets such a collection every time it grows by a quarter, which
-made the many-workflows latency's p99 those pauses.
+Measured on the bench machine (docs/benchmarks.md): a collection walks its
+generations' tracked objects at ≈ 0.65 µs each. Two kinds of pause hurt
+stream latency:
 
-So: what exists once the broker has started (modules, config, the app) is
-frozen out of collections (`gc.freeze()`), and a full collection needs 100
-young-generation collections instead of 10 (≈ 70,000 net new objects,
-besides CPython's own rule of 25 % growth since the last one). Cyclic
-garbage still goes: young cycles in generations 0/1 as before, old ones at
-the next full collection. Every collection's pause is counted and the
-longest kept; `/v1/admin/stats` shows them under `gc`.
+- Full (generation 2) collections walk every tracked object: with 5,000
+  streams open (≈ 200 objects each in Hypercorn and trio) and full rings,
+  0.4–0.8 s. With CPython's defaults one runs every 10 × 10 young
+  collections (and whenever the heap grew by a quarter), i.e. every few
+  seconds under load. Yet the only garbage a full collection finds here is
+  what closed connections leave (≈ 27 objects in reference cycles per
+  closed stream, measured) and the odd evicted workflow: ring entries and
+  events are freed by reference counting. So automatic full collections are
+  off (threshold 1,000,000) and the broker runs one itself
+  (`FullCollections`, from `run.serve`) once enough connections have closed
+  since the last one — max(`MIN_CLOSED`, a quarter of those still open) —
+  or `FULL_EVERY` seconds have passed, whichever is first; and then in a
+  second with no ingest, if one comes within `MAX_WAIT`.
+- Generation 1 collections walk the survivors of the young collections
+  since the last one: every ring entry survives, so with CPython's
+  threshold of 10 each took ≈ 10 ms at 5,000 events/s — one per second,
+  enough to set the p99. Threshold 2 makes them ≈ 3 ms (more often; the
+  same total work).
+
+What exists once the broker has started (modules, config, the app) is
+frozen out of collections (`gc.freeze()`). Every collection's pause is
+counted, the longest kept, and the cyclic garbage freed counted;
+`/v1/admin/stats` shows them under `gc`.
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
-THRESHOLDS = (700, 10, 100)
+import trio
+
+THRESHOLDS = (700, 2, 1_000_000)  # full collections: see FullCollections
+MIN_CLOSED = 1000  # closed connections that make a full collection due
+FULL_EVERY = 600.0  # seconds: at most this long between full collections
+MAX_WAIT = 30.0  # seconds a due full collection may wait for a quiet moment
 
 
 class GcStats:
@@ -30,6 +49,8 @@ class GcStats:
         self.collections = [0, 0, 0]
         self.pause_total = [0.0, 0.0, 0.0]
         self.pause_max = [0.0, 0.0, 0.0]
+        self.collected = [0, 0, 0]  # unreachable objects freed (cyclic garbage)
+        self.previous_thresholds: tuple[int, int, int] = gc.get_threshold()
         self._started = 0.0
 
     def callback(self, phase: str, info: dict[str, Any]) -> None:
@@ -39,6 +60,7 @@ class GcStats:
         gen = info["generation"]
         pause = time.perf_counter() - self._started
         self.collections[gen] += 1
+        self.collected[gen] += info.get("collected", 0)
         self.pause_total[gen] += pause
         if pause > self.pause_max[gen]:
             self.pause_max[gen] = pause
@@ -49,6 +71,7 @@ class GcStats:
                 "collections": self.collections[g],
                 "pause_total_ms": round(self.pause_total[g] * 1000, 1),
                 "pause_max_ms": round(self.pause_max[g] * 1000, 1),
+                "collected": self.collected[g],
             }
             for g in range(3)
         }
@@ -57,6 +80,7 @@ class GcStats:
 def install() -> GcStats:
     """Apply the policy (call once, after start-up) and start counting."""
     stats = GcStats()
+    stats.previous_thresholds = gc.get_threshold()
     gc.collect()
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
@@ -68,5 +92,60 @@ def uninstall(stats: GcStats) -> None:
     """Undo `install` (the broker may run in-process, e.g. under tests)."""
     if stats.callback in gc.callbacks:
         gc.callbacks.remove(stats.callback)
-    gc.set_threshold(700, 10, 10)
+    gc.set_threshold(*stats.previous_thresholds)
     gc.unfreeze()
+
+
+class FullCollections:
+    """When the broker runs a full collection (sans-io: the caller counts
+    closed connections, supplies the clock and the ingest count, and runs
+    `gc.collect()` when `check` says so).
+
+    A collection falls due once `min_closed` connections — or a quarter of
+    those still open, if more — have closed since the last one, or `every`
+    seconds have passed. A due collection waits for a quiet second (no
+    event ingested since the previous check), so the pause does not land
+    on live traffic, but never longer than `max_wait` seconds."""
+
+    def __init__(
+        self,
+        now: float,
+        min_closed: int = MIN_CLOSED,
+        every: float = FULL_EVERY,
+        max_wait: float = MAX_WAIT,
+    ) -> None:
+        self.min_closed = min_closed
+        self.every = every
+        self.max_wait = max_wait
+        self.closed = 0  # connections closed since the last full collection
+        self.last = now
+        self.due_since: float | None = None
+        self._ingested = -1
+
+    def check(self, open_connections: int, now: float, ingested: int) -> bool:
+        """Call about once a second: True means collect now (then `done`)."""
+        quiet = ingested == self._ingested
+        self._ingested = ingested
+        if self.due_since is None:
+            if self.closed >= max(self.min_closed, open_connections // 4) or now - self.last >= self.every:
+                self.due_since = now
+            else:
+                return False
+        return quiet or now - self.due_since >= self.max_wait
+
+    def done(self, now: float) -> None:
+        self.closed = 0
+        self.last = now
+        self.due_since = None
+
+
+async def serve_full_collections(
+    policy: FullCollections, open_connections: Callable[[], int], ingested: Callable[[], int]
+) -> None:
+    """Run a full collection whenever `policy` says so (checked every
+    second; the collection itself is the pause)."""
+    while True:
+        await trio.sleep(1.0)
+        if policy.check(open_connections(), trio.current_time(), ingested()):
+            gc.collect()
+            policy.done(trio.current_time())

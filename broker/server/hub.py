@@ -28,7 +28,7 @@ from ..config import Config
 from ..core.errors import Unavailable
 from ..core.limits import ANONYMOUS, ConnectionTable, Principal
 from ..core.state import BrokerState, IngestResult, Limits
-from .gc_policy import GcStats
+from .gc_policy import FullCollections, GcStats
 
 log = logging.getLogger("broker.hub")
 
@@ -170,6 +170,7 @@ class Hub:
         self._reject_log = _RateLimitedLog()
         self.ingest_endpoint = ""
         self.gc_stats: GcStats | None = None  # set by run.serve (gc_policy)
+        self.full_collections: FullCollections | None = None  # ditto: counts closed connections
 
     # --------------------------------------------------------------- ingest
 
@@ -431,7 +432,8 @@ class Hub:
         return conn
 
     def close_connection(self, conn: Connection) -> None:
-        self.connections.pop(conn.id, None)
+        if self.connections.pop(conn.id, None) is not None and self.full_collections is not None:
+            self.full_collections.closed += 1  # it leaves cyclic garbage behind
         self.table.release(conn.id)
         if not self.connections:
             self._no_connections.set()

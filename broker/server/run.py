@@ -138,6 +138,13 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
 
                 await nursery.start(http)
                 hub.gc_stats = gc_policy.install()
+                hub.full_collections = gc_policy.FullCollections(trio.current_time())
+                nursery.start_soon(
+                    gc_policy.serve_full_collections,
+                    hub.full_collections,
+                    lambda: len(hub.connections),
+                    lambda: hub.state.counters["ingested"],
+                )
                 info = {"http": http_addr, "zmq": endpoint, "node": config.node.id, "node_epoch": hub.state.node_epoch}
                 log.info("ready http=%s zmq=%s node=%s", http_addr, endpoint, config.node.id)
                 task_status.started(info)
