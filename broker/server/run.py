@@ -127,7 +127,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                 async def http(task_status: trio.TaskStatus[Any]) -> None:
                     try:
                         await worker_serve(
-                            wrap_app(app, hc.wsgi_max_body_size, None),
+                            # The dispatcher itself (http.py): streams skip Quart.__call__.
+                            wrap_app(app.asgi_app, hc.wsgi_max_body_size, None),
                             hc,
                             sockets=Sockets([], [http_sock], []),
                             shutdown_trigger=stop_http.wait,

@@ -264,63 +264,61 @@ async def _stream(
         counters["direct_writes"] += 1
         return direct.write(taken[0]) and not reader.done
 
-    async def run() -> None:
-        nonlocal direct
-        prefix = b"retry: %d\n\n" % int(cfg.retry_ms)
-        conn.last_write = trio.current_time()
-        while True:
-            if direct is not None and (direct.pending or direct.broken):
-                if direct.broken:
-                    direct = None  # the ordinary path meets the closed socket
-                    continue
-                # What a direct write left over, sent the blocking way.
-                counters["direct_partial"] += 1
-                conn.write_started = trio.current_time()
-                await direct.flush()
-                conn.write_started = None
-                conn.last_write = trio.current_time()
-                if conn.slow:
-                    await write(sse_error(ResourceExhausted("slow consumer: writes made no progress")))
-                    return
-            taken = take()
-            if taken is not None or prefix:
-                conn.write_started = trio.current_time()
-                await write(prefix + taken[0] if taken is not None else prefix)
-                conn.write_started = None
-                conn.last_write = trio.current_time()
-                if prefix and cfg.direct_writes:
-                    # The response has started: its socket can be found.
-                    direct = DirectSocket.attach(send)
-                prefix = b""
-                if conn.slow:
-                    # The write went through after all: say why we close.
-                    await write(sse_error(ResourceExhausted("slow consumer: writes made no progress")))
-                    return
-                if taken is None:
-                    continue
-                if conn.closing and not hub.draining:
-                    # An admin closed it: even a busy stream stops.
-                    # (Draining sets `closing` too, but flushes first.)
-                    return
-                await conn.pace(taken[1])
-                continue
-            if reader.done or hub.draining or conn.closing:
-                return
-            # Silence is timed from the last write: wakeups for events
-            # this stream filters out must not postpone the keepalive.
-            silent_for = trio.current_time() - conn.last_write
-            if silent_for >= cfg.keepalive:
-                conn.write_started = trio.current_time()
-                await write(b": keepalive\n\n")
-                conn.write_started = None
-                conn.last_write = trio.current_time()
-            elif await hub.park(conn, key, cfg.keepalive - silent_for, receive) is None:
-                raise _ClientGone
-
     conn.deliver = deliver
     try:
         try:
-            await run()
+            # The stream's loop, inline (not a nested coroutine: every frame
+            # is memory held by each idle stream).
+            prefix = b"retry: %d\n\n" % int(cfg.retry_ms)
+            conn.last_write = trio.current_time()
+            while True:
+                if direct is not None and (direct.pending or direct.broken):
+                    if direct.broken:
+                        direct = None  # the ordinary path meets the closed socket
+                        continue
+                    # What a direct write left over, sent the blocking way.
+                    counters["direct_partial"] += 1
+                    conn.write_started = trio.current_time()
+                    await direct.flush()
+                    conn.write_started = None
+                    conn.last_write = trio.current_time()
+                    if conn.slow:
+                        await write(sse_error(ResourceExhausted("slow consumer: writes made no progress")))
+                        break
+                taken = take()
+                if taken is not None or prefix:
+                    conn.write_started = trio.current_time()
+                    await write(prefix + taken[0] if taken is not None else prefix)
+                    conn.write_started = None
+                    conn.last_write = trio.current_time()
+                    if prefix and cfg.direct_writes:
+                        # The response has started: its socket can be found.
+                        direct = DirectSocket.attach(send)
+                    prefix = b""
+                    if conn.slow:
+                        # The write went through after all: say why we close.
+                        await write(sse_error(ResourceExhausted("slow consumer: writes made no progress")))
+                        break
+                    if taken is None:
+                        continue
+                    if conn.closing and not hub.draining:
+                        # An admin closed it: even a busy stream stops.
+                        # (Draining sets `closing` too, but flushes first.)
+                        break
+                    await conn.pace(taken[1])
+                    continue
+                if reader.done or hub.draining or conn.closing:
+                    break
+                # Silence is timed from the last write: wakeups for events
+                # this stream filters out must not postpone the keepalive.
+                silent_for = trio.current_time() - conn.last_write
+                if silent_for >= cfg.keepalive:
+                    conn.write_started = trio.current_time()
+                    await write(b": keepalive\n\n")
+                    conn.write_started = None
+                    conn.last_write = trio.current_time()
+                elif await hub.park(conn, key, cfg.keepalive - silent_for, receive) is None:
+                    raise _ClientGone
         except _ClientGone:
             return
         finally:

@@ -105,6 +105,8 @@ class _Closed(Exception):
 class AsgiWebSocket:
     """The few WebSocket operations the broker uses, over ASGI directly."""
 
+    __slots__ = ("_receive", "_send", "closed")
+
     def __init__(self, receive: Any, send: Any) -> None:
         self._receive = receive
         self._send = send
@@ -138,6 +140,8 @@ class AsgiWebSocket:
 
 class WsSession:
     """One WebSocket connection: a single task (see the module docstring)."""
+
+    __slots__ = ("ws", "hub", "conn", "subs", "last_seen", "node_epoch", "due", "pending")
 
     def __init__(self, hub: Hub, conn: Connection, websocket: AsgiWebSocket) -> None:
         self.ws = websocket
