@@ -9,17 +9,36 @@ left behind.
 
 from __future__ import annotations
 
+import gc
 import socket
 from typing import Any
 
 import httpx
 import trio
 
+from broker.server import gc_policy
 from broker.server.gc_policy import MAX_WAIT, MIN_CLOSED, THRESHOLDS, FullCollections
 
 from .e2e import client_for, module_broker, poll, stats
 
 daemon = module_broker()
+
+
+def test_install_and_uninstall_in_any_order_leave_the_collector_as_found():
+    """Two brokers in one process may stop in any order: the last one
+    restores the thresholds and unfreezes."""
+    before = gc.get_threshold()
+    try:
+        a = gc_policy.install()
+        b = gc_policy.install()
+        assert gc.get_threshold() == THRESHOLDS
+        gc_policy.uninstall(a)  # the first one stops first
+        assert gc.get_threshold() == THRESHOLDS  # b still runs
+        gc_policy.uninstall(b)
+        assert gc.get_threshold() == before
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_thresholds_keep_automatic_full_collections_off():

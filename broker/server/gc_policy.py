@@ -13,10 +13,14 @@ stream latency:
   closed stream, measured) and the odd evicted workflow: ring entries and
   events are freed by reference counting. So automatic full collections are
   off (threshold 1,000,000) and the broker runs one itself
-  (`FullCollections`, from `run.serve`) once enough connections have closed
-  since the last one — max(`MIN_CLOSED`, a quarter of those still open) —
+  (`FullCollections`, from `run.serve`) once enough stream requests (SSE or
+  WebSocket, served or refused; counted in http.py) have ended since the
+  last one — max(`MIN_CLOSED`, a quarter of the connections still open) —
   or `FULL_EVERY` seconds have passed, whichever is first; and then in a
-  second with no ingest, if one comes within `MAX_WAIT`.
+  second with no ingest, if one comes within `MAX_WAIT`. Short-lived
+  connections' garbage goes in the young collections, which still run; what
+  a long-lived plain HTTP connection (keep-alive) leaves waits for the
+  next full collection, `FULL_EVERY` at the latest.
 - Generation 1 collections walk the survivors of the young collections
   since the last one: every ring entry survives, so with CPython's
   threshold of 10 each took ≈ 10 ms at 5,000 events/s — one per second,
@@ -50,7 +54,6 @@ class GcStats:
         self.pause_total = [0.0, 0.0, 0.0]
         self.pause_max = [0.0, 0.0, 0.0]
         self.collected = [0, 0, 0]  # unreachable objects freed (cyclic garbage)
-        self.previous_thresholds: tuple[int, int, int] = gc.get_threshold()
         self._started = 0.0
 
     def callback(self, phase: str, info: dict[str, Any]) -> None:
@@ -77,10 +80,20 @@ class GcStats:
         }
 
 
+# Brokers running in this process with the policy applied (they may run
+# in-process, e.g. under tests, and stop in any order) and the thresholds
+# the first of them found.
+_installed: list[GcStats] = []
+_original_thresholds: tuple[int, int, int] = gc.get_threshold()
+
+
 def install() -> GcStats:
-    """Apply the policy (call once, after start-up) and start counting."""
+    """Apply the policy (call once per broker, after start-up) and start counting."""
+    global _original_thresholds
     stats = GcStats()
-    stats.previous_thresholds = gc.get_threshold()
+    if not _installed:
+        _original_thresholds = gc.get_threshold()
+    _installed.append(stats)
     gc.collect()
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
@@ -89,11 +102,14 @@ def install() -> GcStats:
 
 
 def uninstall(stats: GcStats) -> None:
-    """Undo `install` (the broker may run in-process, e.g. under tests)."""
+    """Undo `install`; the last broker to stop restores the collector."""
     if stats.callback in gc.callbacks:
         gc.callbacks.remove(stats.callback)
-    gc.set_threshold(*stats.previous_thresholds)
-    gc.unfreeze()
+    if stats in _installed:
+        _installed.remove(stats)
+        if not _installed:
+            gc.set_threshold(*_original_thresholds)
+            gc.unfreeze()
 
 
 class FullCollections:

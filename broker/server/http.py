@@ -131,9 +131,15 @@ def create_app(hub: Hub) -> QuartTrio:
         # Streams are plain ASGI, lighter per connection (SSE also writes
         # to its socket directly: see sse.py and direct.py).
         if scope["type"] == "http" and sse.is_stream_path(scope["path"]):
-            await sse.handle(hub, scope, receive, send)
+            try:
+                await sse.handle(hub, scope, receive, send)
+            finally:
+                hub.stream_request_ended()
         elif scope["type"] == "websocket" and scope["path"] == "/v1/ws":
-            await ws.handle(hub, scope, receive, send)
+            try:
+                await ws.handle(hub, scope, receive, send)
+            finally:
+                hub.stream_request_ended()
         else:
             await quart_asgi(scope, receive, send)
 

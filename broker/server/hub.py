@@ -99,14 +99,22 @@ class Connection:
         """After a write of `sent` events, wait as limits.events_per_second
         requires. The reader keeps its place meanwhile: what piles up is
         coalesced (or becomes a resync) on the next write, never queued."""
+        pause = self.pace_delay(sent)
+        if pause:
+            await trio.sleep(pause)
+
+    def pace_delay(self, sent: int) -> float:
+        """Take `sent` events from the token bucket; the seconds to wait
+        before the next write (0.0: none)."""
         if not self.rate:
-            return
+            return 0.0
         now = trio.current_time()
         self.tokens = min(self.rate, self.tokens + (now - self.refilled) * self.rate) - sent
         self.refilled = now
         if self.tokens < 0:
             self.tokens = max(self.tokens, -self.rate)  # at most a second of debt
-            await trio.sleep(-self.tokens / self.rate)
+            return -self.tokens / self.rate
+        return 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -170,7 +178,7 @@ class Hub:
         self._reject_log = _RateLimitedLog()
         self.ingest_endpoint = ""
         self.gc_stats: GcStats | None = None  # set by run.serve (gc_policy)
-        self.full_collections: FullCollections | None = None  # ditto: counts closed connections
+        self.full_collections: FullCollections | None = None  # ditto: counts ended stream requests
 
     # --------------------------------------------------------------- ingest
 
@@ -431,9 +439,14 @@ class Hub:
         self.connections[conn.id] = conn
         return conn
 
+    def stream_request_ended(self) -> None:
+        """A request to a stream endpoint (SSE or WebSocket, served or
+        refused) has ended: its objects may be cyclic garbage now."""
+        if self.full_collections is not None:
+            self.full_collections.closed += 1
+
     def close_connection(self, conn: Connection) -> None:
-        if self.connections.pop(conn.id, None) is not None and self.full_collections is not None:
-            self.full_collections.closed += 1  # it leaves cyclic garbage behind
+        self.connections.pop(conn.id, None)
         self.table.release(conn.id)
         if not self.connections:
             self._no_connections.set()

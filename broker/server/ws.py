@@ -141,7 +141,7 @@ class AsgiWebSocket:
 class WsSession:
     """One WebSocket connection: a single task (see the module docstring)."""
 
-    __slots__ = ("ws", "hub", "conn", "subs", "last_seen", "node_epoch", "due", "pending")
+    __slots__ = ("ws", "hub", "conn", "subs", "last_seen", "node_epoch", "due", "pending", "paced_until")
 
     def __init__(self, hub: Hub, conn: Connection, websocket: AsgiWebSocket) -> None:
         self.ws = websocket
@@ -152,6 +152,9 @@ class WsSession:
         self.node_epoch = hub.state.node_epoch
         self.due: set[str] = set()  # wait keys with news not yet pulled
         self.pending = 0  # subscriptions waiting for their workflow
+        # limits.events_per_second: no writes before this (trio clock); the
+        # session keeps reading client messages meanwhile.
+        self.paced_until = 0.0
 
     async def send(self, data: bytes) -> None:
         """One write; a write that made no progress for
@@ -197,12 +200,15 @@ class WsSession:
                 await self._drain()
             if conn.closing:
                 await self.close(1000, "closed by an administrator")
-            if self.due:
+            if self.due and trio.current_time() >= self.paced_until:
                 await self._flush_due()
             now = trio.current_time()
             if self.pending:
                 await self._open_pending(now)
             if ping_sent is not None and now >= ping_sent + cfg.ws_pong_timeout:
+                if self.last_seen < ping_sent:
+                    # The pong may be waiting unread behind our writes.
+                    await self._read_queued()
                 if self.last_seen < ping_sent:
                     log.info("ws %d: no pong within %ss, closing", conn.id, cfg.ws_pong_timeout)
                     await self.close(CLOSE_GOING_AWAY, "pong timeout")
@@ -214,8 +220,12 @@ class WsSession:
             due = next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout
             if self.pending:
                 due = min(due, *(s.pending.deadline for s in self.subs.values() if s.pending is not None))
-            if self.due:  # news came during the writes: only a quick look
-                due = min(due, trio.current_time() + POLL)
+            if self.due:
+                # More to write: after the pacing pause, or (news came during
+                # the writes) at once after a quick look for client messages.
+                due = min(due, max(trio.current_time() + POLL, self.paced_until))
+            if conn.closing or self.hub.draining:
+                continue  # set during the writes above: `hand_back` found no wait to cut
             raw: str | bytes | None = None
             conn.wake = trio.CancelScope(deadline=due)
             try:
@@ -226,6 +236,17 @@ class WsSession:
             if raw is not None:
                 self.last_seen = trio.current_time()
                 await self._handle(raw)
+
+    async def _read_queued(self) -> None:
+        """Handle the client messages already queued, without waiting."""
+        while True:
+            raw: str | bytes | None = None
+            with trio.move_on_after(POLL):
+                raw = await self.ws.receive()
+            if raw is None:
+                return
+            self.last_seen = trio.current_time()
+            await self._handle(raw)
 
     async def _drain(self) -> None:
         for sub in list(self.subs.values()):
@@ -430,15 +451,22 @@ class WsSession:
             reader = sub.reader
             if reader is None or not sub.live or sub.key not in due:
                 continue
+            if self.paced_until > trio.current_time():
+                self.due.add(sub.key)  # the pacing pause: its turn comes after
+                continue
             items = reader.pull()
             if items:
+                # Served: to the back of the line, so paced rounds take turns.
+                self.subs[sub.id] = self.subs.pop(sub.id)
                 await self.send(self._encode(sub, items))
                 conn.delivered += len(items)
                 hub.delivered["ws"] += len(items)
             if reader.done:
                 self._stop(sub)
-            elif items:
-                await conn.pace(len(items))
+            elif items and conn.rate:
+                pause = conn.pace_delay(len(items))
+                if pause:
+                    self.paced_until = trio.current_time() + pause
 
     def _encode(self, sub: Subscription, items: list[Any]) -> bytes:
         reader = sub.reader
