@@ -234,6 +234,11 @@ def merge_subs(results: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- scenarios
 
 
+# Seconds subscribers of the fan-out and many-workflows runs keep their
+# connections after all have their events (see `_subscribers`).
+LINGER = 2.0
+
+
 @dataclass
 class Scale:
     ingest_events: int
@@ -300,7 +305,12 @@ def _subscribers(
     duration: float,
     procs: int,
     extra: tuple[str, ...] = (),
+    linger: float = 0.0,
 ) -> list[tuple[subprocess.Popen[str], Path]]:
+    """Subscriber processes; with `linger`, each holds its connections that
+    long after all of them have what they expect, so no teardown of
+    thousands of connections shares the broker with the last deliveries
+    of a measured run."""
     chunks = [paths[i::procs] for i in range(procs)]
     started = []
     for k, chunk in enumerate(chunks):
@@ -319,6 +329,8 @@ def _subscribers(
                 str(expect),
                 "--duration",
                 str(duration),
+                "--linger",
+                str(linger),
                 *extra,
             )
         )
@@ -354,6 +366,7 @@ def _fanout_broker(scale: Scale, workdir: Path, rate: int, count: int) -> dict[s
             count,
             count / max(rate, 1) + 60 if rate else 120,
             scale.sub_procs,
+            linger=LINGER,
         )
         wait_until(lambda: broker.stats()["connections"]["total"] >= scale.fanout_subs, 60, "subscribers")
         # --end: subscribers resynced past some events still stop at the end.
@@ -399,6 +412,7 @@ def _fanout_nchan(scale: Scale, workdir: Path, rate: int, count: int) -> dict[st
                 count,
                 count / max(rate, 1) + 60 if rate else 120,
                 scale.sub_procs,
+                linger=LINGER,
             )
             nchan.wait_subscribers(scale.fanout_subs, 60)
             push, push_out = workers.start(
@@ -466,7 +480,7 @@ def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
     try:
         broker.push([{"workflow_id": f"many-{w}", "type": "workflow.running"} for w in range(wfs)])
         paths = [f"/v1/workflows/many-{w}/stream" for w in range(wfs) for _ in range(scale.many_subs_each)]
-        subs = _subscribers(workers, broker.url, paths, per_wf, scale.many_seconds + 60, scale.sub_procs)
+        subs = _subscribers(workers, broker.url, paths, per_wf, scale.many_seconds + 60, scale.sub_procs, linger=LINGER)
         wait_until(lambda: broker.stats()["connections"]["total"] >= len(paths), 60, "subscribers")
         gc_before = broker.stats().get("gc", {})
         start = time.monotonic()
@@ -483,11 +497,17 @@ def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
             "--rate",
             str(scale.many_rate),
         )
-        results = [workers.result(p, out, scale.many_seconds + 90) for p, out in subs]
+        workers.result(push, push_out, scale.many_seconds + 90)
+        # Every event delivered (besides the snapshots): the run's window
+        # ends here, before the subscribers close (the GC figures are this
+        # window's; closing 5,000 connections makes a full collection due).
+        delivered = per_wf * len(paths) + len(paths)
+        stats = wait_until(
+            lambda: (st := broker.stats())["delivered"].get("sse", 0) >= delivered and st, 60, "deliveries"
+        )
         elapsed = time.monotonic() - start
-        workers.result(push, push_out, 30)
+        results = [workers.result(p, out, scale.many_seconds + 90) for p, out in subs]
         merged = merge_subs(results)
-        stats = broker.stats()
         merged.update(
             workflows=wfs,
             subscribers=len(paths),

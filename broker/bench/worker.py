@@ -191,6 +191,7 @@ async def _sse_client(
     lat_at: list[int],
     expect: int,
     sample_every: int,
+    linger: float,
 ) -> None:
     import trio
 
@@ -254,6 +255,10 @@ async def _sse_client(
                     lat_at.append(int(now))  # the second it arrived in
             if b"event: end" in data:
                 res.ended = True
+        if linger:
+            # Stay connected until the worker is done: the subscribers still
+            # receiving must not share the broker with 1,000s of closes.
+            await trio.sleep_forever()
     finally:
         sock.close()
 
@@ -275,7 +280,17 @@ def role_sse(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             for path, res in zip(paths, results, strict=True):
                 nursery.start_soon(
-                    _sse_client, host, port, path, headers, res, lat, lat_at, args.expect, args.sample_every
+                    _sse_client,
+                    host,
+                    port,
+                    path,
+                    headers,
+                    res,
+                    lat,
+                    lat_at,
+                    args.expect,
+                    args.sample_every,
+                    args.linger,
                 )
                 await trio.sleep(args.stagger)
             # A measuring client must not pause on its own: its garbage
@@ -288,6 +303,8 @@ def role_sse(args: argparse.Namespace) -> None:
                 # A cheap poll of this process's own counters (no event per read).
                 while not all(r.got >= args.expect or r.ended or (r.status and r.status != 200) for r in results):  # noqa: ASYNC110
                     await trio.sleep(0.05)
+            if args.linger:
+                await trio.sleep(args.linger)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -403,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--last-event-id")
     r.add_argument("--sample-every", type=int, default=1)
     r.add_argument("--stagger", type=float, default=0.0)
+    r.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help="seconds to hold the connections after every one has what it expects",
+    )
     r.add_argument("--report-first", action="store_true")
     r.add_argument("--out", required=True)
 
