@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -288,6 +289,29 @@ async def test_tasks_stream_has_task_updates_only(daemon):
     assert snap.event == "snapshot" and sorted(snap.json["tasks"]) == ["t-1"]
     assert [label(e) for e in rest] == ["t-1:task.progress", "t-2:task.running", "t-1:task.completed", f"end:{wid}"]
     assert rest[-1].json["seq"] == 10
+
+
+async def test_workflow_ids_with_slashes_are_one_path_segment(daemon):
+    """An id holding '/' is sent as %2F: it is one segment, even when it
+    ends like a view (`…/tasks`), for the stream and the snapshot alike."""
+    base = uid()
+    a, b = f"{base}/a", f"{base}/a/tasks"
+    with trio.fail_after(10):
+        async with client_for(daemon) as client:
+            await post(client, ev(a, "workflow.running"), task(a, "t-1", "running"), ev(b, "workflow.running"))
+            for wid in (a, b, f"{base}/a/stream"):
+                r = await client.get(f"/v1/workflows/{quote(wid, safe='')}")
+                if wid.endswith("/stream"):
+                    assert r.status_code == 404 and wid in r.json()["error"]["message"]
+                else:
+                    assert r.status_code == 200 and r.json()["workflow_id"] == wid
+            async with open_sse(client, wf_path(quote(a, safe=""), "tasks")) as s:
+                first = await s.expect()
+            async with open_sse(client, wf_path(quote(b, safe=""))) as s:
+                second = await s.expect()
+    assert first.event == "snapshot" and first.json["workflow_id"] == a
+    assert sorted(first.json["tasks"]) == ["t-1"]
+    assert second.event == "snapshot" and second.json["workflow_id"] == b
 
 
 async def test_logs_stream_has_log_lines_only(daemon):

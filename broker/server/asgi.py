@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from werkzeug.datastructures import Headers, MultiDict
+
+
+def path_segments(scope: dict[str, Any]) -> list[str]:
+    """The request path's segments, each percent-decoded on its own: a
+    workflow id may hold a '/' (sent as %2F), which the decoded
+    `scope["path"]` cannot tell from a separator."""
+    raw = scope.get("raw_path")
+    if not raw:
+        return str(scope["path"]).split("/")
+    return [unquote(s, errors="replace") for s in raw.decode("latin-1").split("?", 1)[0].split("/")]
 
 
 class ScopeInfo:

@@ -97,7 +97,7 @@ def create_app(hub: Hub) -> QuartTrio:
         status = 202 if result.accepted or result.duplicates or not rejected else 400
         return json_response(payload, status)
 
-    @app.route("/v1/workflows/<wid>")
+    @app.route("/v1/workflows/<path:wid>")  # an id may hold a '/' (sent as %2F)
     async def get_workflow(wid: str) -> Response:
         wf = hub.state.get(wid)
         if wf is None:
@@ -130,7 +130,7 @@ def create_app(hub: Hub) -> QuartTrio:
     async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
         # Streams are plain ASGI, lighter per connection (SSE also writes
         # to its socket directly: see sse.py and direct.py).
-        if scope["type"] == "http" and sse.is_stream_path(scope["path"]):
+        if scope["type"] == "http" and sse.stream_target(scope) is not None:
             try:
                 await sse.handle(hub, scope, receive, send)
             finally:

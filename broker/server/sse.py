@@ -28,7 +28,6 @@ with its cursor.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,7 +38,7 @@ from ..core.errors import BrokerError, InvalidArgument, NotFound, ResourceExhaus
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from ..core.state import Workflow
-from .asgi import ScopeInfo
+from .asgi import ScopeInfo, path_segments
 from .direct import DirectSocket
 from .hub import JOURNAL, NEW_WORKFLOW, Hub
 from .identity import principal_of
@@ -55,12 +54,23 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 
-_WORKFLOW_PATH = re.compile(r"/v1/workflows/([^/]+)/(stream|tasks/stream|logs/stream)")
-_VIEWS = {"stream": "all", "tasks/stream": "tasks", "logs/stream": "logs"}
+_VIEWS = {("stream",): "all", ("tasks", "stream"): "tasks", ("logs", "stream"): "logs"}
 
 
-def is_stream_path(path: str) -> bool:
-    return path == "/v1/stream" or _WORKFLOW_PATH.fullmatch(path) is not None
+def stream_target(scope: dict[str, Any]) -> tuple[str | None, str] | None:
+    """(workflow id, view) for `/v1/workflows/{id}/stream` (and the tasks
+    and logs views), (None, "") for `/v1/stream`, None for any other path.
+    The id is its own percent-decoded segment (it may hold a '/')."""
+    path = scope["path"]
+    if path == "/v1/stream":
+        return None, ""
+    if not path.startswith("/v1/workflows/") or not path.endswith("/stream"):
+        return None
+    segments = path_segments(scope)
+    if len(segments) < 5 or segments[:3] != ["", "v1", "workflows"] or not segments[3]:
+        return None
+    view = _VIEWS.get(tuple(segments[4:]))
+    return None if view is None else (segments[3], view)
 
 
 def sse_error(err: BrokerError) -> bytes:
@@ -115,8 +125,10 @@ def _encode_headers(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
 
 
 async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-    """Serve one request to a stream path (see `is_stream_path`)."""
+    """Serve one request to a stream path (see `stream_target`)."""
     req = _Request(scope)
+    target = stream_target(scope)
+    assert target is not None, "dispatched to sse.handle: a stream path"
     cors = _encode_headers(cors_headers(req.headers.get("Origin"), hub.config.http.cors_origins))
     if req.method == "OPTIONS":
         await _respond(send, 200, b"", [(b"allow", b"GET, OPTIONS"), (b"content-length", b"0"), *cors])
@@ -132,7 +144,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send) 
                 return  # gone before its request body ended
             if not message.get("more_body"):
                 break
-        reader, key = await _plan(hub, req)
+        reader, key = await _plan(hub, req, *target)
         principal = principal_of(hub.config, req.headers, req.args)
         hub.check_capacity(principal)
     except _MethodNotAllowed:
@@ -157,12 +169,10 @@ class _MethodNotAllowed(Exception):
     pass
 
 
-async def _plan(hub: Hub, req: _Request) -> tuple[WorkflowReader | MultiReader | None, str]:
+async def _plan(hub: Hub, req: _Request, wid: str | None, view: str) -> tuple[WorkflowReader | MultiReader | None, str]:
     """The reader for this request and its wait key (reader None: 204)."""
     args = req.args
-    m = _WORKFLOW_PATH.fullmatch(req.path)
-    if m is not None:
-        wid, view = m.group(1), _VIEWS[m.group(2)]
+    if wid is not None:
         flt = Filter.parse(args, view=view)
         last_event_id, since = req.cursor_args()
         if since is not None and last_event_id is None:
