@@ -207,3 +207,32 @@ def test_no_listener_or_watcher_left_behind(exit_path):
             n.cancel_scope.cancel()
 
     run(main)
+
+
+def test_wake_times_are_forgotten_with_the_last_subscriber():
+    """The hub remembers when it last woke each watched key (wake batching);
+    keys of workflows nobody watches any more must not pile up."""
+
+    async def main():
+        hub = make_hub()
+        c = FakeClient()
+        wids = [f"wf-{i}" for i in range(20)]
+        async with trio.open_nursery() as n:
+            n.start_soon(hub.serve_flusher)
+            n.start_soon(handle, hub, SCOPE, c.receive, c.send)
+            c.to_app_send.send_nowait({"type": "websocket.connect"})
+            for w in wids:
+                ingest(hub, {"workflow_id": w, "type": "workflow.running"})
+                c.push({"op": "subscribe", "sub": w, "workflow": w})
+            await trio.sleep(0.1)
+            for w in wids:
+                ingest(hub, {"workflow_id": w, "type": "log", "level": "info", "message": "x"})
+            await trio.sleep(0.1)
+            assert set(wids) <= set(hub._last_wake)
+            for w in wids:
+                c.push({"op": "unsubscribe", "sub": w})
+            await trio.sleep(0.1)
+            assert not set(wids) & set(hub._last_wake), hub._last_wake
+            n.cancel_scope.cancel()
+
+    run(main)

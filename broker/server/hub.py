@@ -292,6 +292,9 @@ class Hub:
             self.watchers[key] = left
         else:
             del self.watchers[key]
+            # Nobody reads it: its wake interval is 0, its last wake moot
+            # (and workflows come and go: the map must not grow with them).
+            self._last_wake.pop(key, None)
 
     # ---------------------------------------------------------------- waits
 
