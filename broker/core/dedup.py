@@ -30,6 +30,13 @@ class IdWindow:
         if len(self._seen) > self.max_ids:
             self._seen.popitem(last=False)
 
+    def add_new(self, event_id: str, now: float) -> None:
+        """`add` for an id known not to be in the window (the hot path)."""
+        seen = self._seen
+        seen[event_id] = now
+        if len(seen) > self.max_ids:
+            seen.popitem(last=False)
+
     def expire(self, now: float) -> None:
         horizon = now - self.max_age
         seen = self._seen

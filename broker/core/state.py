@@ -224,7 +224,7 @@ class BrokerState:
                 if event_id not in self.ids:
                     break
             ev["id"] = event_id
-        self.ids.add(ev["id"], now)
+        self.ids.add_new(ev["id"], now)  # checked above: not in the window
         result.accepted += 1
         self.counters["ingested"] += 1
         if wf.seq.pending:

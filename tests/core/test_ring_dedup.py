@@ -168,3 +168,12 @@ def test_idwindow_expire_on_empty() -> None:
     w = IdWindow(max_ids=3)
     w.expire(1e9)
     assert len(w) == 0
+
+
+def test_add_new_keeps_the_bound_and_the_age_order():
+    w = IdWindow(max_ids=3, max_age=10.0)
+    for i, eid in enumerate(["a", "b", "c", "d"]):
+        w.add_new(eid, float(i))
+    assert len(w) == 3 and "a" not in w and all(e in w for e in "bcd")
+    w.expire(11.5)  # forgets what was added before t = 1.5: b
+    assert "b" not in w and "c" in w and "d" in w
