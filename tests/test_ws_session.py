@@ -62,10 +62,11 @@ def run(fn):
     trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_drain_started_while_session_writes_is_not_lost():
-    """begin_drain() while the session is inside a write: hand_back() finds
-    no wait to cut short; the session must still close 1001 at once, not at
-    its next ping deadline."""
+@pytest.mark.parametrize(("how", "code"), [("drain", 1001), ("admin close", 1000)])
+def test_close_started_while_the_session_writes_is_not_lost(how, code):
+    """A drain (begin_drain) or an admin close (kick) while the session is
+    inside a write: hand_back() finds no wait to cut short; the session
+    must still close at once, not at its next ping deadline."""
 
     async def main():
         hub = make_hub()
@@ -76,52 +77,25 @@ def test_drain_started_while_session_writes_is_not_lost():
             c.to_app_send.send_nowait({"type": "websocket.connect"})
             ingest(hub, {"workflow_id": "wf", "type": "workflow.running"})
             c.push({"op": "subscribe", "sub": "s", "workflow": "wf"})
-            await trio.sleep(0.01)
-            c.gate = trio.Event()
-            ingest(hub, {"workflow_id": "wf", "type": "log", "level": "info", "message": "x"})
-            await c.in_send.wait()  # the session is writing that event (_flush_due)
-            t0 = trio.current_time()
-            hub.begin_drain()
-            gate, c.gate = c.gate, None
-            gate.set()
-            with trio.move_on_after(60):
-                while c.closed_at is None:
-                    await trio.sleep(0.01)
-            n.cancel_scope.cancel()
-        assert c.close_code == 1001
-        delay = c.closed_at - t0
-        assert delay < 1.0, f"drain noticed only after {delay:.1f} s (virtual)"
-
-    run(main)
-
-
-def test_admin_close_while_session_writes_is_not_lost():
-    async def main():
-        hub = make_hub()
-        c = FakeClient()
-        async with trio.open_nursery() as n:
-            n.start_soon(hub.serve_flusher)
-            n.start_soon(handle, hub, SCOPE, c.receive, c.send)
-            c.to_app_send.send_nowait({"type": "websocket.connect"})
             await trio.sleep(0.01)
             (conn_id,) = hub.connections
-            ingest(hub, {"workflow_id": "wf", "type": "workflow.running"})
-            c.push({"op": "subscribe", "sub": "s", "workflow": "wf"})
-            await trio.sleep(0.01)
             c.gate = trio.Event()
             ingest(hub, {"workflow_id": "wf", "type": "log", "level": "info", "message": "x"})
             await c.in_send.wait()  # the session is writing that event (_flush_due)
             t0 = trio.current_time()
-            hub.kick(conn_id)
+            if how == "drain":
+                hub.begin_drain()
+            else:
+                hub.kick(conn_id)
             gate, c.gate = c.gate, None
             gate.set()
             with trio.move_on_after(60):
                 while c.closed_at is None:
                     await trio.sleep(0.01)
             n.cancel_scope.cancel()
-        assert c.close_code == 1000
+        assert c.close_code == code
         delay = c.closed_at - t0
-        assert delay < 1.0, f"admin close noticed only after {delay:.1f} s (virtual)"
+        assert delay < 1.0, f"{how} noticed only after {delay:.1f} s (virtual)"
 
     run(main)
 
