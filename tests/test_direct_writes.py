@@ -323,6 +323,42 @@ async def test_stream_request_body_is_read_and_an_abandoned_body_opens_no_stream
             await poll(lambda: _connections(client, 0), 5)
 
 
+async def _error_reply(resp: RawResponse) -> tuple[int, dict[str, Any]]:
+    """The status and JSON error of a chunked error response."""
+    _, status, headers = await resp.head()
+    assert headers["content-type"] == "application/json"
+    body = b""
+    while data := await resp.chunk():
+        body += data
+    return status, orjson.loads(body)["error"]
+
+
+async def test_stream_request_body_is_bounded_in_size_and_time(broker_factory):
+    """A stream request's body is read and ignored, but a client cannot hold
+    a handler with one: over 64 KiB → 400, no progress for
+    stream.slow_consumer_timeout → 408."""
+    broker = broker_factory(stream={"slow_consumer_timeout": 1})
+    wid = uid("bodybound")
+    broker.push(ev(wid, "workflow.running"))
+    with trio.fail_after(15):
+        async with client_for(broker) as client:
+            big = 70_000
+            resp = await raw_get(broker.port, wf_path(wid), extra=b"Content-Length: %d\r\n\r\n" % big + b"x" * big)
+            status, err = await _error_reply(resp)
+            assert (status, err["code"]) == (400, "invalid_argument"), err
+            assert "65536" in err["message"]
+            resp.sock.close()
+            started = trio.current_time()
+            resp = await raw_get(broker.port, wf_path(wid), extra=b"Content-Length: 10\r\n\r\nabc")
+            status, err = await _error_reply(resp)
+            waited = trio.current_time() - started
+            assert (status, err["code"]) == (408, "deadline_exceeded"), err
+            assert 0.9 <= waited < 5, waited
+            resp.sock.close()
+            st = await poll(lambda: _connections(client, 0), 5)
+    assert st["connections"]["total"] == 0
+
+
 async def _connections(client: httpx.AsyncClient, n: int) -> dict[str, Any] | None:
     st = await stats(client)
     return st if st["connections"]["total"] == n else None

@@ -56,6 +56,11 @@ class ResourceExhausted(BrokerError):
     status = 429
 
 
+class DeadlineExceeded(BrokerError):
+    code = "deadline_exceeded"
+    status = 408
+
+
 class Unavailable(BrokerError):
     code = "unavailable"
     status = 503

@@ -34,7 +34,14 @@ from typing import Any
 import orjson
 import trio
 
-from ..core.errors import BrokerError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ..core.errors import (
+    BrokerError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from ..core.filters import Filter
 from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
 from ..core.state import Workflow
@@ -137,13 +144,11 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send) 
         if req.method != "GET":
             raise _MethodNotAllowed
         # The request message (a GET has an empty body) comes first; after
-        # it, `receive()` returns only when the client disconnects.
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # gone before its request body ended
-            if not message.get("more_body"):
-                break
+        # it, `receive()` returns only when the client disconnects. A body
+        # is read and ignored, within bounds: a client must not hold a
+        # handler by sending one slowly or endlessly.
+        if await _skip_body(receive, float(hub.config.stream.slow_consumer_timeout)):
+            return  # gone before its request body ended
         reader, key = await _plan(hub, req, *target)
         principal = principal_of(hub.config, req.headers, req.args)
         hub.check_capacity(principal)
@@ -167,6 +172,30 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send) 
 
 class _MethodNotAllowed(Exception):
     pass
+
+
+MAX_IGNORED_BODY = 65536  # bytes of request body a stream request may carry
+
+
+async def _skip_body(receive: Receive, timeout: float) -> bool:
+    """Read the request body to its end and drop it; True if the client
+    disconnected. A body larger than MAX_IGNORED_BODY is an
+    InvalidArgument; one that makes no progress for `timeout` seconds (the
+    slow-consumer timeout) a DeadlineExceeded."""
+    size = 0
+    while True:
+        message: dict[str, Any] | None = None
+        with trio.move_on_after(timeout):
+            message = await receive()
+        if message is None:
+            raise DeadlineExceeded(f"the request body made no progress for {timeout:g} s")
+        if message["type"] == "http.disconnect":
+            return True
+        size += len(message.get("body", b""))
+        if size > MAX_IGNORED_BODY:
+            raise InvalidArgument(f"a stream request's body is ignored; at most {MAX_IGNORED_BODY} bytes are accepted")
+        if not message.get("more_body"):
+            return False
 
 
 async def _plan(hub: Hub, req: _Request, wid: str | None, view: str) -> tuple[WorkflowReader | MultiReader | None, str]:
