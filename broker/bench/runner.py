@@ -595,7 +595,7 @@ def scenario_storm(scale: Scale, workdir: Path) -> dict[str, Any]:
             expect,
             90,
             scale.sub_procs,
-            ("--last-event-id", cursor, "--report-first"),
+            ("--last-event-id", cursor, "--report-first", "--expect-end"),
         )
         push, push_out = workers.start(
             "push",

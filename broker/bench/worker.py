@@ -190,6 +190,7 @@ async def _sse_client(
     lat: list[float],
     lat_at: list[int],
     expect: int,
+    expect_end: bool,
     sample_every: int,
     linger: float,
 ) -> None:
@@ -203,7 +204,9 @@ async def _sse_client(
     head_done = False
     samples = 0
     try:
-        while res.got < expect and not res.ended:
+        # With an `end` to come, read on until it arrives: it may come in a
+        # later write than the last event.
+        while not res.ended and (res.got < expect or expect_end):
             data = await sock.recv(262144)
             if not data:
                 break
@@ -263,6 +266,12 @@ async def _sse_client(
         sock.close()
 
 
+def _sub_done(r: SubResult, args: argparse.Namespace) -> bool:
+    if r.status and r.status != 200:
+        return True
+    return r.ended or (r.got >= args.expect and not args.expect_end)
+
+
 def role_sse(args: argparse.Namespace) -> None:
     import trio
 
@@ -289,6 +298,7 @@ def role_sse(args: argparse.Namespace) -> None:
                     lat,
                     lat_at,
                     args.expect,
+                    args.expect_end,
                     args.sample_every,
                     args.linger,
                 )
@@ -301,7 +311,7 @@ def role_sse(args: argparse.Namespace) -> None:
             _ready()
             with trio.move_on_after(args.duration):
                 # A cheap poll of this process's own counters (no event per read).
-                while not all(r.got >= args.expect or r.ended or (r.status and r.status != 200) for r in results):  # noqa: ASYNC110
+                while not all(_sub_done(r, args) for r in results):  # noqa: ASYNC110
                     await trio.sleep(0.05)
             if args.linger:
                 await trio.sleep(args.linger)
@@ -427,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to hold the connections after every one has what it expects",
     )
     r.add_argument("--report-first", action="store_true")
+    r.add_argument("--expect-end", action="store_true", help="each stream also ends with `end`: wait for it")
     r.add_argument("--out", required=True)
 
     r = sub.add_parser("idle")
