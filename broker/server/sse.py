@@ -47,7 +47,7 @@ from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_st
 from ..core.state import Workflow
 from .asgi import ScopeInfo, path_segments
 from .direct import DirectSocket
-from .hub import JOURNAL, NEW_WORKFLOW, Hub
+from .hub import JOURNAL, NEW_WORKFLOW, Connection, Hub
 from .identity import principal_of
 
 log = logging.getLogger("broker.sse")
@@ -244,6 +244,57 @@ async def _plan(hub: Hub, req: _Request, wid: str | None, view: str) -> tuple[Wo
     return (None if reader.done else reader), JOURNAL
 
 
+async def _body(send: Send, data: bytes) -> None:
+    """One chunk of the streaming response, the ordinary way."""
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+
+class _Stream:
+    """One SSE stream's state, as the hub's direct delivery needs it: one
+    slotted object rather than closures and their cells (memory that every
+    idle stream holds)."""
+
+    __slots__ = ("hub", "reader", "conn", "multi", "node_epoch", "direct")
+
+    def __init__(self, hub: Hub, reader: WorkflowReader | MultiReader, conn: Connection) -> None:
+        self.hub = hub
+        self.reader = reader
+        self.conn = conn
+        self.multi = isinstance(reader, MultiReader)
+        self.node_epoch = hub.state.node_epoch
+        self.direct: DirectSocket | None = None  # once the response has started
+
+    def take(self) -> tuple[bytes, int] | None:
+        """Everything pending for this subscriber as one write (and how
+        many messages it holds), or None."""
+        items = self.reader.pull()
+        if not items:
+            return None
+        if self.multi:
+            node_epoch = self.node_epoch
+            data = b"".join([it.sse_multi(node_epoch) for it in items])
+        else:
+            data = b"".join([it.sse() for it in items])
+        self.conn.delivered += len(items)
+        self.hub.delivered["sse"] += len(items)
+        return data, len(items)
+
+    def deliver(self) -> bool:
+        """Called by the hub while this stream is parked: write what is
+        new straight to the socket. False hands the stream back to its
+        task (no direct socket, bytes left over, the stream ended,
+        closing, the socket is gone)."""
+        direct, conn = self.direct, self.conn
+        if direct is None or conn.rate or self.hub.draining or conn.closing or not direct.ready():
+            return False  # paced streams (limits.events_per_second) write themselves
+        taken = self.take()
+        if taken is None:
+            return not self.reader.done
+        conn.last_write = trio.current_time()
+        self.hub.counters["direct_writes"] += 1
+        return direct.write(taken[0]) and not self.reader.done
+
+
 async def _stream(
     hub: Hub,
     reader: WorkflowReader | MultiReader,
@@ -256,54 +307,20 @@ async def _stream(
     cors: list[tuple[bytes, bytes]],
 ) -> None:
     cfg = hub.config.stream
-    multi = isinstance(reader, MultiReader)
-    node_epoch = hub.state.node_epoch
-    delivered = hub.delivered
     counters = hub.counters
     await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *cors]})
-
-    async def write(data: bytes) -> None:
-        await send({"type": "http.response.body", "body": data, "more_body": True})
 
     try:
         conn = hub.open_connection("sse", remote, path, principal)
     except BrokerError as err:  # the limit filled up since check_capacity()
-        await write(sse_error(err))
+        await _body(send, sse_error(err))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
     conn.wait_key = key
     hub.watch(key)
-    direct: DirectSocket | None = None
+    st = _Stream(hub, reader, conn)
 
-    def take() -> tuple[bytes, int] | None:
-        """Everything pending for this subscriber as one write (and how
-        many messages it holds), or None."""
-        items = reader.pull()
-        if not items:
-            return None
-        if multi:
-            data = b"".join([it.sse_multi(node_epoch) for it in items])
-        else:
-            data = b"".join([it.sse() for it in items])
-        conn.delivered += len(items)
-        delivered["sse"] += len(items)
-        return data, len(items)
-
-    def deliver() -> bool:
-        """Called by the hub while this stream is parked: write what is
-        new straight to the socket. False hands the stream back to this
-        task (no direct socket, bytes left over, the stream ended,
-        closing, the socket is gone)."""
-        if direct is None or conn.rate or hub.draining or conn.closing or not direct.ready():
-            return False  # paced streams (limits.events_per_second) write themselves
-        taken = take()
-        if taken is None:
-            return not reader.done
-        conn.last_write = trio.current_time()
-        counters["direct_writes"] += 1
-        return direct.write(taken[0]) and not reader.done
-
-    conn.deliver = deliver
+    conn.deliver = st.deliver
     try:
         try:
             # The stream's loop, inline (not a nested coroutine: every frame
@@ -311,32 +328,32 @@ async def _stream(
             prefix = b"retry: %d\n\n" % int(cfg.retry_ms)
             conn.last_write = trio.current_time()
             while True:
-                if direct is not None and (direct.pending or direct.broken):
-                    if direct.broken:
-                        direct = None  # the ordinary path meets the closed socket
+                if st.direct is not None and (st.direct.pending or st.direct.broken):
+                    if st.direct.broken:
+                        st.direct = None  # the ordinary path meets the closed socket
                         continue
-                    # What a direct write left over, sent the blocking way.
+                    # What a st.direct write left over, sent the blocking way.
                     counters["direct_partial"] += 1
                     conn.write_started = trio.current_time()
-                    await direct.flush()
+                    await st.direct.flush()
                     conn.write_started = None
                     conn.last_write = trio.current_time()
                     if conn.slow:
-                        await write(sse_error(ResourceExhausted("slow consumer: writes made no progress")))
+                        await _body(send, sse_error(ResourceExhausted("slow consumer: writes made no progress")))
                         break
-                taken = take()
+                taken = st.take()
                 if taken is not None or prefix:
                     conn.write_started = trio.current_time()
-                    await write(prefix + taken[0] if taken is not None else prefix)
+                    await _body(send, prefix + taken[0] if taken is not None else prefix)
                     conn.write_started = None
                     conn.last_write = trio.current_time()
                     if prefix and cfg.direct_writes:
                         # The response has started: its socket can be found.
-                        direct = DirectSocket.attach(send)
+                        st.direct = DirectSocket.attach(send)
                     prefix = b""
                     if conn.slow:
                         # The write went through after all: say why we close.
-                        await write(sse_error(ResourceExhausted("slow consumer: writes made no progress")))
+                        await _body(send, sse_error(ResourceExhausted("slow consumer: writes made no progress")))
                         break
                     if taken is None:
                         continue
@@ -353,7 +370,7 @@ async def _stream(
                 silent_for = trio.current_time() - conn.last_write
                 if silent_for >= cfg.keepalive:
                     conn.write_started = trio.current_time()
-                    await write(b": keepalive\n\n")
+                    await _body(send, b": keepalive\n\n")
                     conn.write_started = None
                     conn.last_write = trio.current_time()
                 elif await hub.park(conn, key, cfg.keepalive - silent_for, receive) is None:
