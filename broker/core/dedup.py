@@ -25,10 +25,8 @@ class IdWindow:
         return event_id in self._seen
 
     def add(self, event_id: str, now: float) -> None:
-        self._seen[event_id] = now
-        self._seen.move_to_end(event_id)  # keep age order if an id is re-added
-        if len(self._seen) > self.max_ids:
-            self._seen.popitem(last=False)
+        self._seen.pop(event_id, None)  # a re-added id moves to the young end
+        self.add_new(event_id, now)
 
     def add_new(self, event_id: str, now: float) -> None:
         """`add` for an id known not to be in the window (the hot path)."""

@@ -130,18 +130,17 @@ def create_app(hub: Hub) -> QuartTrio:
     async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
         # Streams are plain ASGI, lighter per connection (SSE also writes
         # to its socket directly: see sse.py and direct.py).
-        if scope["type"] == "http" and sse.stream_target(scope) is not None:
-            try:
-                await sse.handle(hub, scope, receive, send)
-            finally:
-                hub.stream_request_ended()
-        elif scope["type"] == "websocket" and scope["path"] == "/v1/ws":
-            try:
-                await ws.handle(hub, scope, receive, send)
-            finally:
-                hub.stream_request_ended()
-        else:
+        target = sse.stream_target(scope) if scope["type"] == "http" else None
+        if target is None and not (scope["type"] == "websocket" and scope["path"] == "/v1/ws"):
             await quart_asgi(scope, receive, send)
+            return
+        try:
+            if target is not None:
+                await sse.handle(hub, scope, receive, send, target)
+            else:
+                await ws.handle(hub, scope, receive, send)
+        finally:
+            hub.stream_request_ended()
 
     app.asgi_app = asgi_app  # type: ignore[method-assign]
     return app

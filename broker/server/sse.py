@@ -131,11 +131,9 @@ def _encode_headers(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
 
 
-async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-    """Serve one request to a stream path (see `stream_target`)."""
+async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, target: tuple[str | None, str]) -> None:
+    """Serve one request to a stream path; `target` is its `stream_target`."""
     req = _Request(scope)
-    target = stream_target(scope)
-    assert target is not None, "dispatched to sse.handle: a stream path"
     cors = _encode_headers(cors_headers(req.headers.get("Origin"), hub.config.http.cors_origins))
     if req.method == "OPTIONS":
         await _respond(send, 200, b"", [(b"allow", b"GET, OPTIONS"), (b"content-length", b"0"), *cors])
@@ -244,6 +242,10 @@ async def _plan(hub: Hub, req: _Request, wid: str | None, view: str) -> tuple[Wo
     return (None if reader.done else reader), JOURNAL
 
 
+# Sent to a stream whose blocked write went through after it was marked slow.
+_SLOW_CONSUMER = sse_error(ResourceExhausted("slow consumer: writes made no progress"))
+
+
 async def _body(send: Send, data: bytes) -> None:
     """One chunk of the streaming response, the ordinary way."""
     await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -332,14 +334,14 @@ async def _stream(
                     if st.direct.broken:
                         st.direct = None  # the ordinary path meets the closed socket
                         continue
-                    # What a st.direct write left over, sent the blocking way.
+                    # What a direct write left over, sent the blocking way.
                     counters["direct_partial"] += 1
                     conn.write_started = trio.current_time()
                     await st.direct.flush()
                     conn.write_started = None
                     conn.last_write = trio.current_time()
                     if conn.slow:
-                        await _body(send, sse_error(ResourceExhausted("slow consumer: writes made no progress")))
+                        await _body(send, _SLOW_CONSUMER)
                         break
                 taken = st.take()
                 if taken is not None or prefix:
@@ -353,7 +355,7 @@ async def _stream(
                     prefix = b""
                     if conn.slow:
                         # The write went through after all: say why we close.
-                        await _body(send, sse_error(ResourceExhausted("slow consumer: writes made no progress")))
+                        await _body(send, _SLOW_CONSUMER)
                         break
                     if taken is None:
                         continue
