@@ -2,135 +2,245 @@
 
 Every key has a default; unknown sections/keys and wrong types are errors
 that name the key (`ConfigError`, printed as one line by the CLI). Durations
-are seconds (int or float), sizes bytes. Keys of later features (auth, store,
-cluster, control) are validated now so a config written for them is checked,
-even where the feature is not built yet.
+are seconds (int or float in TOML, `float` here), sizes bytes. Keys of later
+features (auth, store, cluster, control) are validated now so a config
+written for them is checked, even where the feature is not built yet.
+
+Each section is a frozen dataclass; each field declares, next to its type
+and default, how its TOML value is checked (`_key(default, kind)`). A new
+section is a new dataclass and one more field of `Config`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import socket
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, get_type_hints
 
 MAX_NUMBER = 2**31 - 1  # socket options and counts are C ints
+
+_T = TypeVar("_T")
+
+# How a key's TOML value is checked (and converted):
+#   "str"        a string (optionally one of `choices`)
+#   "count"      int >= 1
+#   "nonneg"     number >= 0, as float
+#   "duration"   seconds >= 0, as float
+#   "positive"   seconds > 0, as float (a zero keepalive would busy-loop)
+#   "bool"       true or false
+#   "strlist"    list of strings, as a tuple
+#   "zmq_bind"   a ZeroMQ endpoint (tcp://host:port, ipc://…, inproc://…)
+#   "zmq_opt"    the same, or "" (= feature off)
+#   "http_bind"  host:port or [v6]:port
+#   "peers"      list of {pub = endpoint, replay = endpoint} tables
+# Every number must be finite and at most MAX_NUMBER; tcp ports 0-65535.
+Kind = Literal[
+    "str", "count", "nonneg", "duration", "positive", "bool", "strlist", "zmq_bind", "zmq_opt", "http_bind", "peers"
+]
 
 
 class ConfigError(Exception):
     """A config problem; str() is one line naming the key."""
 
 
-# (type, default). "count" = int >= 1; "nonneg" = number >= 0; "duration" =
-# seconds >= 0; "positive" = seconds > 0 (a zero keepalive would busy-loop).
-# Every number must be finite and at most MAX_NUMBER.
-_SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
-    "node": {"id": ("str", "")},
-    "ingest": {
-        "zmq_bind": ("str", "tcp://127.0.0.1:5557"),
-        "max_frame_bytes": ("count", 1048576),
-        "rcvhwm": ("count", 10000),
-    },
-    "http": {
-        "bind": ("str", "127.0.0.1:8080"),
-        "cors_origins": ("strlist", []),
-        "backlog": ("count", 1024),
-    },
-    "buffer": {
-        "ring_events": ("count", 1024),
-        "ring_bytes": ("count", 1048576),
-        "journal_events": ("count", 100000),
-        "journal_bytes": ("count", 64 * 1048576),
-        "max_tasks": ("count", 10000),
-        "max_workflows": ("count", 100000),
-        "terminal_ttl": ("duration", 600),
-    },
-    "order": {"reorder_window_ms": ("nonneg", 500), "dedup_window": ("count", 100000)},
-    "stream": {
-        "keepalive": ("positive", 15),
-        "retry_ms": ("nonneg", 2000),
-        "unknown_workflow_wait": ("duration", 5),
-        "coalesce_after": ("count", 256),
-        "slow_consumer_timeout": ("positive", 10),
-        "ws_ping_interval": ("positive", 30),
-        "ws_pong_timeout": ("positive", 10),
-        "direct_writes": ("bool", True),
-    },
-    "limits": {
-        "per_user": ("count", 5),
-        "per_tenant": ("count", 1000),
-        "global": ("count", 20000),
-        "events_per_second": ("nonneg", 0),
-    },
-    "auth": {"mode": ("str", "none")},
-    "store": {"backend": ("str", "memory"), "dsn": ("str", "")},
-    "cluster": {"bind": ("str", ""), "replay_bind": ("str", ""), "peers": ("peers", [])},
-    "control": {"bind": ("str", "")},
-    "log": {"level": ("str", "info"), "format": ("str", "text")},
-    "": {"shutdown_timeout": ("duration", 5)},
-}
-
-_CHOICES = {
-    ("auth", "mode"): ("none",),  # "jwt" arrives with auth (DESIGN §7)
-    ("store", "backend"): ("memory",),  # "postgres" arrives with the store (§10)
-    ("log", "level"): ("debug", "info", "warning", "error"),
-    ("log", "format"): ("text", "json"),
-}
+def _key(default: _T, kind: Kind, *, toml: str = "", choices: tuple[str, ...] = ()) -> _T:
+    """A config field: its default, its check, and (if it differs from the
+    field name) its TOML key."""
+    return field(default=default, metadata={"kind": kind, "toml": toml, "choices": choices})
 
 
-class Section:
-    """Attribute access to one validated section."""
+def _key_factory(factory: Callable[[], _T], kind: Kind) -> _T:
+    return field(default_factory=factory, metadata={"kind": kind, "toml": "", "choices": ()})
 
-    def __init__(self, name: str, values: dict[str, Any]) -> None:
-        self._name = name
-        self.__dict__.update(values)
+
+def _hostname() -> str:
+    return socket.gethostname() or "node"
+
+
+class _Section:
+    """Base of the section dataclasses (no state of its own)."""
+
+    __slots__ = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        """The section as TOML would spell it (TOML key names, lists)."""
+        return {_toml_name(f): _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """One `cluster.peers` entry; `replay = ""` when the table has none."""
+
+    pub: str
+    replay: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"pub": self.pub, "replay": self.replay} if self.replay else {"pub": self.pub}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig(_Section):
+    id: str = _key_factory(_hostname, "str")  # "" in TOML also means the hostname
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig(_Section):
+    zmq_bind: str = _key("tcp://127.0.0.1:5557", "zmq_bind")
+    max_frame_bytes: int = _key(1048576, "count")
+    rcvhwm: int = _key(10000, "count")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig(_Section):
+    bind: str = _key("127.0.0.1:8080", "http_bind")
+    cors_origins: tuple[str, ...] = _key((), "strlist")
+    backlog: int = _key(1024, "count")
+
+
+@dataclass(frozen=True, slots=True)
+class BufferConfig(_Section):
+    ring_events: int = _key(1024, "count")
+    ring_bytes: int = _key(1048576, "count")
+    journal_events: int = _key(100000, "count")
+    journal_bytes: int = _key(64 * 1048576, "count")
+    max_tasks: int = _key(10000, "count")
+    max_workflows: int = _key(100000, "count")
+    terminal_ttl: float = _key(600.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class OrderConfig(_Section):
+    reorder_window_ms: float = _key(500.0, "nonneg")
+    dedup_window: int = _key(100000, "count")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig(_Section):
+    keepalive: float = _key(15.0, "positive")
+    retry_ms: float = _key(2000.0, "nonneg")
+    unknown_workflow_wait: float = _key(5.0, "duration")
+    coalesce_after: int = _key(256, "count")
+    slow_consumer_timeout: float = _key(10.0, "positive")
+    ws_ping_interval: float = _key(30.0, "positive")
+    ws_pong_timeout: float = _key(10.0, "positive")
+    direct_writes: bool = _key(True, "bool")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig(_Section):
+    per_user: int = _key(5, "count")
+    per_tenant: int = _key(1000, "count")
+    global_: int = _key(20000, "count", toml="global")  # `global` is a Python keyword
+    events_per_second: float = _key(0.0, "nonneg")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig(_Section):
+    mode: str = _key("none", "str", choices=("none",))  # "jwt" arrives with auth (DESIGN §7)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig(_Section):
+    backend: str = _key("memory", "str", choices=("memory",))  # "postgres" arrives with the store (§10)
+    dsn: str = _key("", "str")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig(_Section):
+    bind: str = _key("", "zmq_opt")
+    replay_bind: str = _key("", "zmq_opt")
+    peers: tuple[PeerConfig, ...] = _key((), "peers")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig(_Section):
+    bind: str = _key("", "zmq_opt")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig(_Section):
+    level: str = _key("info", "str", choices=("debug", "info", "warning", "error"))
+    format: str = _key("text", "str", choices=("text", "json"))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    node: Section
-    ingest: Section
-    http: Section
-    buffer: Section
-    order: Section
-    stream: Section
-    limits: Section
-    auth: Section
-    store: Section
-    cluster: Section
-    control: Section
-    log: Section
-    shutdown_timeout: float
-    source: str
+    """The validated config. Fields typed as a section are TOML tables; the
+    others with a `kind` are top-level keys; `source` is where it came from."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    order: OrderConfig = field(default_factory=OrderConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    shutdown_timeout: float = _key(5.0, "duration")
+    source: str = "<defaults>"
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"shutdown_timeout": self.shutdown_timeout}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Section):
-                out[f.name] = value.as_dict()
+        """Top-level keys, then one dict per section (what check-config prints)."""
+        out: dict[str, Any] = {_toml_name(f): _plain(getattr(self, f.name)) for f in _TOP_LEVEL}
+        for name in _SECTIONS:
+            section: _Section = getattr(self, name)
+            out[name] = section.as_dict()
         return out
+
+
+def _toml_name(f: Any) -> str:
+    name: str = f.metadata.get("toml") or f.name
+    return name
+
+
+def _plain(value: Any) -> Any:
+    """A field value as TOML/JSON would hold it (tuples → lists)."""
+    if isinstance(value, tuple):
+        return [v.as_dict() if isinstance(v, PeerConfig) else v for v in value]
+    return value
+
+
+_HINTS = get_type_hints(Config)
+# section name → its dataclass, in Config's field order
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: _HINTS[f.name]
+    for f in fields(Config)
+    if isinstance(_HINTS[f.name], type) and issubclass(_HINTS[f.name], _Section)
+}
+_TOP_LEVEL = tuple(f for f in fields(Config) if "kind" in f.metadata)
+
+
+# ------------------------------------------------------------------ checks
 
 
 def _check(path: str, kind: str, value: Any) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"config key '{path}': expected {expected}, got {type(value).__name__} {value!r}")
 
-    if kind == "str":
+    if kind in ("str", "zmq_bind", "zmq_opt", "http_bind"):
         if not isinstance(value, str):
             raise bad("a string")
+        if kind == "zmq_bind" or (kind == "zmq_opt" and value):
+            _check_zmq_endpoint(path, value)
+        elif kind == "http_bind":
+            _parse_host_port(path, value)
         return value
     if kind in ("count", "nonneg", "duration", "positive"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         if isinstance(value, float) and kind == "count":
             raise bad("an integer")
-        if not math.isfinite(value) or value > MAX_NUMBER:
+        # (an int is compared, never converted: a huge one would overflow a float)
+        if (isinstance(value, float) and not math.isfinite(value)) or value > MAX_NUMBER:
             raise bad(f"a finite number up to {MAX_NUMBER}")
         if kind == "count" and value < 1:
             raise bad("an integer >= 1")
@@ -138,7 +248,7 @@ def _check(path: str, kind: str, value: Any) -> Any:
             raise bad("a number of seconds > 0")
         if value < 0:
             raise bad("a non-negative number")
-        return value
+        return value if kind == "count" else float(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -146,10 +256,11 @@ def _check(path: str, kind: str, value: Any) -> Any:
     if kind == "strlist":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of strings")
-        return list(value)
+        return tuple(value)
     if kind == "peers":
         if not isinstance(value, list):
             raise bad("a list of {pub = ..., replay = ...} tables")
+        peers = []
         for i, peer in enumerate(value):
             if (
                 not isinstance(peer, dict)
@@ -160,58 +271,101 @@ def _check(path: str, kind: str, value: Any) -> Any:
                 raise ConfigError(
                     f"config key '{path}[{i}]': expected a table with string 'pub' and optional string 'replay'"
                 )
-        return value
+            for key in ("pub", "replay"):
+                if key in peer:
+                    _check_zmq_endpoint(f"{path}[{i}].{key}", peer[key], connect=True)
+            peers.append(PeerConfig(pub=peer["pub"], replay=peer.get("replay", "")))
+        return tuple(peers)
     raise AssertionError(kind)
 
 
-def from_mapping(data: dict[str, Any], source: str = "<defaults>") -> Config:
-    sections: dict[str, Any] = {}
-    for name, spec in _SCHEMA.items():
-        if name == "":
-            continue
-        raw = data.get(name, {})
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config key '{name}': expected a table")
-        for key in raw:
-            if key not in spec:
-                raise ConfigError(f"config key '{name}.{key}': unknown key")
-        values = {}
-        for key, (kind, default) in spec.items():
-            path = f"{name}.{key}"
-            value = _check(path, kind, raw[key]) if key in raw else default
-            choices = _CHOICES.get((name, key))
-            if choices is not None and value not in choices:
-                raise ConfigError(f"config key '{path}': must be one of {', '.join(choices)} (got {value!r})")
-            values[key] = value
-        sections[name] = Section(name, values)
-    for key in data:
-        if key == "" or (key not in _SCHEMA and key not in _SCHEMA[""]):
-            raise ConfigError(f"config key '{key}': unknown key")
-    top = {k: (_check(k, kind, data[k]) if k in data else d) for k, (kind, d) in _SCHEMA[""].items()}
-    if not sections["node"].id:
-        sections["node"].id = socket.gethostname() or "node"
-    _check_binds(sections)
-    return Config(**sections, shutdown_timeout=top["shutdown_timeout"], source=source)
+_PORT_RE = re.compile(r"[+-]?[0-9]+")
 
 
-def _check_binds(sections: dict[str, Any]) -> None:
-    zmq_bind = sections["ingest"].zmq_bind
-    if not zmq_bind.startswith(("tcp://", "ipc://", "inproc://")):
+def _port_in_range(port: str) -> bool:
+    """`port` (matching _PORT_RE) is 0-65535."""
+    digits = port.lstrip("+-").lstrip("0")
+    return not port.startswith("-") and len(digits) <= 5 and int(digits or "0") <= 65535
+
+
+def _check_zmq_endpoint(path: str, endpoint: str, *, connect: bool = False) -> None:
+    """tcp://host:port (port `*` or 0-65535 to bind, 1-65535 to connect),
+    ipc://… or inproc://…"""
+    if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
         raise ConfigError(
-            f"config key 'ingest.zmq_bind': expected a ZeroMQ endpoint like tcp://127.0.0.1:5557, got {zmq_bind!r}"
+            f"config key '{path}': expected a ZeroMQ endpoint like tcp://127.0.0.1:5557, got {endpoint!r}"
         )
-    parse_http_bind(sections["http"].bind)
+    if not endpoint.startswith("tcp://"):
+        return
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if _PORT_RE.fullmatch(port) and not _port_in_range(port):
+        raise ConfigError(f"config key '{path}': port out of range (0-65535) in {endpoint!r}")
+    if not sep or not host or not (port == "*" or (port.isascii() and port.isdigit())):
+        raise ConfigError(f"config key '{path}': expected tcp://host:port, got {endpoint!r}")
+    if connect and (port == "*" or int(port) == 0):
+        raise ConfigError(f"config key '{path}': a peer endpoint needs a port number 1-65535, got {endpoint!r}")
 
 
-def parse_http_bind(bind: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' → (host, port)."""
+def _parse_host_port(path: str, bind: str) -> tuple[str, int]:
     host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
-        raise ConfigError(f"config key 'http.bind': expected host:port, got {bind!r}")
+    if sep and host and _PORT_RE.fullmatch(port) and not _port_in_range(port):
+        raise ConfigError(f"config key '{path}': port out of range (0-65535) in {bind!r}")
+    if not sep or not port.isascii() or not port.isdigit() or not host:
+        raise ConfigError(f"config key '{path}': expected host:port, got {bind!r}")
     return host.strip("[]"), int(port)
 
 
+def parse_http_bind(bind: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' → (host, port); ConfigError naming http.bind."""
+    return _parse_host_port("http.bind", bind)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _build(cls: type[Any], name: str, raw: dict[str, Any]) -> Any:
+    """One section's dataclass from its TOML table (missing keys: defaults)."""
+    spec = {_toml_name(f): f for f in fields(cls)}
+    for key in raw:
+        if key not in spec:
+            raise ConfigError(f"config key '{name}.{key}': unknown key")
+    values: dict[str, Any] = {}
+    for key, f in spec.items():
+        if key not in raw:
+            continue
+        path = f"{name}.{key}"
+        value = _check(path, f.metadata["kind"], raw[key])
+        choices: tuple[str, ...] = f.metadata["choices"]
+        if choices and value not in choices:
+            raise ConfigError(f"config key '{path}': must be one of {', '.join(choices)} (got {value!r})")
+        values[f.name] = value
+    return cls(**values)
+
+
+def from_mapping(data: dict[str, Any], source: str = "<defaults>") -> Config:
+    """A validated Config from parsed TOML; ConfigError names the first bad key."""
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config key '{name}': expected a table")
+        if name == "node" and raw.get("id") == "":
+            raw = {k: v for k, v in raw.items() if k != "id"}  # "" = the hostname (the default)
+        sections[name] = _build(cls, name, raw)
+    top_names = {_toml_name(f) for f in _TOP_LEVEL}
+    for key in data:
+        if key == "" or (key not in _SECTIONS and key not in top_names):
+            raise ConfigError(f"config key '{key}': unknown key")
+    top = {
+        f.name: _check(_toml_name(f), f.metadata["kind"], data[_toml_name(f)])
+        for f in _TOP_LEVEL
+        if _toml_name(f) in data
+    }
+    return Config(**sections, **top, source=source)
+
+
 def load(path: str | Path | None) -> Config:
+    """The Config of a TOML file (None: the defaults); ConfigError if bad."""
     if path is None:
         return from_mapping({})
     p = Path(path)

@@ -23,10 +23,11 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _TextFormatter(logging.Formatter):
-    converter = time.gmtime
-
     def __init__(self) -> None:
         super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        # UTC, as the "Z" in the format says. Set on the instance: as a class
+        # attribute mypy would take the function for a method.
+        self.converter = time.gmtime
 
     def format(self, record: logging.LogRecord) -> str:
         # One record, one line, even for tracebacks.

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import trio
 
+from .builders import ev, task
 from .conftest import ROOT
 from .e2e import client_for, open_sse, poll, stats, wf_path
 
@@ -85,7 +86,7 @@ async def test_stalled_client_is_closed_while_healthy_subscriber_gets_everything
     )
     count, rate = 15000, 3000
     wid = "firehose"
-    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    broker.push(ev(wid, "workflow.running"))
     delays: list[float] = []
     got: list[int] = []
     with trio.fail_after(60):
@@ -110,9 +111,9 @@ async def test_stalled_client_is_closed_while_healthy_subscriber_gets_everything
                     str(tmp_path / "engine.json"),
                 )
                 while len(got) < count:
-                    ev = await healthy.expect()
-                    assert ev.event == "event", ev  # no resync, no gap, nothing else
-                    msg = ev.json
+                    sse = await healthy.expect()
+                    assert sse.event == "event", sse  # no resync, no gap, nothing else
+                    msg = sse.json
                     delays.append(time.time() - msg["data"]["t"])
                     got.append(msg["data"]["i"])
                 rss_after = rss_kb(broker.proc.pid)
@@ -155,7 +156,7 @@ async def _run_slow_reader(broker_factory, wid: str, view: str, kind: str, count
     """A raw-socket reader taking 2 KiB every 10 ms while an engine process
     pushes `count` events of 1.5 KB payload at `rate`/s, then ends the workflow."""
     broker = broker_factory(stream={"coalesce_after": 50})
-    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    broker.push(ev(wid, "workflow.running"))
     with trio.fail_after(60):
         async with client_for(broker) as client, trio.open_nursery() as nursery:
             async with open_sse(client, wf_path(wid, view)) as probe:
@@ -219,18 +220,16 @@ async def test_slow_log_reader_gets_gaps_that_add_up(broker_factory):
 async def test_events_per_second_paces_and_coalesces(broker_factory):
     broker = broker_factory(limits={"events_per_second": 50})
     wid = "paced"
-    broker.push(
-        {"workflow_id": wid, "type": "workflow.running"}, {"workflow_id": wid, "type": "task.running", "task_id": "t"}
-    )
+    broker.push(ev(wid, "workflow.running"), task(wid, "t", "running"))
     with trio.fail_after(30):
         async with client_for(broker) as client:
             async with open_sse(client, wf_path(wid)) as s:
                 assert (await s.expect()).event == "snapshot"
                 for i in range(1, 101):
-                    broker.push({"workflow_id": wid, "type": "task.progress", "task_id": "t", "progress": i})
+                    broker.push(task(wid, "t", "progress", progress=i))
                 broker.push(
-                    {"workflow_id": wid, "type": "task.completed", "task_id": "t"},
-                    {"workflow_id": wid, "type": "workflow.completed"},
+                    task(wid, "t", "completed"),
+                    ev(wid, "workflow.completed"),
                 )
                 rest = await s.rest()
     progress = [e.json["progress"] for e in rest if e.event == "progress"]
@@ -256,7 +255,7 @@ async def test_sse_write_completing_late_ends_with_error_event(broker_factory):
     # the stream can still say why it closes.
     broker = broker_factory(stream={"slow_consumer_timeout": 1})
     wid = "late-sse"
-    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    broker.push(ev(wid, "workflow.running"))
     with trio.fail_after(30):
         async with client_for(broker) as client, trio.open_nursery() as nursery:
             sock = await raw_sse_client(broker.port, wf_path(wid))
@@ -286,7 +285,7 @@ async def test_ws_write_completing_late_closes_4008(broker_factory):
 
     broker = broker_factory(stream={"slow_consumer_timeout": 1})
     wid = "late-ws"
-    broker.push({"workflow_id": wid, "type": "workflow.running"})
+    broker.push(ev(wid, "workflow.running"))
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

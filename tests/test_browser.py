@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from .browser import Page, open_browser
+from .builders import ev
 
 pytestmark = pytest.mark.browser
 
@@ -68,33 +69,29 @@ window.report = () => ({
 """
 
 
-def ev(type_: str, **fields: Any) -> dict[str, Any]:
-    return {"workflow_id": WF, "type": type_, **fields}
-
-
 # Pushed before the page opens: the snapshot must show them.
 BEFORE = [
-    ev("workflow.running", message="started by the browser test"),
-    ev("task.running", task_id="t-1", message="t-1 starting"),
+    ev(WF, "workflow.running", message="started by the browser test"),
+    ev(WF, "task.running", task_id="t-1", message="t-1 starting"),
 ]
 # (event, kind the page must see it as). At most one progress per task in each
 # group: progress updates of one task inside one write are coalesced (§6).
 LIVE = [
-    (ev("task.progress", task_id="t-1", progress=25, message="a quarter"), "progress"),
-    (ev("log", level="info", task_id="t-1", message="hello from t-1"), "log"),
-    (ev("task.running", task_id="t-2", message="t-2 starting"), "state"),
+    (ev(WF, "task.progress", task_id="t-1", progress=25, message="a quarter"), "progress"),
+    (ev(WF, "log", level="info", task_id="t-1", message="hello from t-1"), "log"),
+    (ev(WF, "task.running", task_id="t-2", message="t-2 starting"), "state"),
 ]
 WHILE_DISCONNECTED = [
-    (ev("task.progress", task_id="t-1", progress=50, message="half"), "progress"),
-    (ev("log", level="warning", task_id="t-2", message="pushed while the browser was away"), "log"),
-    (ev("task.progress", task_id="t-2", progress=10), "progress"),
-    (ev("task.completed", task_id="t-1", result={"rows": 3}), "state"),
+    (ev(WF, "task.progress", task_id="t-1", progress=50, message="half"), "progress"),
+    (ev(WF, "log", level="warning", task_id="t-2", message="pushed while the browser was away"), "log"),
+    (ev(WF, "task.progress", task_id="t-2", progress=10), "progress"),
+    (ev(WF, "task.completed", task_id="t-1", result={"rows": 3}), "state"),
 ]
 AFTER_RECONNECT = [
-    (ev("log", level="info", message="after the reconnect"), "log"),
-    (ev("task.progress", task_id="t-2", progress=80), "progress"),
-    (ev("task.completed", task_id="t-2", result={"rows": 7}), "state"),
-    (ev("workflow.completed", result={"ok": True}), "state"),
+    (ev(WF, "log", level="info", message="after the reconnect"), "log"),
+    (ev(WF, "task.progress", task_id="t-2", progress=80), "progress"),
+    (ev(WF, "task.completed", task_id="t-2", result={"rows": 7}), "state"),
+    (ev(WF, "workflow.completed", result={"ok": True}), "state"),
 ]
 STREAMED = LIVE + WHILE_DISCONNECTED + AFTER_RECONNECT
 FIRST_STREAMED_SEQ = len(BEFORE) + 1

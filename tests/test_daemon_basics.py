@@ -7,6 +7,7 @@ import signal
 import httpx
 import trio
 
+from .builders import ev
 from .sse_client import SseEvent, iter_sse
 
 
@@ -20,20 +21,20 @@ async def test_health_and_ready(broker):
 
 
 async def test_zmq_event_reaches_sse_subscriber(broker):
-    broker.push({"workflow_id": "wf-1", "type": "workflow.running"})
+    broker.push(ev("wf-1", "workflow.running"))
     with trio.fail_after(10):
         async with httpx.AsyncClient(base_url=broker.url, timeout=None) as client:
             async with client.stream("GET", "/v1/workflows/wf-1/stream") as resp:
                 assert resp.status_code == 200
                 assert resp.headers["content-type"].startswith("text/event-stream")
                 seen: list[SseEvent] = []
-                async for ev in iter_sse(resp):
-                    if isinstance(ev, str):
+                async for item in iter_sse(resp):
+                    if isinstance(item, str):
                         continue
-                    seen.append(ev)
-                    if ev.event == "snapshot":
-                        broker.push({"workflow_id": "wf-1", "type": "workflow.completed"})
-                    if ev.event == "end":
+                    seen.append(item)
+                    if item.event == "snapshot":
+                        broker.push(ev("wf-1", "workflow.completed"))
+                    if item.event == "end":
                         break
     assert [e.event for e in seen] == ["snapshot", "state", "end"]
     assert seen[0].retry == 2000

@@ -29,6 +29,7 @@ import orjson
 import pytest
 import trio
 
+from .builders import ev, tick
 from .conftest import ROOT, Daemon
 from .e2e import client_for, module_broker, open_sse, poll, stats, uid, wf_path
 from .sse_client import SseEvent
@@ -38,17 +39,6 @@ daemon = module_broker()  # every default: direct writes on
 FRAME_RE = re.compile(rb"id: ([^\n]+)\nevent: ([a-z]+)\ndata: ([^\n]+)")
 RETRY_RE = re.compile(rb"retry: \d+")
 CHUNK_SIZE_RE = re.compile(rb"[0-9a-fA-F]+")  # chunk-size, no chunk extensions (h11 and direct.py write none)
-
-
-def ev(wid: str, etype: str, **fields: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": etype, **fields}
-
-
-def tick(wid: str, i: int, payload: int = 0) -> dict[str, Any]:
-    data: dict[str, Any] = {"i": i}
-    if payload:
-        data["f"] = "x" * payload
-    return ev(wid, "tick", data=data)
 
 
 # ------------------------------------------------------------ raw HTTP client

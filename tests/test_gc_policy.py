@@ -19,6 +19,7 @@ import trio
 from broker.server import gc_policy
 from broker.server.gc_policy import MAX_WAIT, MIN_CLOSED, THRESHOLDS, FullCollections
 
+from .builders import ev
 from .e2e import client_for, module_broker, poll, stats
 
 daemon = module_broker()
@@ -102,7 +103,7 @@ async def _collected(client: httpx.AsyncClient) -> int:
 
 async def test_closed_connections_make_the_daemon_collect_their_garbage(daemon):
     wid = "gc-churn"
-    daemon.push({"workflow_id": wid, "type": "workflow.running"})
+    daemon.push(ev(wid, "workflow.running"))
     n = MIN_CLOSED + 50
     request = f"GET /v1/workflows/{wid}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
     with trio.fail_after(60 + MAX_WAIT):

@@ -15,9 +15,11 @@ from typing import Any
 import orjson
 import pytest
 import trio
+import zmq
 
 from broker.core.envelope import kind_of
 
+from .builders import deep_event, ev, log, nested_json
 from .e2e import (
     Multipart,
     client_for,
@@ -46,17 +48,10 @@ daemon = module_broker(
     stream={"unknown_workflow_wait": 5},
 )
 
-
-def log(wid: str, message: str, **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": "log", "level": "info", "message": message, **kw}
-
-
-def running(wid: str, **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": "workflow.running", **kw}
-
-
-def completed(wid: str, **kw: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": "workflow.completed", **kw}
+# Deep payloads and libzmq's MAXMSGSIZE: frames up to 4x + 64 KiB of the limit
+# are received, rejected and counted; this daemon's limit leaves room for them.
+MAX_FRAME_64K = 65536
+daemon_64k = module_broker(ingest={"max_frame_bytes": MAX_FRAME_64K})
 
 
 async def whole_stream(client, wid: str) -> list:
@@ -156,8 +151,8 @@ async def test_engine_process_full_workflow_reaches_subscribers(daemon, engine_a
     epoch = everything[0].json["epoch"]
     if "--seq" in engine_args:
         assert epoch == "e"
-    for ev in everything:
-        assert ev.id == f"{epoch}:{ev.json['seq']}"
+    for sse in everything:
+        assert sse.id == f"{epoch}:{sse.json['seq']}"
     assert_complete_in_order(msgs(everything[:-1]), expected, 1)
     end = everything[-1]
     assert (
@@ -205,7 +200,7 @@ async def test_batch_frame_and_multipart_message_good_and_bad_interleaved(daemon
             Multipart([good[3], b"{not json", good[4], orjson.dumps({**log(wid, "x" * MAX_FRAME)}), good[5]]),
             # a batch frame inside a multi-frame message
             Multipart([[good[6], 42], good[7]]),
-            completed(wid),
+            ev(wid, "workflow.completed"),
         ],
     )
     with trio.fail_after(20):
@@ -298,11 +293,15 @@ def bad_inputs(wid_b: str, wid_e: str) -> list[tuple[str, bytes, str]]:
 async def test_every_bad_input_over_zmq_is_rejected_with_its_reason(daemon, tmp_path: Path):
     good_wid, wid_b, wid_e = uid("good"), uid("brk"), uid("eng")
     cases = bad_inputs(wid_b, wid_e)
-    messages: list[Any] = [running(wid_b, tenant="acme"), running(wid_e, seq=1)]
+    messages: list[Any] = [ev(wid_b, "workflow.running", tenant="acme"), ev(wid_e, "workflow.running", seq=1)]
     for i, (_, frame, _) in enumerate(cases):
         messages.append(frame)
         messages.append(log(good_wid, f"good-{i}"))  # a good event between every two bad ones
-    messages += [completed(good_wid), completed(wid_b, tenant="acme"), completed(wid_e, seq=2)]
+    messages += [
+        ev(good_wid, "workflow.completed"),
+        ev(wid_b, "workflow.completed", tenant="acme"),
+        ev(wid_e, "workflow.completed", seq=2),
+    ]
     frames = write_frames(tmp_path / "frames", messages)
 
     with trio.fail_after(20):
@@ -344,7 +343,9 @@ async def test_every_bad_input_over_http_is_rejected_with_its_reason(daemon):
     cases = bad_inputs(wid_b, wid_e)
     with trio.fail_after(20):
         async with client_for(daemon) as client:
-            r = await post_events(client, [running(wid_b, tenant="acme"), running(wid_e, seq=1)])
+            r = await post_events(
+                client, [ev(wid_b, "workflow.running", tenant="acme"), ev(wid_e, "workflow.running", seq=1)]
+            )
             assert r.status_code == 202 and r.json()["accepted"] == 2
             usable = [(n, f, r) for n, f, r in cases if r not in ("invalid_json", "too_large")]
             goods = 0
@@ -374,7 +375,7 @@ async def test_every_bad_input_over_http_is_rejected_with_its_reason(daemon):
                 assert body["accepted"] == 0 and body["duplicates"] == 0, name
                 assert [x["reason"] for x in body["rejected"]] == [reason], (name, body)
 
-            r = await post_events(client, completed(good_wid))
+            r = await post_events(client, ev(good_wid, "workflow.completed"))
             assert r.status_code == 202
             good = await whole_stream(client, good_wid)
     assert [m.get("message") for m in msgs(good[:-2])] == [f"good-{i}" for i in range(1, goods + 1)]
@@ -401,6 +402,117 @@ async def test_engine_seq_older_than_first_is_stale_and_first_event_waits_for_lo
     assert [r["reason"] for r in recent] == ["stale_seq"] and by_reason == Counter({"stale_seq": 1})
 
 
+# ------------------------------------------------------------- deep payloads, frame size (a daemon with 64 KiB frames)
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in kB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def reject_count(rej: dict[str, Any], reason: str) -> int:
+    return rej["by_reason"].get(reason, 0)
+
+
+async def test_300_level_event_over_zmq_is_rejected_and_the_daemon_keeps_serving(daemon_64k):
+    deep, ok, after = uid("deep"), uid("deep64"), uid("after")
+    with trio.fail_after(15):
+        async with client_for(daemon_64k) as client:
+            before = await rejected(client)
+            daemon_64k.push(deep_event(deep, 300), deep_event(ok, 64), ev(after, "workflow.running"))
+            await zmq_barrier(daemon_64k, client)
+            assert daemon_64k.proc.poll() is None, "the daemon_64k died:\n" + daemon_64k.output()
+            assert (await client.get("/healthz")).status_code == 200
+            now = await rejected(client)
+            listed = [r for r in now["recent"] if f'"{deep}"' in r["sample"]]
+            assert (await client.get(f"/v1/workflows/{deep}")).status_code == 404
+            assert (await client.get(f"/v1/workflows/{after}")).status_code == 200
+            # 64 levels pass, and stream back as they were sent.
+            async with open_sse(client, wf_path(ok), params={"since": "0"}) as s:
+                got = await s.expect()
+    assert reject_count(now, "invalid_field") == reject_count(before, "invalid_field") + 1
+    assert len(listed) == 1 and listed[0]["reason"] == "invalid_field" and listed[0]["source"] == "zmq"
+    assert "64" in listed[0]["detail"], listed[0]
+    assert got.event == "event" and got.json["data"] == orjson.loads(nested_json(64))
+
+
+async def test_300_level_event_over_http_is_400_not_500(daemon_64k):
+    deep, ok = uid("deep"), uid("deep64")
+    with trio.fail_after(15):
+        async with client_for(daemon_64k) as client:
+            r = await post_events(client, deep_event(deep, 300))
+            batch = await post_events(client, b"[%s,%s]" % (deep_event(deep, 300), deep_event(ok, 64)))
+            ok_status = (await client.get(f"/v1/workflows/{ok}")).status_code
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert [x["reason"] for x in r.json()["rejected"]] == ["invalid_field"]
+    assert batch.status_code == 202, (batch.status_code, batch.text)
+    assert ok_status == 200
+    assert batch.json()["accepted"] == 1
+    assert [(x["index"], x["reason"]) for x in batch.json()["rejected"]] == [(0, "invalid_field")]
+
+
+def _wait_disconnected(monitor: zmq.Socket, timeout: float) -> bool:
+    """Block until the monitored socket reports EVENT_DISCONNECTED (True) or timeout (False)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if monitor.poll(int(left * 1000)):
+            if recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                return True
+    return False
+
+
+async def test_frame_over_max_frame_bytes_is_counted_and_a_huge_one_never_reaches_the_broker(daemon_64k):
+    wid = uid("big")
+    with trio.fail_after(20):
+        async with client_for(daemon_64k) as client:
+            before = await rejected(client)
+            # A little over the limit (and up to 4x + 64 KiB): received, rejected, counted.
+            for size in (MAX_FRAME_64K + 1000, 4 * MAX_FRAME_64K):
+                filler = "x" * (size - 60)
+                daemon_64k.push(ev(wid, "tick", data=filler))
+            await zmq_barrier(daemon_64k, client)
+            mid = await rejected(client)
+            assert reject_count(mid, "too_large") == reject_count(before, "too_large") + 2
+            listed = [r for r in mid["recent"] if f'"{wid}"' in r["sample"]]
+            assert [(r["reason"], r["source"]) for r in listed] == [("too_large", "zmq")] * 2
+            # Far over it: 20 MB on its own connection. libzmq refuses it after
+            # reading its size and drops the peer, before allocating anything.
+            mem0 = proc_memory(daemon_64k.proc.pid)
+            ctx = zmq.Context()
+            push = ctx.socket(zmq.PUSH)
+            monitor = push.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            try:
+                push.connect(daemon_64k.zmq)
+                huge = orjson.dumps(ev(uid("huge"), "tick"))[:-1] + b',"message":"' + b"x" * 20_000_000 + b'"}'
+                push.send(huge, copy=False)
+                disconnected = await trio.to_thread.run_sync(_wait_disconnected, monitor, 5.0)
+            finally:
+                push.disable_monitor()
+                monitor.close(0)
+                push.close(0)
+                ctx.term()
+            # Ingest still works and the daemon_64k still answers.
+            await zmq_barrier(daemon_64k, client)
+            after = await rejected(client)
+            mem1 = proc_memory(daemon_64k.proc.pid)
+            assert (await client.get("/healthz")).status_code == 200
+    grew = mem1["VmHWM"] - mem0["VmHWM"]
+    # Peak RSS, not RSS: a 20 MB buffer taken and freed again leaves VmRSS
+    # where it was, but not VmHWM.
+    assert grew < 10_000, f"peak RSS grew by {grew} kB ({mem0} -> {mem1}): the 20 MB frame was read"
+    assert mem1["VmRSS"] < mem0["VmRSS"] + 10_000, (mem0, mem1)
+    assert reject_count(after, "too_large") == reject_count(mid, "too_large"), "the 20 MB frame reached the broker"
+    assert disconnected, "the broker did not drop the peer that sent 20 MB"
+
+
 # ------------------------------------------------------------- POST /v1/events
 
 
@@ -408,7 +520,7 @@ async def test_post_events_answers(daemon):
     wid = uid()
     with trio.fail_after(10):
         async with client_for(daemon) as client:
-            r = await post_events(client, running(wid, id=f"{wid}-a"))
+            r = await post_events(client, ev(wid, "workflow.running", id=f"{wid}-a"))
             assert r.status_code == 202
             assert r.headers["content-type"].startswith("application/json")
             assert r.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
@@ -419,7 +531,7 @@ async def test_post_events_answers(daemon):
                     log(wid, "one"),
                     {"workflow_id": wid},
                     log(wid, "two"),
-                    running(wid, id=f"{wid}-a"),
+                    ev(wid, "workflow.running", id=f"{wid}-a"),
                 ],
             )
             assert r.status_code == 202
@@ -445,7 +557,7 @@ async def test_post_events_answers(daemon):
                 err = r.json()["error"]
                 assert err["code"] == "invalid_argument" and err["message"], raw
 
-            r = await post_events(client, completed(wid))
+            r = await post_events(client, ev(wid, "workflow.completed"))
             assert r.status_code == 202
             events = await whole_stream(client, wid)
     assert [label(m) for m in msgs(events)] == [
@@ -523,12 +635,12 @@ async def test_duplicates_by_id_and_by_seq_are_dropped_and_counted(daemon):
         async with client_for(daemon) as client:
             dups_before = (await stats(client))["counters"].get("duplicates", 0)
             daemon.push(
-                running(wid_b, id=f"{wid_b}-1"),
+                ev(wid_b, "workflow.running", id=f"{wid_b}-1"),
                 log(wid_b, "first", id=f"{wid_b}-2"),
                 log(wid_b, "first again", id=f"{wid_b}-2"),  # same id: dropped
                 [log(wid_b, "in batch", id=f"{wid_b}-3"), log(wid_b, "dup in batch", id=f"{wid_b}-3")],
                 log(wid_e, "other workflow, same id", id=f"{wid_b}-1"),  # ids are global
-                running(wid_e, seq=1, id=f"{wid_e}-1"),
+                ev(wid_e, "workflow.running", seq=1, id=f"{wid_e}-1"),
                 log(wid_e, "two", seq=2, id=f"{wid_e}-2"),
                 log(wid_e, "two again, new id", seq=2, id=f"{wid_e}-2b"),  # same seq: dropped
                 log(wid_e, "one again, no id", seq=1),  # same seq: dropped
@@ -541,7 +653,7 @@ async def test_duplicates_by_id_and_by_seq_are_dropped_and_counted(daemon):
             assert r.status_code == 202 and r.json() == {"accepted": 1, "duplicates": 1, "rejected": []}
             r = await post_events(client, log(wid_b, "only a duplicate", id=f"{wid_b}-3"))
             assert r.json()["accepted"] == 0 and r.json()["duplicates"] == 1
-            daemon.push(completed(wid_b), completed(wid_e, seq=5))
+            daemon.push(ev(wid_b, "workflow.completed"), ev(wid_e, "workflow.completed", seq=5))
             brk = await whole_stream(client, wid_b)
             eng = await whole_stream(client, wid_e)
             dups_after = (await stats(client))["counters"]["duplicates"]
@@ -575,11 +687,11 @@ async def test_reorder_1_3_2_arrives_in_order(daemon):
     with trio.fail_after(10):
         async with client_for(daemon) as client:
             gaps_before = (await stats(client))["counters"].get("gaps", 0)
-            daemon.push(running(wid, seq=1))
+            daemon.push(ev(wid, "workflow.running", seq=1))
             async with open_sse(client, wf_path(wid)) as s:
                 snap = await s.expect()
                 assert snap.event == "snapshot" and snap.json["seq"] == 1
-                daemon.push(log(wid, "three", seq=3), log(wid, "two", seq=2), completed(wid, seq=4))
+                daemon.push(log(wid, "three", seq=3), log(wid, "two", seq=2), ev(wid, "workflow.completed", seq=4))
                 rest = await s.rest()
             gaps_after = (await stats(client))["counters"].get("gaps", 0)
     assert [(e.event, e.id) for e in rest] == [("log", "e:2"), ("log", "e:3"), ("state", "e:4"), ("end", "e:4")]
@@ -591,7 +703,7 @@ async def test_reorder_missing_seq_released_after_window_with_gap(daemon):
     wid = uid()
     with trio.fail_after(10):
         async with client_for(daemon) as client:
-            daemon.push(running(wid, seq=1))
+            daemon.push(ev(wid, "workflow.running", seq=1))
             async with open_sse(client, wf_path(wid)) as s:
                 assert (await s.expect()).event == "snapshot"
                 t0 = time.monotonic()
@@ -601,7 +713,7 @@ async def test_reorder_missing_seq_released_after_window_with_gap(daemon):
                 three = await s.expect()
                 # seq 2 arriving after its gap was released is rejected, not streamed.
                 before = await rejected(client)
-                daemon.push(log(wid, "two, too late", seq=2), completed(wid, seq=4))
+                daemon.push(log(wid, "two, too late", seq=2), ev(wid, "workflow.completed", seq=4))
                 rest = await s.rest()
                 recent, _ = await new_rejects(client, before)
             # A new subscriber from the start sees the same gap in the same place.

@@ -4,6 +4,7 @@ and no leak over 10,000 SSE connect/disconnect cycles."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -20,16 +21,9 @@ import zmq
 
 import broker
 
-from .conftest import BASE_SECTIONS, ROOT, Daemon, write_config
+from .builders import ev, log
+from .conftest import BASE_SECTIONS, ROOT, Daemon, toml_value, write_config
 from .e2e import client_for, open_sse, poll, post_events, stats, uid, wf_path, zmq_barrier
-
-
-def ev(wid: str, etype: str, **fields: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": etype, **fields}
-
-
-def log(wid: str, message: str, **fields: Any) -> dict[str, Any]:
-    return ev(wid, "log", level="info", message=message, **fields)
 
 
 async def run_cli(*args: str, timeout: float = 15) -> tuple[int, str, str]:
@@ -146,6 +140,96 @@ async def test_sigterm_with_open_streams_delivers_everything_then_closes_without
     # DESIGN §11: exit 0 within shutdown_timeout. (Every stream above ended at
     # once; the client still holds an idle keep-alive connection, as browsers do.)
     assert exited_after < SHUTDOWN_TIMEOUT, f"exit took {exited_after:.2f}s, shutdown_timeout is {SHUTDOWN_TIMEOUT}s"
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
+async def read_http_response(stream: trio.SocketStream) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length body: (status, body)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"connection closed before a response; got {buf!r}"
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = await stream.receive_some(65536)
+        assert chunk, "connection closed inside the body"
+        rest += chunk
+    return status, rest[:length]
+
+
+async def test_while_draining_unknown_workflow_wait_and_post_answer_503(tmp_path: Path):
+    sections = {name: dict(values) for name, values in BASE_SECTIONS.items()}
+    sections["stream"]["unknown_workflow_wait"] = 10
+    cfg = write_config(tmp_path / "broker.toml", sections)
+    cfg.write_text("shutdown_timeout = 1\n" + cfg.read_text())
+    d = Daemon(cfg)
+    pid = d.proc.pid
+    host, port = d.http.rsplit(":", 1)
+    body = orjson.dumps(ev(uid("late"), "workflow.running"))
+    post = (
+        b"POST /v1/events HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    waited: dict[str, Any] = {}
+    try:
+        with trio.fail_after(20):
+            async with client_for(d) as client:
+                # A keep-alive connection, already open, for a POST sent during the drain.
+                raw = await trio.open_tcp_stream(host, int(port))
+                await raw.send_all(b"GET /healthz HTTP/1.1\r\nHost: broker\r\n\r\n")
+                assert (await read_http_response(raw))[0] == 200
+
+                async def wait_for_unknown() -> None:
+                    r = await client.get(wf_path(uid("never")))
+                    waited["response"], waited["at"] = r, time.monotonic()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(wait_for_unknown)
+
+                    async def request_waits() -> bool:
+                        return (await stats(client))["waiters"] >= 1
+
+                    await poll(request_waits, 5)
+                    # Freeze the daemon so the POST is already on its socket when
+                    # it wakes to the SIGTERM: the POST is then handled while draining.
+                    os.kill(pid, signal.SIGSTOP)
+
+                    async def stopped() -> bool:
+                        return _all_threads_stopped(pid)
+
+                    await poll(stopped, 5, interval=0.005)
+                    await raw.send_all(post)
+                    os.kill(pid, signal.SIGTERM)
+                    signalled = time.monotonic()
+                    os.kill(pid, signal.SIGCONT)
+                    post_status, post_body = await read_http_response(raw)
+                await raw.aclose()
+            rc = await trio.to_thread.run_sync(d.proc.wait, 10)
+    finally:
+        if d.proc.poll() is None:
+            os.kill(pid, signal.SIGCONT)
+        d.stop()
+    r = waited["response"]
+    assert (r.status_code, post_status) == (503, 503), (
+        f"stream: {r.status_code} {r.text}; POST: {post_status} {post_body!r}"
+    )
+    assert r.json()["error"]["code"] == "unavailable"
+    assert waited["at"] - signalled < 5, "the waiting request was not answered at the start of the drain"
+    assert orjson.loads(post_body)["error"]["code"] == "unavailable"
+    assert rc == 0, d.output()
 
 
 # ------------------------------------------------------------- command line
@@ -271,6 +355,94 @@ async def test_zmq_port_in_use_is_one_line_exit_2_and_nothing_left(tmp_path: Pat
     assert_one_line(err, "ingest.zmq_bind", endpoint, "in use")
     assert "ready" not in out
     assert port_is_free(http_port)
+
+
+def write_toml(path: Path, top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> Path:
+    """A config: top-level keys, then these sections merged over free-port binds."""
+    merged: dict[str, dict[str, Any]] = {
+        "http": {"bind": "127.0.0.1:0"},
+        "ingest": {"zmq_bind": "tcp://127.0.0.1:*"},
+    }
+    for name, values in sections.items():
+        merged.setdefault(name, {}).update(values)
+    lines = [f"{toml_value(k)} = {toml_value(v)}" for k, v in top.items()]
+    for name, values in merged.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{toml_value(k)} = {toml_value(v)}" for k, v in values.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# (name, top-level keys, sections, the key the error must name)
+OUT_OF_RANGE_CONFIGS: list[tuple[str, dict[str, Any], dict[str, dict[str, Any]], str]] = [
+    ("nan duration", {}, {"stream": {"unknown_workflow_wait": math.nan}}, "stream.unknown_workflow_wait"),
+    ("inf duration", {}, {"buffer": {"terminal_ttl": math.inf}}, "buffer.terminal_ttl"),
+    ("nan top-level duration", {"shutdown_timeout": math.nan}, {}, "shutdown_timeout"),
+    ("backlog over 2**31-1", {}, {"http": {"backlog": 2**31}}, "http.backlog"),
+    ("rcvhwm over 2**31-1", {}, {"ingest": {"rcvhwm": 2**32}}, "ingest.rcvhwm"),
+    ("zero keepalive", {}, {"stream": {"keepalive": 0}}, "stream.keepalive"),
+    ("zero slow_consumer_timeout", {}, {"stream": {"slow_consumer_timeout": 0}}, "stream.slow_consumer_timeout"),
+    ("zero ws_ping_interval", {}, {"stream": {"ws_ping_interval": 0}}, "stream.ws_ping_interval"),
+    ("empty top-level key", {"": 1}, {}, "config key ''"),
+    ("peer pub not a string", {}, {"cluster": {"peers": [{"pub": 5}]}}, "cluster.peers[0]"),
+    (
+        "peer replay not a string",
+        {},
+        {"cluster": {"peers": [{"pub": "tcp://127.0.0.1:7000", "replay": 7}]}},
+        "cluster.peers[0]",
+    ),
+]
+
+
+async def run_cli_or_none(*args: str, timeout: float) -> tuple[int | None, str, str]:
+    """Run `python -m broker ARGS`; returncode None if it was still running after `timeout`."""
+    result: dict[str, Any] = {}
+    with trio.move_on_after(timeout):
+        proc = await trio.run_process(
+            [sys.executable, "-m", "broker", *args], cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+        )
+        result["proc"] = proc
+    if "proc" not in result:
+        return None, "", ""
+    proc = result["proc"]
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "top, sections, needle", [c[1:] for c in OUT_OF_RANGE_CONFIGS], ids=[c[0] for c in OUT_OF_RANGE_CONFIGS]
+)
+async def test_check_config_rejects_out_of_range_values_in_one_line(tmp_path: Path, top, sections, needle):
+    cfg = write_toml(tmp_path / "bad.toml", top, sections)
+    with trio.fail_after(15):
+        rc, out, err = await run_cli_or_none("check-config", "-c", str(cfg), timeout=10)
+    assert rc == 2, (rc, out, err)
+    assert_one_line(err, needle)
+    assert out == ""
+
+
+async def test_run_with_an_out_of_range_config_exits_2_at_once(tmp_path: Path):
+    """`broker run` for every bad config above, side by side: each must exit 2
+    with one line naming the key, and none may hang or start serving."""
+    results: dict[str, tuple[int | None, str, str, float]] = {}
+
+    async def one(i: int, name: str, top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
+        cfg = write_toml(tmp_path / f"bad-{i}.toml", top, sections)
+        t0 = time.monotonic()
+        rc, out, err = await run_cli_or_none("run", "-c", str(cfg), timeout=10)
+        results[name] = (rc, out, err, time.monotonic() - t0)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for i, (name, top, sections, _) in enumerate(OUT_OF_RANGE_CONFIGS):
+                nursery.start_soon(one, i, name, top, sections)
+    failures = []
+    for name, _, _, needle in OUT_OF_RANGE_CONFIGS:
+        rc, out, err, took = results[name]
+        if rc is None:
+            failures.append(f"{name}: still running after {took:.1f}s")
+        elif rc != 2 or needle not in err or len(err.strip().splitlines()) != 1 or "ready" in out + err:
+            failures.append(f"{name}: exit {rc}, stderr {err.strip()!r}")
+    assert not failures, "\n".join(failures)
 
 
 # ------------------------------------------------------------- no leak

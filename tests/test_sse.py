@@ -9,6 +9,7 @@ tests start their own with tiny buffers. Setup events go through
 from __future__ import annotations
 
 import re
+import sys
 import time
 from typing import Any
 from urllib.parse import quote
@@ -18,8 +19,11 @@ import orjson
 import pytest
 import trio
 
+from .builders import ev, log, task
+from .conftest import ROOT
 from .e2e import (
     client_for,
+    get_json,
     kinds,
     module_broker,
     open_sse,
@@ -46,18 +50,6 @@ JOURNAL_ID = re.compile(r"^([A-Za-z0-9_-]+)\.(\d+)$")
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def ev(wid: str, etype: str, **fields: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": etype, **fields}
-
-
-def log(wid: str, message: str, level: str = "info", **fields: Any) -> dict[str, Any]:
-    return ev(wid, "log", level=level, message=message, **fields)
-
-
-def task(wid: str, tid: str, state: str, **fields: Any) -> dict[str, Any]:
-    return ev(wid, f"task.{state}", task_id=tid, **fields)
 
 
 async def post(client: httpx.AsyncClient, *events: dict[str, Any]) -> None:
@@ -977,6 +969,30 @@ async def test_multi_stream_cursor_older_than_the_journal(broker_factory):
     assert [label(e) for e in tail] == ["l37", "l38", "l39"]
 
 
+async def test_multi_stream_over_workflows_that_all_ended_answers_204(daemon):
+    a, b, c = uid("a"), uid("b"), uid("c")
+    with trio.fail_after(15):
+        async with client_for(daemon) as client:
+            r = await post_events(
+                client,
+                [
+                    ev(a, "workflow.running"),
+                    ev(a, "workflow.completed"),
+                    ev(b, "workflow.running"),
+                    ev(b, "workflow.failed"),
+                    ev(c, "workflow.running"),
+                ],
+            )
+            assert r.status_code == 202
+            done = await client.get("/v1/stream", params={"workflows": f"{a},{b}"})
+            async with open_sse(client, "/v1/stream", params={"workflows": f"{a},{c}"}) as s:
+                live_status = s.status
+                first = await s.expect()
+    assert done.status_code == 204, (done.status_code, done.text)
+    assert done.content == b""
+    assert live_status == 200 and first.event == "snapshot" and first.json["workflow_id"] == c
+
+
 # ------------------------------------------------------------- admin close
 
 
@@ -1008,3 +1024,48 @@ async def test_admin_close_ends_stream_without_end_and_resume_loses_nothing(daem
     assert [label(e) for e in before] == ["one", "two"]
     assert after_close == [], "closed by an admin: no `end`, nothing else"
     assert [label(e) for e in resumed + rest] == ["three", f"{wid}:workflow.completed", f"end:{wid}"]
+
+
+async def test_admin_close_ends_an_sse_stream_while_events_keep_flowing(broker_factory):
+    # A paced stream (limits.events_per_second) always has events pending:
+    # every pull returns something, so the stream never goes idle while the
+    # firehose runs. The close must not wait for a quiet moment.
+    d = broker_factory(limits={"events_per_second": 100})
+    wid = uid("fire")
+    firehose_exited = trio.Event()
+
+    async def firehose(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cmd = [sys.executable, "-m", "tests.firehose", "--endpoint", d.zmq, "--workflow", wid]
+        cmd += ["--count", "30000", "--rate", "2000"]
+        task_status.started()
+        try:
+            await trio.run_process(cmd, cwd=ROOT, capture_stdout=True, check=False)
+        finally:
+            firehose_exited.set()
+
+    with trio.fail_after(20):
+        async with client_for(d) as client:
+            r = await post_events(client, ev(wid, "workflow.running"))
+            assert r.status_code == 202
+            async with trio.open_nursery() as nursery:
+                async with open_sse(client, wf_path(wid)) as s:
+                    assert (await s.expect()).event == "snapshot"
+                    await nursery.start(firehose)
+                    seen = await s.take(150)  # the firehose is flowing, and paced
+                    conns = (await get_json(client, "/v1/admin/connections"))["connections"]
+                    mine = [c for c in conns if c["path"] == wf_path(wid)]
+                    assert len(mine) == 1, conns
+                    r = await client.delete(f"/v1/admin/connections/{mine[0]['id']}")
+                    assert r.status_code == 202
+                    try:
+                        with trio.fail_after(4):
+                            rest = await s.rest()
+                    except trio.TooSlowError:
+                        raise AssertionError("the stream was not closed within 4 s of the admin's DELETE") from None
+                    still_flowing = not firehose_exited.is_set()
+                nursery.cancel_scope.cancel()
+            conns = (await get_json(client, "/v1/admin/connections"))["connections"]
+    assert still_flowing, "the firehose ended first: the test proved nothing"
+    assert {e.event for e in seen} <= {"event", "resync"} and any(e.event == "event" for e in seen)
+    assert "end" not in [e.event for e in rest]
+    assert [c for c in conns if c["path"] == wf_path(wid)] == []

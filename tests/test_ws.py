@@ -13,6 +13,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from .builders import ev, log
 from .ws_client import Msg, WsClient, unbatch, ws_client
 
 JOURNAL_CURSOR = re.compile(r"^[A-Za-z0-9_-]+\.(\d+)$")
@@ -23,14 +24,6 @@ JOURNAL_CURSOR = re.compile(r"^[A-Za-z0-9_-]+\.(\d+)$")
 
 def ws_url(daemon) -> str:
     return daemon.ws_url + "/v1/ws"
-
-
-def ev(wid: str, etype: str, **fields: Any) -> dict[str, Any]:
-    return {"workflow_id": wid, "type": etype, **fields}
-
-
-def log(wid: str, level: str, message: str, **fields: Any) -> dict[str, Any]:
-    return ev(wid, "log", level=level, message=message, **fields)
 
 
 async def get_json(daemon, path: str) -> Any:
@@ -108,7 +101,7 @@ async def test_snapshot_first_then_live_events_in_order(broker):
             assert snap["cursor"] == f"{epoch}:2"
 
             broker.push(ev(wid, "task.progress", task_id="t-1", progress=40))
-            broker.push(log(wid, "info", "hello", task_id="t-1"))
+            broker.push(log(wid, "hello", task_id="t-1"))
             broker.push(ev(wid, "token", data={"n": 1}))
             broker.push(ev(wid, "task.completed", task_id="t-1", result={"rows": 3}))
             events, raw = await c.events("s1", 4)
@@ -127,7 +120,7 @@ async def test_snapshot_first_then_live_events_in_order(broker):
 
 async def test_resume_with_since_and_cursor_gives_exactly_the_suffix(broker):
     wid = "wf-resume"
-    broker.push([ev(wid, "workflow.running")] + [log(wid, "info", f"l{i}") for i in range(2, 7)])
+    broker.push([ev(wid, "workflow.running")] + [log(wid, f"l{i}") for i in range(2, 7)])
     with trio.fail_after(10):
         async with ws_client(ws_url(broker)) as c:
             snap = await open_sub(c, "live", workflow=wid)
@@ -139,7 +132,7 @@ async def test_resume_with_since_and_cursor_gives_exactly_the_suffix(broker):
             await subscribe(c, "cur5", workflow=wid, cursor=f"{epoch}:5")
             await subscribe(c, "cur6", workflow=wid, cursor=f"{epoch}:6")
             await c.roundtrip()  # all four are placed before the next event
-            broker.push(log(wid, "info", "l7"))
+            broker.push(log(wid, "l7"))
 
             got = {}
             for sub in ("since3", "since0", "cur5", "cur6", "live"):
@@ -176,7 +169,7 @@ async def test_cursor_of_another_epoch_or_malformed_resyncs(broker):
                 assert first["seq"] == 2 and first["epoch"] == epoch
                 assert first["tasks"]["t-1"]["state"] == "running"
                 assert msg["cursor"] == f"{epoch}:2"
-            broker.push(log(wid, "info", "after"))
+            broker.push(log(wid, "after"))
             for sub in cases:
                 events, raw = await c.events(sub, 1)
                 assert seqs(events) == [3] and events[0]["kind"] == "log", (sub, events)
@@ -185,7 +178,7 @@ async def test_cursor_of_another_epoch_or_malformed_resyncs(broker):
 
 async def test_since_ahead_is_an_error_for_that_sub_only(broker):
     wid = "wf-ahead"
-    broker.push([ev(wid, "workflow.running"), log(wid, "info", "x")])
+    broker.push([ev(wid, "workflow.running"), log(wid, "x")])
     with trio.fail_after(10):
         async with ws_client(ws_url(broker)) as c:
             await open_sub(c, "other", workflow=wid)
@@ -195,7 +188,7 @@ async def test_since_ahead_is_an_error_for_that_sub_only(broker):
             await c.roundtrip()  # still open
             # The failed sub is gone: its id can be used again.
             await subscribe(c, "s1", workflow=wid, since=1)
-            broker.push(log(wid, "info", "y"))
+            broker.push(log(wid, "y"))
             events, raw = await c.events("s1", 2)
             assert seqs(events) == [2, 3]
             check_cursors(raw, "s1")
@@ -206,7 +199,7 @@ async def test_since_ahead_is_an_error_for_that_sub_only(broker):
 async def test_resume_older_than_the_ring(broker_factory):
     b = broker_factory(buffer={"ring_events": 4})
     wid = "wf-small-ring"
-    b.push([ev(wid, "workflow.running")] + [log(wid, "info", f"l{i}") for i in range(2, 11)])
+    b.push([ev(wid, "workflow.running")] + [log(wid, f"l{i}") for i in range(2, 11)])
     with trio.fail_after(10):
         async with ws_client(ws_url(b)) as c:
             snap = await open_sub(c, "live", workflow=wid)
@@ -246,14 +239,14 @@ async def test_several_subscriptions_each_get_their_own_stream(broker):
                 snap = await open_sub(c, sub, **args)
                 assert snap["workflow_id"] == args["workflow"] and snap["seq"] == 1
             broker.push(ev(a, "task.running", task_id="t-1"))  # a2
-            broker.push(log(b, "info", "b-line"))  # b2
-            broker.push(log(a, "info", "a-line"))  # a3
+            broker.push(log(b, "b-line"))  # b2
+            broker.push(log(a, "a-line"))  # a3
             broker.push(ev(a, "task.running", task_id="t-2"))  # a4
-            broker.push(log(a, "warning", "t1-warn", task_id="t-1"))  # a5
+            broker.push(log(a, "t1-warn", "warning", task_id="t-1"))  # a5
             broker.push(ev(b, "workflow.completed"))  # b3
             broker.push(ev(a, "token"))  # a6
             broker.push(ev(a, "task.completed", task_id="t-1"))  # a7
-            broker.push(log(a, "error", "t1-err", task_id="t-1"))  # a8: every a-sub
+            broker.push(log(a, "t1-err", "error", task_id="t-1"))  # a8: every a-sub
             broker.push(ev(a, "workflow.failed"))  # a9: terminal
             got = {}
             for sub in subs:
@@ -301,12 +294,12 @@ async def test_workflows_list_subscription(broker):
             await subscribe(c, "m", workflows=["m-b", "m-a", "m-late"])
             opening, raw0 = await c.events("m", 2)
             assert [(e["kind"], e["workflow_id"]) for e in opening] == [("snapshot", "m-a"), ("snapshot", "m-b")]
-            broker.push(log("m-c", "info", "not mine"))
-            broker.push(log("m-a", "info", "a1"))
+            broker.push(log("m-c", "not mine"))
+            broker.push(log("m-a", "a1"))
             broker.push(ev("m-late", "workflow.running"))  # a listed workflow that starts later
             broker.push(ev("m-b", "workflow.completed"))
             broker.push(ev("m-a", "workflow.completed"))
-            broker.push(log("m-c", "info", "still not mine"))
+            broker.push(log("m-c", "still not mine"))
             broker.push(ev("m-late", "workflow.completed"))
             events, raw = await c.until("m", lambda e: e["kind"] == "end" and e["workflow_id"] == "m-late")
             await c.roundtrip()
@@ -343,10 +336,10 @@ async def test_tenant_subscription_includes_new_workflows_of_that_tenant(broker)
             msg = await c.next_sub("t")
             # one snapshot per *active* workflow in scope: t1-done is terminal
             assert [(e["kind"], e["workflow_id"]) for e in unbatch(msg)] == [("snapshot", "t1-a")]
-            broker.push(log("t2-a", "info", "other tenant"))
+            broker.push(log("t2-a", "other tenant"))
             broker.push(ev("t1-b", "workflow.running", tenant="t1"))
-            broker.push(log("t1-b", "info", "b"))
-            broker.push(log("t1-a", "info", "a"))
+            broker.push(log("t1-b", "b"))
+            broker.push(log("t1-a", "a"))
             events, raw = await c.until("t", lambda e: e.get("message") == "a")
     assert [(e["kind"], e["workflow_id"]) for e in events] == [("state", "t1-b"), ("log", "t1-b"), ("log", "t1-a")]
     check_journal_cursors([msg] + raw, "t", epoch)
@@ -361,12 +354,12 @@ async def test_parent_subscription_includes_children_started_later(broker):
             await subscribe(c, "p", parent="p")
             opening, _ = await c.events("p", 2)
             assert [(e["kind"], e["workflow_id"]) for e in opening] == [("snapshot", "p"), ("snapshot", "p-c1")]
-            broker.push(log("u", "info", "unrelated"))
+            broker.push(log("u", "unrelated"))
             broker.push(ev("p-c2", "workflow.running", parent_id="p"))
             broker.push(ev("p-c2-g", "workflow.running", parent_id="p-c2"))
-            broker.push(log("p-c2-g", "info", "grandchild"))
-            broker.push(log("p-c1", "info", "child"))
-            broker.push(log("p", "info", "root"))
+            broker.push(log("p-c2-g", "grandchild"))
+            broker.push(log("p-c1", "child"))
+            broker.push(log("p", "root"))
             events, _ = await c.until("p", lambda e: e.get("message") == "root")
     assert [(e["kind"], e["workflow_id"]) for e in events] == [
         ("state", "p-c2"),
@@ -383,15 +376,15 @@ async def test_multi_subscription_resumes_from_its_journal_cursor(broker):
         async with ws_client(ws_url(broker)) as c:
             await subscribe(c, "r", tenant="rt")
             await c.next_sub("r")
-            broker.push(log("r-a", "info", "1"))
-            broker.push(log("r-a", "info", "2"))
+            broker.push(log("r-a", "1"))
+            broker.push(log("r-a", "2"))
             _, raw = await c.until("r", lambda e: e.get("message") == "2")
             cursor = raw[-1]["cursor"]
             await c.send({"op": "unsubscribe", "sub": "r"})
             assert await c.next_sub("r") == {"kind": "unsubscribed", "sub": "r"}
-            broker.push(log("r-a", "info", "3"))
+            broker.push(log("r-a", "3"))
             broker.push(ev("r-b", "workflow.running", tenant="rt"))
-            broker.push(log("r-a", "info", "4"))
+            broker.push(log("r-a", "4"))
             await subscribe(c, "r2", tenant="rt", cursor=cursor)
             events, _ = await c.until("r2", lambda e: e.get("message") == "4")
             assert [(e["kind"], e["workflow_id"], e.get("message")) for e in events] == [
@@ -418,7 +411,7 @@ async def test_multi_subscription_with_a_stale_journal_cursor_resyncs(broker):
             assert msg["kind"] != "error", msg
             assert [(e["kind"], e["workflow_id"]) for e in unbatch(msg)] == [("resync", "st-a")], msg
             assert JOURNAL_CURSOR.match(msg["cursor"]) and msg["cursor"].startswith(epoch + "."), msg
-            broker.push(log("st-a", "info", "live"))
+            broker.push(log("st-a", "live"))
             events, _ = await c.events("s", 1)
             assert events[0]["message"] == "live"
 
@@ -434,13 +427,13 @@ async def test_pending_events_arrive_as_complete_ordered_batches(broker):
             snap = await open_sub(c, "s", workflow=wid)
             epoch = snap["epoch"]
             # one ZMQ frame of 100 events: ingested at once, so all are pending together
-            broker.push([log(wid, "info", f"m{i}", data={"i": i}) for i in range(100)])
+            broker.push([log(wid, f"m{i}", data={"i": i}) for i in range(100)])
             events, raw = await c.events("s", 100)
             assert any(m["kind"] == "batch" for m in raw), raw
             assert len(raw) < 100
             # then 150 separate frames as fast as ZMQ takes them
             for i in range(100, 250):
-                broker.push(log(wid, "info", f"m{i}", data={"i": i}))
+                broker.push(log(wid, f"m{i}", data={"i": i}))
             events2, raw2 = await c.events("s", 150)
     events += events2
     raw += raw2
@@ -474,7 +467,7 @@ async def test_progress_of_one_task_inside_one_batch_is_coalesced(broker):
             for p in range(10, 101, 10):
                 frame.append(ev(wid, "task.progress", task_id="t-1", progress=p))
                 frame.append(ev(wid, "task.progress", task_id="t-2", progress=p / 2))
-            frame.append(log(wid, "info", "marker"))  # seq 24
+            frame.append(log(wid, "marker"))  # seq 24
             broker.push(frame)  # one frame: all pending at once, so one batch
             events, raw = await c.until("s", lambda e: e.get("message") == "marker")
     assert len(raw) == 1 and raw[0]["kind"] == "batch", raw
@@ -503,28 +496,26 @@ async def test_filter_op_replaces_the_filter_for_what_comes_next(broker):
                 check_cursors(raw, "logs")
                 return seqs(got)
 
-            assert await push_and_get(
-                log(wid, "info", "i"), log(wid, "warning", "w"), log(wid, "error", "e"), last=4
-            ) == [3, 4]
+            assert await push_and_get(log(wid, "i"), log(wid, "w", "warning"), log(wid, "e", "error"), last=4) == [3, 4]
 
             await c.send({"op": "filter", "sub": "logs", "filter": {"types": ["log"], "level": "debug"}})
             await c.roundtrip()
-            assert await push_and_get(log(wid, "debug", "d"), log(wid, "info", "i"), last=6) == [5, 6]
+            assert await push_and_get(log(wid, "d", "debug"), log(wid, "i"), last=6) == [5, 6]
 
             # a bad filter is refused and the old one stays
             await c.send({"op": "filter", "sub": "logs", "filter": {"level": "loud"}})
             await expect_error(c, "invalid_argument", sub="logs")
             await c.send({"op": "filter", "sub": "logs"})
             await expect_error(c, "invalid_argument", sub="logs")
-            assert await push_and_get(log(wid, "debug", "d2"), last=7) == [7]
+            assert await push_and_get(log(wid, "d2", "debug"), last=7) == [7]
 
             await c.send({"op": "filter", "sub": "logs", "filter": {"types": ["log"], "level": "error"}})
             await c.roundtrip()
-            assert await push_and_get(log(wid, "warning", "w2"), log(wid, "critical", "c"), last=9) == [9]
+            assert await push_and_get(log(wid, "w2", "warning"), log(wid, "c", "critical"), last=9) == [9]
 
             await c.send({"op": "filter", "sub": "logs", "filter": {"types": ["state"]}})
             await c.roundtrip()
-            assert await push_and_get(log(wid, "critical", "c2"), ev(wid, "task.running", task_id="t"), last=11) == [11]
+            assert await push_and_get(log(wid, "c2", "critical"), ev(wid, "task.running", task_id="t"), last=11) == [11]
 
 
 # ------------------------------------------------------ unsubscribe, ping
@@ -539,7 +530,7 @@ async def test_unsubscribe_stops_delivery_and_is_acknowledged(broker):
             await open_sub(c, "s2", workflow=wid)
             await c.send({"op": "unsubscribe", "sub": "s1"})
             assert await c.next_sub("s1") == {"kind": "unsubscribed", "sub": "s1"}
-            broker.push(log(wid, "info", "x"))
+            broker.push(log(wid, "x"))
             events, _ = await c.events("s2", 1)
             assert seqs(events) == [2]
             await trio.sleep(0.3)  # only to show that nothing more comes for s1
@@ -635,7 +626,7 @@ async def test_every_bad_client_message_is_an_error_and_the_connection_stays_usa
                     assert err.get("sub") == sub, (name, err)
                 await c.roundtrip()
             # none of it created a subscription or disturbed the live one
-            broker.push(log(wid, "info", "still here"))
+            broker.push(log(wid, "still here"))
             events, raw = await c.events("live", 1)
             assert seqs(events) == [2] and events[0]["message"] == "still here"
             check_cursors(raw, "live")
@@ -699,7 +690,7 @@ async def test_end_after_the_terminal_event_then_the_sub_is_finished(broker):
             epoch = snap["epoch"]
             broker.push(ev(wid, "task.completed", task_id="t-1"))
             broker.push(ev(wid, "workflow.completed", result={"ok": True}))
-            broker.push(log(wid, "info", "after the end"))  # kept for history, not streamed
+            broker.push(log(wid, "after the end"))  # kept for history, not streamed
             events, raw = await c.until("s", lambda e: e["kind"] == "end")
             assert [(e["kind"], e["seq"]) for e in events] == [("state", 3), ("state", 4), ("end", 4)]
             end = events[-1]
@@ -718,7 +709,7 @@ async def test_end_after_the_terminal_event_then_the_sub_is_finished(broker):
 
 async def test_subscribing_to_a_terminal_workflow(broker):
     wid = "wf-done"
-    broker.push([ev(wid, "workflow.running"), ev(wid, "workflow.failed", error="boom"), log(wid, "info", "late")])
+    broker.push([ev(wid, "workflow.running"), ev(wid, "workflow.failed", error="boom"), log(wid, "late")])
     with trio.fail_after(10):
         async with ws_client(ws_url(broker)) as c:
             # no cursor: the final snapshot, then end
@@ -774,7 +765,7 @@ async def test_client_answering_pings_stays_connected(broker_factory):
             await c.wait_pings(4)  # ≈ 4 ping/pong-timeout cycles
             assert all(m == {"kind": "ping"} for m in c.raw if m.get("kind") == "ping")
             await c.roundtrip()
-            b.push(log("wf-hb", "info", "still connected"))
+            b.push(log("wf-hb", "still connected"))
             events, _ = await c.events("s", 1)
             assert events[0]["message"] == "still connected"
 
@@ -794,7 +785,7 @@ async def test_pongs_are_read_while_events_stream_without_pause(broker_factory):
                 nonlocal pushed
                 while True:  # an event every 2 ms until cancelled
                     pushed += 1
-                    b.push(log(wid, "info", f"m{pushed}"))
+                    b.push(log(wid, f"m{pushed}"))
                     await trio.sleep(0.002)
 
             async with trio.open_nursery() as nursery:
@@ -923,7 +914,7 @@ async def test_sigterm_delivers_pending_events_then_closes_with_1001(broker_fact
         async with ws_client(ws_url(b), message_queue_size=1000) as c, ws_client(ws_url(b)) as idle:
             await idle.roundtrip()
             await open_sub(c, "s", workflow=wid)
-            b.push([log(wid, "info", f"m{i}") for i in range(50)])
+            b.push([log(wid, f"m{i}") for i in range(50)])
             await wait_stats(b, lambda s: s["counters"].get("ingested", 0) >= 51)
 
             codes: dict[str, int] = {}

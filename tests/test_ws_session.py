@@ -18,6 +18,8 @@ from broker.config import from_mapping
 from broker.server.hub import Hub
 from broker.server.ws import handle
 
+from .builders import ev, log
+
 SCOPE = {"type": "websocket", "path": "/v1/ws", "headers": [], "query_string": b"", "client": ("127.0.0.1", 1)}
 
 
@@ -75,12 +77,12 @@ def test_close_started_while_the_session_writes_is_not_lost(how, code):
             n.start_soon(hub.serve_flusher)
             n.start_soon(handle, hub, SCOPE, c.receive, c.send)
             c.to_app_send.send_nowait({"type": "websocket.connect"})
-            ingest(hub, {"workflow_id": "wf", "type": "workflow.running"})
+            ingest(hub, ev("wf", "workflow.running"))
             c.push({"op": "subscribe", "sub": "s", "workflow": "wf"})
             await trio.sleep(0.01)
             (conn_id,) = hub.connections
             c.gate = trio.Event()
-            ingest(hub, {"workflow_id": "wf", "type": "log", "level": "info", "message": "x"})
+            ingest(hub, log("wf", "x"))
             await c.in_send.wait()  # the session is writing that event (_flush_due)
             t0 = trio.current_time()
             if how == "drain":
@@ -111,7 +113,7 @@ def test_paced_flush_does_not_close_a_client_that_answers_pings():
         c = FakeClient()
         wids = [f"wf-{i}" for i in range(3)]
         for w in wids:
-            ingest(hub, {"workflow_id": w, "type": "workflow.running"})
+            ingest(hub, ev(w, "workflow.running"))
 
         async def answer(n):
             await trio.sleep(0.005)  # the client's round trip
@@ -130,7 +132,7 @@ def test_paced_flush_does_not_close_a_client_that_answers_pings():
                 while True:
                     i += 1
                     for w in wids:
-                        ingest(hub, {"workflow_id": w, "type": "log", "level": "info", "message": f"m{i}"})
+                        ingest(hub, log(w, f"m{i}"))
                     await trio.sleep(0.05)
 
             n.start_soon(engine)
@@ -152,7 +154,7 @@ def test_no_listener_or_watcher_left_behind(exit_path):
     async def main():
         hub = make_hub()
         c = FakeClient()
-        ingest(hub, {"workflow_id": "wf", "type": "workflow.running"})
+        ingest(hub, ev("wf", "workflow.running"))
         async with trio.open_nursery() as n:
             n.start_soon(hub.serve_flusher)
             n.start_soon(handle, hub, SCOPE, c.receive, c.send)
@@ -161,13 +163,14 @@ def test_no_listener_or_watcher_left_behind(exit_path):
             c.push({"op": "subscribe", "sub": "b", "tenant": "default"})
             c.push({"op": "subscribe", "sub": "p", "workflow": "not-yet"})
             await trio.sleep(0.05)
-            assert hub._listeners and hub.watchers
+            st = hub.statistics()
+            assert st.listeners and st.watched_keys
             (conn_id,) = hub.connections
             if exit_path == "disconnect":
                 c.to_app_send.send_nowait({"type": "websocket.disconnect", "code": 1000})
             elif exit_path == "slow":
                 hub.connections[conn_id].slow = True
-                ingest(hub, {"workflow_id": "wf", "type": "log", "level": "info", "message": "x"})
+                ingest(hub, log("wf", "x"))
             elif exit_path == "drain":
                 hub.begin_drain()
             elif exit_path == "kick":
@@ -176,8 +179,9 @@ def test_no_listener_or_watcher_left_behind(exit_path):
                 for s in "abp":
                     c.push({"op": "unsubscribe", "sub": s})
             await trio.sleep(0.5)
-            assert hub._listeners == {}, hub._listeners
-            assert not hub.watchers, hub.watchers
+            st = hub.statistics()
+            assert st.listeners == 0 and st.listened_keys == 0, st
+            assert st.watched_keys == 0, st
             n.cancel_scope.cancel()
 
     run(main)
@@ -196,17 +200,17 @@ def test_wake_times_are_forgotten_with_the_last_subscriber():
             n.start_soon(handle, hub, SCOPE, c.receive, c.send)
             c.to_app_send.send_nowait({"type": "websocket.connect"})
             for w in wids:
-                ingest(hub, {"workflow_id": w, "type": "workflow.running"})
+                ingest(hub, ev(w, "workflow.running"))
                 c.push({"op": "subscribe", "sub": w, "workflow": w})
             await trio.sleep(0.1)
             for w in wids:
-                ingest(hub, {"workflow_id": w, "type": "log", "level": "info", "message": "x"})
+                ingest(hub, log(w, "x"))
             await trio.sleep(0.1)
-            assert set(wids) <= set(hub._last_wake)
+            assert hub.statistics().wake_times >= len(wids)
             for w in wids:
                 c.push({"op": "unsubscribe", "sub": w})
             await trio.sleep(0.1)
-            assert not set(wids) & set(hub._last_wake), hub._last_wake
+            assert hub.statistics().wake_times == 0, hub.statistics()
             n.cancel_scope.cancel()
 
     run(main)

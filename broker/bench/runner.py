@@ -3,11 +3,11 @@ broker process, each figure beside its reference measured in the same run.
 
 Everything runs as separate processes on this machine, on 127.0.0.1 only:
 the broker (`python -m broker run` on a generated config), engines
-(`broker.bench.worker push`), subscribers (`broker.bench.worker sse|idle`,
-raw-socket clients, several processes), the bare pyzmq PULL reference and
-nginx + nchan (broker/bench/nchan.py). Latency is publish→receive from the
-send time each event carries. Runs are bounded in count and time and stop
-by themselves.
+(`broker.bench.worker push|ovl-push`), subscribers (`broker.bench.worker
+sse|idle|ovl-sse`, raw-socket clients, several processes), the bare pyzmq
+PULL reference and nginx + nchan (broker/bench/nchan.py). Latency is
+publish→receive from the send time each event carries. Runs are bounded in
+count and time and stop by themselves.
 """
 
 from __future__ import annotations
@@ -44,11 +44,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+def proc_kb(pid: int, key: str) -> int:
+    """A `kB` line of /proc/PID/status: VmRSS (resident now), VmHWM (peak)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
     return 0
+
+
+def rss_kb(pid: int) -> int:
+    return proc_kb(pid, "VmRSS")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def mb(kb: Any) -> str:
+    return f"{kb / 1024:.1f}" if isinstance(kb, (int, float)) and kb else "n/a"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,15 +139,20 @@ class Broker:
         self.url = f"http://{self.http}"
         self.port = int(self.http.rsplit(":", 1)[1])
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+    def get(self, path: str, timeout: float = 30) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return orjson.loads(r.read())
 
-    def stats(self) -> dict[str, Any]:
-        return self.get("/v1/admin/stats")
+    def stats(self, timeout: float = 30) -> dict[str, Any]:
+        stats: dict[str, Any] = self.get("/v1/admin/stats", timeout)
+        return stats
 
     def rss_kb(self) -> int:
         return rss_kb(self.proc.pid)
+
+    def hwm_kb(self) -> int:
+        """Peak RSS of this broker process (each scenario starts a fresh one)."""
+        return proc_kb(self.proc.pid, "VmHWM")
 
     def push(self, events: list[dict[str, Any]]) -> None:
         """Setup events (not measured), sent from this process; waits until ingested."""
@@ -154,6 +178,11 @@ class Broker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _role(proc: subprocess.Popen[str]) -> str:
+    args = proc.args
+    return str(args[3]) if isinstance(args, list) and len(args) > 3 else "?"
 
 
 class Workers:
@@ -182,7 +211,7 @@ class Workers:
         deadline = time.monotonic() + timeout
         line = proc.stdout.readline()
         if line.strip() != "ready" or time.monotonic() > deadline:
-            raise BenchError(f"worker {proc.args[3]} did not get ready: {line!r}")
+            raise BenchError(f"worker {_role(proc)} did not get ready: {line!r}")
 
     @staticmethod
     def result(proc: subprocess.Popen[str], path: Path, timeout: float) -> dict[str, Any]:
@@ -190,10 +219,11 @@ class Workers:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise BenchError(f"worker {proc.args[3]} did not finish in {timeout:.0f}s") from None
+            raise BenchError(f"worker {_role(proc)} did not finish in {timeout:.0f}s") from None
         if proc.returncode != 0:
-            raise BenchError(f"worker {proc.args[3]} exited {proc.returncode}")
-        return orjson.loads(path.read_bytes())
+            raise BenchError(f"worker {_role(proc)} exited {proc.returncode}")
+        result: dict[str, Any] = orjson.loads(path.read_bytes())
+        return result
 
     def close(self) -> None:
         for p in self.procs:
@@ -235,7 +265,8 @@ def merge_subs(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # Seconds subscribers of the fan-out and many-workflows runs keep their
-# connections after all have their events (see `_subscribers`).
+# connections after all have their events (see `_subscribers`); the tiny
+# smoke run measures nothing and keeps them less.
 LINGER = 2.0
 
 
@@ -252,6 +283,13 @@ class Scale:
     many_seconds: float
     idle_conns: int
     storm_clients: int
+    # overload: the many-workflows load stepped up past saturation
+    ovl_rates: tuple[int, ...] = (2000, 5000, 10000, 20000, 40000)
+    ovl_seconds: float = 8
+    ovl_workflows: int = 1000
+    ovl_subs_each: int = 5
+    ovl_pull_ref_events: int = 200_000
+    linger: float = LINGER
     sub_procs: int = 4
     name: str = "full"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -259,22 +297,33 @@ class Scale:
 
 FULL = Scale(500_000, 1000, 1000, 30, 20_000, 1000, 5, 5000, 30, 10_000, 1000, name="full")
 QUICK = Scale(200_000, 1000, 1000, 8, 5_000, 1000, 5, 5000, 8, 4000, 1000, name="quick")
+QUICK.ovl_rates, QUICK.ovl_seconds = (2000, 10000, 40000), 4
 TINY = Scale(2_000, 20, 100, 1.5, 200, 10, 2, 200, 1.5, 40, 20, sub_procs=2, name="tiny")
+TINY.ovl_rates, TINY.ovl_seconds, TINY.ovl_workflows, TINY.ovl_subs_each = (100, 400), 1.5, 10, 2
+TINY.ovl_pull_ref_events, TINY.linger = 2_000, 0.5
 
 
-def scenario_ingest(scale: Scale, workdir: Path) -> dict[str, Any]:
-    n = scale.ingest_events
+def pull_reference(workdir: Path, n: int) -> dict[str, Any]:
+    """A bare pyzmq PULL loop receiving n frames like the broker's: the
+    machine's speed today (it varies 3–4× between days)."""
     workers = Workers(workdir)
     try:
-        # Reference: a bare pyzmq PULL loop receiving the same frames.
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         ref, ref_out = workers.start("pull-ref", "--bind", endpoint, "--count", str(n))
         workers.wait_ready(ref)
         push, push_out = workers.start("push", "--endpoint", endpoint, "--count", str(n), "--workflows", "100")
-        ref_rate = workers.result(ref, ref_out, 300)["rate"]
+        result = workers.result(ref, ref_out, 300)
         workers.result(push, push_out, 60)
+        return result
     finally:
         workers.close()
+
+
+def scenario_ingest(scale: Scale, workdir: Path) -> dict[str, Any]:
+    n = scale.ingest_events
+    # Reference: a bare pyzmq PULL loop receiving the same frames.
+    ref = pull_reference(workdir, n)
+    ref_rate = ref["rate"]
     broker = Broker(workdir)
     workers = Workers(workdir)
     try:
@@ -290,11 +339,20 @@ def scenario_ingest(scale: Scale, workdir: Path) -> dict[str, Any]:
         # From the engine's first send to the last event in a ring, as the
         # reference counts from its first receive to its last.
         rate = n / (done_wall - start_wall)
-        rss = broker.rss_kb()
+        rss, hwm = broker.rss_kb(), broker.hwm_kb()
     finally:
         workers.close()
         broker.stop()
-    return {"events": n, "broker_eps": rate, "pull_ref_eps": ref_rate, "ratio": rate / ref_rate, "rss_kb": rss}
+    return {
+        "events": n,
+        "broker_eps": rate,
+        "pull_ref_eps": ref_rate,
+        "ratio": rate / ref_rate,
+        "rss_kb": rss,
+        "hwm_kb": hwm,
+        "pull_ref_rss_kb": ref.get("rss_kb", 0),
+        "pull_ref_hwm_kb": ref.get("hwm_kb", 0),
+    }
 
 
 def _subscribers(
@@ -366,7 +424,7 @@ def _fanout_broker(scale: Scale, workdir: Path, rate: int, count: int) -> dict[s
             count,
             count / max(rate, 1) + 60 if rate else 120,
             scale.sub_procs,
-            linger=LINGER,
+            linger=scale.linger,
         )
         wait_until(lambda: broker.stats()["connections"]["total"] >= scale.fanout_subs, 60, "subscribers")
         # --end: subscribers resynced past some events still stop at the end.
@@ -391,6 +449,7 @@ def _fanout_broker(scale: Scale, workdir: Path, rate: int, count: int) -> dict[s
         merged["expected"] = count * scale.fanout_subs
         merged["resyncs"] = broker.stats()["streams"].get("resyncs", 0)
         merged["rss_kb"] = broker.rss_kb()
+        merged["hwm_kb"] = broker.hwm_kb()
         return merged
     finally:
         workers.close()
@@ -412,7 +471,7 @@ def _fanout_nchan(scale: Scale, workdir: Path, rate: int, count: int) -> dict[st
                 count,
                 count / max(rate, 1) + 60 if rate else 120,
                 scale.sub_procs,
-                linger=LINGER,
+                linger=scale.linger,
             )
             nchan.wait_subscribers(scale.fanout_subs, 60)
             push, push_out = workers.start(
@@ -427,9 +486,26 @@ def _fanout_nchan(scale: Scale, workdir: Path, rate: int, count: int) -> dict[st
             # nchan answers a POST only after writing it to every subscriber,
             # so it may not hold the offered rate.
             merged["publish_rate_achieved"] = count / pushed["elapsed"]
+            merged.update(_nginx_memory(nchan.pid))
             return merged
         finally:
             workers.close()
+
+
+def _nginx_memory(master: int | None) -> dict[str, Any]:
+    """nginx's memory, as the broker's is counted: the worker processes'
+    VmRSS and VmHWM (the master only reads the config), from /proc."""
+    if not master:
+        return {}
+    workers = children(master)
+    if not workers:
+        return {}
+    return {
+        "rss_kb": sum(proc_kb(w, "VmRSS") for w in workers),
+        "hwm_kb": sum(proc_kb(w, "VmHWM") for w in workers),
+        "nginx_workers": len(workers),
+        "nginx_master_rss_kb": proc_kb(master, "VmRSS"),
+    }
 
 
 def scenario_fanout(scale: Scale, workdir: Path, nchan_reason: str | None) -> dict[str, Any]:
@@ -480,7 +556,9 @@ def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
     try:
         broker.push([{"workflow_id": f"many-{w}", "type": "workflow.running"} for w in range(wfs)])
         paths = [f"/v1/workflows/many-{w}/stream" for w in range(wfs) for _ in range(scale.many_subs_each)]
-        subs = _subscribers(workers, broker.url, paths, per_wf, scale.many_seconds + 60, scale.sub_procs, linger=LINGER)
+        subs = _subscribers(
+            workers, broker.url, paths, per_wf, scale.many_seconds + 60, scale.sub_procs, linger=scale.linger
+        )
         wait_until(lambda: broker.stats()["connections"]["total"] >= len(paths), 60, "subscribers")
         gc_before = broker.stats().get("gc", {})
         start = time.monotonic()
@@ -515,7 +593,9 @@ def scenario_many(scale: Scale, workdir: Path) -> dict[str, Any]:
             events=count,
             expected=per_wf * len(paths),
             elapsed=elapsed,
+            deliveries_per_s=merged["delivered"] / elapsed,
             rss_kb=broker.rss_kb(),
+            hwm_kb=broker.hwm_kb(),
             streams=stats["streams"],
             gc_during_run=_gc_delta(gc_before, stats.get("gc", {})),
         )
@@ -533,6 +613,7 @@ def scenario_idle(scale: Scale, workdir: Path) -> dict[str, Any]:
         time.sleep(0.5)
         before = broker.rss_kb()
         per = scale.idle_conns // scale.sub_procs
+        opening = time.monotonic()
         procs = [
             workers.start(
                 "idle",
@@ -555,6 +636,8 @@ def scenario_idle(scale: Scale, workdir: Path) -> dict[str, Any]:
             workers.wait_ready(p, 180)
         total = per * len(procs)
         st = wait_until(lambda: (s := broker.stats()) and s["connections"]["total"] >= total and s, 60, "idle conns")
+        # Worker start-up included: a lower bound of the rate the broker accepts them at.
+        open_s = time.monotonic() - opening
         time.sleep(1.0)
         after = broker.rss_kb()
         return {
@@ -563,7 +646,10 @@ def scenario_idle(scale: Scale, workdir: Path) -> dict[str, Any]:
             "ws": st["connections"].get("ws", 0),
             "rss_before_kb": before,
             "rss_after_kb": after,
+            "hwm_kb": broker.hwm_kb(),
             "kb_per_conn": (after - before) / total,
+            "open_s": open_s,
+            "opened_per_s": total / open_s,
         }
     finally:
         for p in workers.procs:
@@ -617,10 +703,270 @@ def scenario_storm(scale: Scale, workdir: Path) -> dict[str, Any]:
         firsts = [f for r in results for f in r["first_i"]]
         merged["resumed_at_cursor"] = sum(1 for f in firsts if f == resume_after)
         merged.update(clients=scale.storm_clients, expect_each=expect)
+        # The storm's latency is the resume: request sent → first event back
+        # (publish→receive of the backlog would be its age, not a delay).
+        delays = [d for r in results for d in r.get("first_delay", [])]
+        merged["resume_p50_ms"] = percentile(delays, 0.50) * 1000
+        merged["resume_p99_ms"] = percentile(delays, 0.99) * 1000
+        merged["resume_max_ms"] = max(delays) * 1000 if delays else float("nan")
+        started = min((r["started_wall"] for r in results if "started_wall" in r), default=0.0)
+        if started and merged["last_rx"] > started:
+            merged["elapsed"] = merged["last_rx"] - started
+            merged["deliveries_per_s"] = merged["delivered"] / merged["elapsed"]
+        merged["rss_kb"] = broker.rss_kb()
+        merged["hwm_kb"] = broker.hwm_kb()
         return merged
     finally:
         workers.close()
         broker.stop()
+
+
+# Overload (DESIGN §14): the many-workflows load stepped past saturation.
+OVL_P99_TARGET_MS = 250.0
+
+
+def _wait_result(proc: subprocess.Popen[str], path: Path, timeout: float) -> dict[str, Any] | None:
+    """A worker's result, or None: killed at the timeout or died (what it wrote
+    before, if anything, still counts)."""
+    try:
+        proc.wait(max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    try:
+        result: dict[str, Any] = orjson.loads(path.read_bytes())
+        return result
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
+def _step_stats(broker: Broker, before: dict[str, Any]) -> dict[str, Any]:
+    """Broker counters over the step: after − before."""
+    try:
+        after = broker.stats(timeout=10)
+    except OSError as exc:
+        return {"stats_error": f"{type(exc).__name__}: {exc}"}
+    b_streams, a_streams = before.get("streams", {}), after.get("streams", {})
+    out = {
+        "delivered": after["delivered"].get("sse", 0) - before["delivered"].get("sse", 0),
+        # `writes` is new in the broker: 0 where it does not count them yet.
+        "writes": a_streams.get("writes", 0) - b_streams.get("writes", 0),
+        "coalesced": a_streams.get("coalesced", 0) - b_streams.get("coalesced", 0),
+        "resyncs": a_streams.get("resyncs", 0) - b_streams.get("resyncs", 0),
+        "slow_consumer_closed": a_streams.get("slow_consumer_closed", 0) - b_streams.get("slow_consumer_closed", 0),
+        "ingested": after["counters"].get("ingested", 0) - before["counters"].get("ingested", 0),
+        "gc_during_step": _gc_delta(before.get("gc", {}), after.get("gc", {})),
+    }
+    return out
+
+
+def _overload_step(scale: Scale, workdir: Path, rate: int) -> dict[str, Any]:
+    from .worker import EVENTS_PER_TASK, overload_script
+
+    wfs, each = scale.ovl_workflows, scale.ovl_subs_each
+    # Each workflow runs workflow.running, T tasks, workflow.completed; T is
+    # chosen so that the step lasts about `ovl_seconds` at this rate.
+    tasks = max(1, round((rate * scale.ovl_seconds / wfs - 2) / EVENTS_PER_TASK))
+    script = overload_script(tasks)
+    per_wf = len(script)
+    last_index = max(i for _, i in script)  # "i" of workflow.completed
+    total = per_wf * wfs
+    nominal = total / rate
+    # The step must be over (every `end` in) this long after the engine starts.
+    limit = 2 * nominal + 10
+    step: dict[str, Any] = {
+        "rate": rate,
+        "workflows": wfs,
+        "subscribers": wfs * each,
+        "tasks": tasks,
+        "events": total,
+        "events_per_workflow": per_wf,
+        "state_log_events_per_workflow": last_index + 1,
+        "nominal_s": nominal,
+        "limit_s": limit,
+    }
+    prefix = f"ovl{rate}"
+    broker = Broker(workdir)
+    workers = Workers(workdir)
+    try:
+        # Each workflow exists before its subscribers come (seq 1: the engine's).
+        broker.push([{"workflow_id": f"{prefix}-{w}", "type": "workflow.created", "seq": 1} for w in range(wfs)])
+        # The engine starts first (its imports overlap the subscribers'), and waits.
+        push, push_out = workers.start(
+            "ovl-push",
+            "--endpoint",
+            broker.zmq,
+            "--prefix",
+            prefix,
+            "--workflows",
+            str(wfs),
+            "--tasks",
+            str(tasks),
+            "--rate",
+            str(rate),
+            "--deadline",
+            str(limit - 2),
+            "--linger",
+            "2",
+            stdin=True,
+        )
+        paths = [f"/v1/workflows/{prefix}-{w}/stream" for w in range(wfs) for _ in range(each)]
+        subs = []
+        for k in range(scale.sub_procs):
+            chunk = paths[k :: scale.sub_procs]
+            if not chunk:
+                continue
+            paths_file = workdir / f"ovl-paths-{rate}-{k}.txt"
+            paths_file.write_text("\n".join(chunk))
+            subs.append(
+                workers.start(
+                    "ovl-sse",
+                    "--url-base",
+                    broker.url,
+                    "--paths-file",
+                    str(paths_file),
+                    "--last-index",
+                    str(last_index),
+                    "--duration",
+                    str(limit + 90),
+                    stdin=True,
+                )
+            )
+        for proc, _ in subs:
+            workers.wait_ready(proc)
+        # Connected, and every snapshot written: the step starts clean.
+        wait_until(
+            lambda: (
+                (st := broker.stats())["connections"]["total"] >= len(paths)
+                and st["delivered"].get("sse", 0) >= len(paths)
+            ),
+            60,
+            "subscribers",
+        )
+        workers.wait_ready(push)  # connected; its clock starts at "go"
+        before = broker.stats()
+        engine_started = time.time()
+        assert push.stdin is not None
+        push.stdin.write("go\n")
+        push.stdin.flush()
+        stop_wall = engine_started + limit
+        for proc, _ in subs:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{stop_wall}\n")
+            proc.stdin.flush()
+        pushed = _wait_result(push, push_out, limit + 10)
+        results = [_wait_result(proc, out, stop_wall - time.time() + 20) for proc, out in subs]
+        rss, hwm = broker.rss_kb(), broker.hwm_kb()
+        step.update(_step_stats(broker, before))
+    finally:
+        workers.close()
+        broker.stop()
+
+    problems: list[str] = []
+    timed_out = False
+    if pushed is None:
+        problems.append("the engine reported nothing")
+        pushed, timed_out = {}, True
+    elif pushed.get("timed_out"):
+        problems.append(f"the engine sent {pushed['sent']} of {total} within the limit")
+        timed_out = True
+    got = [r for r in results if r is not None]
+    if len(got) < len(results):
+        problems.append(f"{len(results) - len(got)} subscriber processes reported nothing")
+        timed_out = True
+    if any(r.get("timed_out") for r in got):
+        problems.append(f"not every stream ended within the limit ({limit:.0f}s)")
+        timed_out = True
+    lat = [x for r in got for x in r["latency"]]
+    ing = [x for r in got for x in r["ingest"]]
+    dlv = [x for r in got for x in r["delivery"]]
+    keys = (
+        "conns",
+        "bad_status",
+        "ended",
+        "ended_ok",
+        "closed_early",
+        "errors",
+        "got",
+        "resynced_conns",
+        "resync_frames",
+        "lost",
+        "dups",
+        "lost_after_resync",
+        "dups_after_resync",
+        "disorder",
+    )
+    step.update({k: sum(r[k] for r in got) for k in keys})
+    step["conns"] = len(paths)  # also those of a process that reported nothing
+    start_wall = pushed.get("start_wall", engine_started)
+    last_rx = max((r["last_rx"] for r in got), default=0.0)
+    elapsed = last_rx - start_wall if last_rx > start_wall else pushed.get("elapsed", nominal)
+    writes = step.get("writes", 0)
+    step.update(
+        sent=pushed.get("sent", 0),
+        send_rate=pushed.get("send_rate", 0.0),
+        blocked_sends=pushed.get("blocked_sends", 0),
+        elapsed=elapsed,
+        p50_ms=percentile(lat, 0.50) * 1000,
+        p99_ms=percentile(lat, 0.99) * 1000,
+        max_ms=max(lat) * 1000 if lat else float("nan"),
+        ingest_p50_ms=percentile(ing, 0.50),
+        ingest_p99_ms=percentile(ing, 0.99),
+        delivery_p50_ms=percentile(dlv, 0.50),
+        delivery_p99_ms=percentile(dlv, 0.99),
+        samples=len(lat),
+        writes_per_s=writes / elapsed if writes else 0.0,
+        events_per_write=step.get("delivered", 0) / writes if writes else 0.0,
+        rss_kb=rss,
+        hwm_kb=hwm,
+    )
+    # Worst second's p99 (by arrival): a steady tail or a few bad moments.
+    by_second: dict[int, list[float]] = {}
+    for r in got:
+        for sec, value in zip(r["latency_at"], r["latency"], strict=False):
+            by_second.setdefault(sec, []).append(value)
+    p99s = [percentile(v, 0.99) * 1000 for _, v in sorted(by_second.items()) if len(v) >= 100]
+    if p99s:
+        step["p99_by_second_ms"] = [round(x, 1) for x in p99s]
+        step["p99_worst_second_ms"] = max(p99s)
+    if step["ended_ok"] < step["conns"]:
+        problems.append(f"{step['conns'] - step['ended_ok']} of {step['conns']} streams did not end completed")
+    for what in ("lost", "dups", "disorder"):
+        if step[what]:
+            problems.append(f"{what} {step[what]}")
+    step["timed_out"] = timed_out
+    step["correct"] = step["ended_ok"] == step["conns"] and not (step["lost"] or step["dups"] or step["disorder"])
+    step["met"] = step["correct"] and not step["timed_out"] and step["p99_ms"] <= OVL_P99_TARGET_MS
+    step["problems"] = problems
+    return step
+
+
+def scenario_overload(scale: Scale, workdir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "workflows": scale.ovl_workflows,
+        "subs_each": scale.ovl_subs_each,
+        "step_seconds": scale.ovl_seconds,
+        "target": f"p99 ≤ {OVL_P99_TARGET_MS:.0f} ms at every step; every subscriber ends in the true final state",
+    }
+    # Today's machine speed, beside the steps (once per overload run).
+    ref = pull_reference(workdir, scale.ovl_pull_ref_events)
+    out["pull_ref_eps"] = ref["rate"]
+    out["pull_ref_events"] = scale.ovl_pull_ref_events
+    steps = []
+    for rate in scale.ovl_rates:
+        print(f"  overload step {rate}/s", flush=True)
+        try:
+            step = _overload_step(scale, workdir, rate)
+        except (BenchError, OSError) as exc:  # this step only: the bench moves on
+            reason = f"failed: {exc}"
+            step = {"rate": rate, "error": reason, "met": False, "timed_out": False, "problems": [reason]}
+        for p in step.get("problems", []):
+            print(f"    {rate}/s: {p}", flush=True)
+        steps.append(step)
+    out["steps"] = steps
+    out["steps_met"] = sum(1 for s in steps if s.get("met"))
+    out["all_met"] = out["steps_met"] == len(steps)
+    return out
 
 
 # -------------------------------------------------------------------- report
@@ -659,89 +1005,154 @@ def fmt(v: Any, spec: str = ".0f") -> str:
     return str(v)
 
 
+def _lat(r: dict[str, Any], prefix: str = "") -> str:
+    """`p50 / p99 / max` in ms, or "—" where the figures are missing."""
+    keys = [f"{prefix}p50_ms", f"{prefix}p99_ms", f"{prefix}max_ms"]
+    if not all(isinstance(r.get(k), (int, float)) for k in keys):
+        return "—"
+    return " / ".join(f"{r[k]:.1f}" for k in keys)
+
+
+def _peak(r: dict[str, Any]) -> str:
+    return mb(r.get("hwm_kb") or r.get("rss_kb"))
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def _render(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
 def table(results: dict[str, Any]) -> str:
-    rows: list[tuple[str, str, str, str]] = []
+    """One row per measured run, each with its throughput, latency and
+    memory (peak RSS of the broker process, fresh for every run), and the
+    reference of the same run right below it (↳) in the same columns."""
+    rows: list[tuple[str, str, str, str, str]] = []
     r = results.get("ingest")
     if r:
         rows.append(
             (
-                "ingest events/s (no subscribers)",
-                fmt(r["broker_eps"]),
-                f"bare PULL {fmt(r['pull_ref_eps'])}",
-                f"{r['ratio'] * 100:.0f} % (target ≥ 60 %)",
+                f"ingest: {r['events']} events, no subscribers",
+                f"{fmt(r['broker_eps'], ',.0f')} ev/s",
+                "— (nothing delivered)",
+                _peak(r),
+                f"{r['ratio'] * 100:.0f} % of bare PULL (target ≥ 60 %): {_yes(r['ratio'] >= 0.6)}",
+            )
+        )
+        rows.append(
+            (
+                "  ↳ bare pyzmq PULL loop (reference)",
+                f"{fmt(r['pull_ref_eps'], ',.0f')} ev/s",
+                "—",
+                mb(r.get("pull_ref_hwm_kb")),
+                "",
             )
         )
     r = results.get("fanout")
     if r:
-        b = r["broker"]
-        rows.append(
+        nchan = r["nchan"]
+        flat_events = r["broker_flat_out"]["expected"] // r["subscribers"]
+        runs = [
+            (f"fan-out: {r['subscribers']} SSE × {r['rate']} ev/s", r["broker"], nchan),
             (
-                f"fan-out {r['subscribers']} SSE × {r['rate']}/s: delivered",
-                f"{b['delivered']}/{b['expected']}",
-                "",
-                f"lost {b['lost']}, dups {b['dups']}",
-            )
-        )
-        rows.append(("  deliveries/s", fmt(b["deliveries_per_s"]), fmt(r["nchan"].get("deliveries_per_s", "-")), ""))
-        rows.append(
-            (
-                "  latency p50 / p99 / max (ms)",
-                f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} / {b['max_ms']:.1f}",
-                (
-                    f"{r['nchan']['p50_ms']:.1f} / {r['nchan']['p99_ms']:.1f} / {r['nchan']['max_ms']:.1f}"
-                    if "p50_ms" in r["nchan"]
-                    else r["nchan"].get("skipped", "")
-                ),
-                "target p99 ≤ 100 ms",
-            )
-        )
-        f = r["broker_flat_out"]
-        nf = r.get("nchan_flat_out", {})
-        rows.append(
-            (
-                "  flat out: delivered",
-                f"{f['delivered']}/{f['expected']}",
-                f"{nf['delivered']}/{nf['expected']}" if nf.get("expected") else "-",
-                f"broker resyncs: {f.get('resyncs', 0)}",
-            )
-        )
-        rows.append(
-            (
-                "  flat out: deliveries/s",
-                fmt(f["deliveries_per_s"]),
-                fmt(nf.get("deliveries_per_s", "-")),
-                f"ratio {r['ratio_flat_out']:.2f} (target ≥ 2)"
-                if "ratio_flat_out" in r
-                else ("no ratio: events lost to resync" if "ratio_flat_out_note" in r else ""),
-            )
-        )
+                f"fan-out flat out: {flat_events} ev × {r['subscribers']} SSE",
+                r["broker_flat_out"],
+                r.get("nchan_flat_out", nchan),
+            ),
+        ]
+        for label, b, n in runs:
+            flat = b is r["broker_flat_out"]
+            verdict = f"{b['delivered']}/{b['expected']} delivered, lost {b['lost']}, dups {b['dups']}"
+            if flat:
+                verdict += f", resyncs {b.get('resyncs', 0)}"
+                if "ratio_flat_out" in r:
+                    ratio = r["ratio_flat_out"]
+                    verdict += f"; {ratio:.2f} × nchan (target ≥ 2): {_yes(ratio >= 2)}"
+                elif "ratio_flat_out_note" in r:
+                    verdict += "; no ratio: events lost to resync"
+            else:
+                verdict += f"; p99 ≤ 100 ms: {_yes(b['p99_ms'] <= 100)}"
+            rows.append((label, f"{fmt(b['deliveries_per_s'], ',.0f')} deliv/s", _lat(b), _peak(b), verdict))
+            if "deliveries_per_s" in n:
+                note = f"{n['delivered']}/{n['expected']} delivered"
+                if "publish_rate_achieved" in n and not flat:
+                    note += f"; its publisher held {n['publish_rate_achieved']:.0f} ev/s"
+                rows.append(
+                    (
+                        "  ↳ nginx + nchan (reference)",
+                        f"{fmt(n['deliveries_per_s'], ',.0f')} deliv/s",
+                        _lat(n),
+                        _peak(n),
+                        note,
+                    )
+                )
+            else:
+                rows.append(("  ↳ nginx + nchan (reference)", "n/a", "n/a", "n/a", str(n.get("skipped", ""))))
     r = results.get("many")
     if r:
+        thr = r.get("deliveries_per_s") or (r["delivered"] / r["elapsed"] if r.get("elapsed") else "-")
         rows.append(
             (
-                f"many: {r['workflows']} wf × {r['subscribers'] // r['workflows']} subs, {r['rate']}/s",
-                f"p50 {r['p50_ms']:.1f} / p99 {r['p99_ms']:.1f} ms",
-                f"{r['delivered']}/{r['expected']} delivered; GC paused {_gc_pause_ms(r):.0f} ms",
-                "target p99 ≤ 10 ms",
+                f"many: {r['workflows']} wf × {r['subscribers'] // r['workflows']} SSE, {r['rate']} ev/s",
+                f"{fmt(thr, ',.0f')} deliv/s",
+                _lat(r),
+                _peak(r),
+                f"{r['delivered']}/{r['expected']} delivered, lost {r['lost']}; p99 ≤ 10 ms: "
+                f"{_yes(r['p99_ms'] <= 10)}; GC paused {_gc_pause_ms(r):.0f} ms",
             )
         )
         if "p99_by_second_ms" in r:
             rows.append(
                 (
                     "  p99 of each second: median / worst",
-                    f"{r['p99_median_second_ms']:.1f} / {r['p99_worst_second_ms']:.1f} ms",
-                    f"{r['seconds_p99_within_10ms']} of {len(r['p99_by_second_ms'])} seconds within 10 ms",
                     "",
+                    f"{r['p99_median_second_ms']:.1f} / {r['p99_worst_second_ms']:.1f}",
+                    "",
+                    f"{r['seconds_p99_within_10ms']} of {len(r['p99_by_second_ms'])} seconds within 10 ms",
                 )
             )
+    r = results.get("overload")
+    if r:
+        steps = r["steps"]
+        ran = [s for s in steps if "error" not in s]
+        worst = max((s["p99_ms"] for s in ran if isinstance(s.get("p99_ms"), (int, float))), default=float("nan"))
+        sent = max((s.get("send_rate", 0.0) for s in ran), default=0.0)
+        rows.append(
+            (
+                f"overload: {r['workflows']} wf × {r['subs_each']} SSE, "
+                + "→".join(f"{s['rate'] // 1000}k" if s["rate"] >= 1000 else str(s["rate"]) for s in steps)
+                + " ev/s",
+                f"sent ≤ {fmt(sent, ',.0f')} ev/s",
+                f"worst p99 {worst:.1f}",
+                mb(max((s.get("hwm_kb", 0) for s in ran), default=0)),
+                f"{r['steps_met']}/{len(steps)} steps meet p99 ≤ {OVL_P99_TARGET_MS:.0f} ms + all end completed "
+                "(table below)",
+            )
+        )
+        rows.append(
+            (
+                f"  ↳ bare pyzmq PULL loop, {r['pull_ref_events']} frames (machine speed)",
+                f"{fmt(r['pull_ref_eps'], ',.0f')} ev/s",
+                "—",
+                "",
+                "",
+            )
+        )
     r = results.get("idle")
     if r:
         rows.append(
             (
                 f"idle: {r['connections']} conns ({r['sse']} SSE, {r['ws']} WS)",
-                f"{r['kb_per_conn']:.1f} KB RSS each",
-                "",
-                "target ≤ 25 KB",
+                f"{r['connections']} held (opened ≥ {fmt(r.get('opened_per_s', '-'), ',.0f')}/s)",
+                "— (idle)",
+                f"{mb(r['rss_after_kb'])} ({r['kb_per_conn']:.1f} KB each)",
+                f"≤ 25 KB each: {_yes(r['kb_per_conn'] <= 25)}",
             )
         )
     r = results.get("storm")
@@ -749,21 +1160,78 @@ def table(results: dict[str, Any]) -> str:
         rows.append(
             (
                 f"reconnect storm: {r['clients']} clients, Last-Event-ID",
-                f"{r['resumed_at_cursor']}/{r['clients']} resumed",
-                f"{r['complete']} complete, {r['ended']} ended",
-                f"lost {r['lost']}, dups {r['dups']} (target 0)",
+                f"{fmt(r.get('deliveries_per_s', '-'), ',.0f')} deliv/s",
+                "resume " + _lat(r, "resume_"),
+                _peak(r),
+                f"{r['resumed_at_cursor']}/{r['clients']} resumed at cursor, {r['complete']} complete, "
+                f"{r['ended']} ended, lost {r['lost']}, dups {r['dups']} (target 0)",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(4)] if rows else [0] * 4
-    head = ("scenario", "broker", "reference", "against target")
-    widths = [max(w, len(h)) for w, h in zip(widths, head, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+    head = ("scenario", "throughput", "latency p50 / p99 / max ms", "RSS MB (peak)", "result, against target")
+    return _render(head, list(rows))
 
 
-SCENARIOS = ("ingest", "fanout", "many", "idle", "storm")
+def overload_table(r: dict[str, Any]) -> str:
+    """One row per overload step (DESIGN §14: p99 ≤ 250 ms at every step,
+    every subscriber ends in the true final state)."""
+    head = (
+        "offered/s",
+        "sent/s",
+        "p50 / p99 / max ms",
+        "ingest p99",
+        "deliv p99",
+        "writes/s",
+        "ev/write",
+        "coalesced",
+        "resyncs (conns)",
+        "ended ok",
+        "lost/dup/ooo",
+        "RSS MB",
+        f"target p99 ≤ {OVL_P99_TARGET_MS:.0f} ms, all ended",
+    )
+    rows: list[tuple[str, ...]] = []
+    for s in r["steps"]:
+        if "error" in s:
+            rows.append((fmt(s["rate"], ",d"), *["-"] * (len(head) - 2), f"NO: {s['error']}"))
+            continue
+        writes = s.get("writes", 0)
+        if s["met"]:
+            verdict = "yes"
+        else:
+            why = []
+            if not s["p99_ms"] <= OVL_P99_TARGET_MS:
+                why.append("p99")
+            if not s["correct"]:
+                why.append("final state/loss")
+            if s["timed_out"]:
+                why.append("timed out")
+            verdict = "NO: " + ", ".join(why)
+        rows.append(
+            (
+                fmt(s["rate"], ",d"),
+                fmt(s["send_rate"], ",.0f"),
+                _lat(s),
+                f"{s['ingest_p99_ms']:.1f}",
+                f"{s['delivery_p99_ms']:.1f}",
+                fmt(s["writes_per_s"], ",.0f") if writes else "n/a",
+                f"{s['events_per_write']:.2f}" if writes else "n/a",
+                fmt(s.get("coalesced", "-"), ",d") if isinstance(s.get("coalesced"), int) else "n/a",
+                f"{s.get('resyncs', 'n/a')} ({s['resynced_conns']})",
+                f"{s['ended_ok']}/{s['conns']}",
+                f"{s['lost']}/{s['dups']}/{s['disorder']}",
+                mb(s["rss_kb"]),
+                verdict,
+            )
+        )
+    ref = f"bare pyzmq PULL loop, same run: {fmt(r['pull_ref_eps'], ',.0f')} frames/s"
+    note = (
+        "latency: publish→receive (from each event's send time t); ingest = server_ts − t (the ZMQ queue), "
+        "deliv = receive − server_ts (hub + write); RSS at the step's end"
+    )
+    return _render(head, rows) + f"\n{ref}\n{note}"
+
+
+SCENARIOS = ("ingest", "fanout", "many", "overload", "idle", "storm")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -800,6 +1268,8 @@ def run(args: argparse.Namespace) -> int:
                     results[name] = scenario_fanout(scale, workdir, nchan_reason)
                 elif name == "many":
                     results[name] = scenario_many(scale, workdir)
+                elif name == "overload":
+                    results[name] = scenario_overload(scale, workdir)
                 elif name == "idle":
                     results[name] = scenario_idle(scale, workdir)
                 elif name == "storm":
@@ -811,6 +1281,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name}: {time.monotonic() - started:.1f}s", flush=True)
     print()
     print(table(results))
+    if "overload" in results:
+        print()
+        print("overload steps:")
+        print(overload_table(results["overload"]))
     if args.json:
         for r in results.values():
             if isinstance(r, dict):

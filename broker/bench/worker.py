@@ -11,6 +11,11 @@ Roles:
   http-push  HTTP POST publisher (for nginx + nchan), one keep-alive connection
   sse        K raw-socket SSE subscribers: counts, order, publish→receive delay
   idle       K idle SSE or WebSocket connections, held until stdin closes
+  ovl-push   the overload engine: W workflows, each a realistic script of
+             state, progress and log events, round-robin at a total rate
+  ovl-sse    raw-socket SSE subscribers of the overload scenario: loss,
+             duplicates and order of state/log events (resyncs allowed),
+             final state in `end`, latency split into ingest and delivery
 
 Subscribers count and parse over whole reads (bytes.count, the last event of
 each read), not JSON per event, so the client stays cheap: every event of the bench carries `"i": <index>` and
@@ -40,6 +45,15 @@ def _ready() -> None:
     print("ready", flush=True)
 
 
+def _self_kb(key: str) -> int:
+    """A `kB` line of this process's /proc status (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def _raise_nofile() -> None:
     import resource
 
@@ -65,7 +79,16 @@ def role_pull_ref(args: argparse.Namespace) -> None:
     for _ in range(args.count - 1):
         sock.recv()
     elapsed = time.perf_counter() - start
-    _write(args.out, {"count": args.count, "elapsed": elapsed, "rate": (args.count - 1) / elapsed})
+    _write(
+        args.out,
+        {
+            "count": args.count,
+            "elapsed": elapsed,
+            "rate": (args.count - 1) / elapsed,
+            "rss_kb": _self_kb("VmRSS"),
+            "hwm_kb": _self_kb("VmHWM"),
+        },
+    )
     sock.close()
     ctx.term()
 
@@ -168,7 +191,7 @@ def _split_url(url: str) -> tuple[str, int, str]:
 
 
 class SubResult:
-    __slots__ = ("got", "last_i", "dups", "lost", "ended", "status", "first_i", "last_rx")
+    __slots__ = ("got", "last_i", "dups", "lost", "ended", "status", "first_i", "last_rx", "first_delay")
 
     def __init__(self) -> None:
         self.got = 0
@@ -179,6 +202,7 @@ class SubResult:
         self.ended = False
         self.status = 0
         self.last_rx = 0.0
+        self.first_delay = -1.0  # request sent → first event received (s)
 
 
 async def _sse_client(
@@ -200,6 +224,7 @@ async def _sse_client(
     await sock.connect((host, port))
     request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n{headers}\r\n"
     await sock.send(request.encode())
+    asked = time.time()
     buf = b""
     head_done = False
     samples = 0
@@ -240,6 +265,7 @@ async def _sse_client(
                     fpos = data.find(b'"i":') + 4
                     res.first_i = int(data[fpos : data.index(b",", fpos)])
                     res.last_i = res.first_i - 1
+                    res.first_delay = now - asked
                 expected = res.last_i + n
                 if li > expected:
                     res.lost += li - expected
@@ -284,6 +310,7 @@ def role_sse(args: argparse.Namespace) -> None:
     results = [SubResult() for _ in paths]
     lat: list[float] = []
     lat_at: list[int] = []
+    started_wall = time.time()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -331,6 +358,8 @@ def role_sse(args: argparse.Namespace) -> None:
             "lost": sum(r.lost for r in results),
             "bad_status": sum(1 for r in results if r.status != 200),
             "first_i": [r.first_i for r in results] if args.report_first else [],
+            "first_delay": [r.first_delay for r in results if r.first_delay >= 0] if args.report_first else [],
+            "started_wall": started_wall,
             "last_rx": max((r.last_rx for r in results), default=0.0),
             "latency": lat,
             "latency_at": lat_at,
@@ -393,6 +422,353 @@ def role_idle(args: argparse.Namespace) -> None:
     trio.run(main)
 
 
+# ----------------------------------------------------------------- overload
+
+# One task of the overload script: task.running, PROGRESS_STEPS task.progress
+# (10 → 100 %), LOGS_PER_TASK log lines between them, task.completed.
+PROGRESS_STEPS = 5
+LOGS_PER_TASK = 2
+EVENTS_PER_TASK = 2 + PROGRESS_STEPS + LOGS_PER_TASK
+TASK_NAMES = ("extract", "validate", "transform", "enrich", "score", "load", "notify", "archive")
+
+
+def overload_script(tasks: int) -> list[tuple[dict[str, Any], int]]:
+    """One workflow's events after its `workflow.created` (seq 1, sent at setup).
+
+    Each item is (fields, i): i counts the workflow's state and log events
+    (0 = `workflow.running`); -1 for progress, which the broker may coalesce.
+    Every workflow of a step runs the same script, so the last i is known.
+    """
+    out: list[tuple[dict[str, Any], int]] = []
+    i = 0
+
+    def add(fields: dict[str, Any], counted: bool = True) -> None:
+        nonlocal i
+        out.append((fields, i if counted else -1))
+        if counted:
+            i += 1
+
+    add({"type": "workflow.running"})
+    for n in range(tasks):
+        name = f"{TASK_NAMES[n % len(TASK_NAMES)]}-{n}"
+        add({"type": "task.running", "task_id": name})
+        log_after = {1, PROGRESS_STEPS - 2}  # a log line after the 2nd and the 4th progress step
+        for step in range(PROGRESS_STEPS):
+            pct = round(10 + 90 * step / (PROGRESS_STEPS - 1), 1)
+            add({"type": "task.progress", "task_id": name, "progress": pct, "message": f"{name}: {pct}%"}, False)
+            if step in log_after:
+                warn = step != 1 and n % 3 == 2
+                add(
+                    {
+                        "type": "log",
+                        "task_id": name,
+                        "level": "warning" if warn else "info",
+                        "message": f"{name}: slow upstream, retrying" if warn else f"{name}: {step * 1000} rows read",
+                    }
+                )
+        add({"type": "task.completed", "task_id": name, "result": {"rows": 1000 + n}})
+    add({"type": "workflow.completed", "result": {"tasks": tasks}})
+    assert len(out) == 2 + tasks * EVENTS_PER_TASK
+    return out
+
+
+def role_ovl_push(args: argparse.Namespace) -> None:
+    """W workflows run the script interleaved (round-robin), `rate` events/s in all,
+    from the "go" line on stdin.
+
+    Engine-sequenced (`seq`, like `broker simulate`); every event's `data`
+    carries its send time `t`, state and log events also `i`. The PUSH
+    socket's high-water mark can make a send wait (the broker not keeping
+    up): the event keeps its stamp, the wait counts as ingest delay, and past
+    `--deadline` the engine gives up and reports what it sent.
+    """
+    import zmq
+
+    script = overload_script(args.tasks)
+    wids = [f"{args.prefix}-{w}" for w in range(args.workflows)]
+    total = len(script) * len(wids)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 100000)
+    sock.connect(args.endpoint)
+    time.sleep(0.2)  # let the connection come up before the clock starts
+    _ready()
+    sys.stdin.readline()  # "go": the runner has its subscribers in place
+    rate = args.rate
+    sent = blocked = 0
+    timed_out = False
+    start = time.monotonic()
+    deadline = start + args.deadline
+    start_wall = time.time()
+    dumps, now_mono, now_wall, sleep = orjson.dumps, time.monotonic, time.time, time.sleep
+    for k, (fields, i) in enumerate(script):
+        seq = k + 2  # seq 1 is the setup `workflow.created`
+        for wid in wids:
+            pause = start + sent / rate - now_mono()
+            if pause > 0:
+                sleep(pause)
+            t = now_wall()
+            ev = {"workflow_id": wid, "seq": seq, "ts": int(t * 1000), **fields}
+            ev["data"] = {"t": t} if i < 0 else {"t": t, "i": i}
+            frame = dumps(ev)
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                blocked += 1
+                left = deadline - now_mono()
+                if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
+                    timed_out = True
+                    break
+                sock.send(frame)
+            sent += 1
+        if timed_out or now_mono() > deadline:
+            timed_out = timed_out or sent < total
+            break
+    elapsed = now_mono() - start
+    _write(
+        args.out,
+        {
+            "events": total,
+            "sent": sent,
+            "elapsed": elapsed,
+            "start_wall": start_wall,
+            "send_rate": sent / elapsed if elapsed > 0 else 0.0,
+            "blocked_sends": blocked,
+            "timed_out": timed_out,
+        },
+    )
+    # What is still queued goes to the broker within the linger time, or is dropped.
+    sock.setsockopt(zmq.LINGER, int(args.linger * 1000))
+    sock.close()
+    ctx.term()
+
+
+UNKNOWN = -2  # `last_i` after a resync: the next index is whatever comes next
+
+
+class OvlConn:
+    __slots__ = (
+        "status",
+        "got",
+        "last_i",
+        "lost",
+        "dups",
+        "resyncs",
+        "last_seq",
+        "disorder",
+        "ended",
+        "final_state",
+        "errors",
+        "closed",
+        "last_rx",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.got = 0  # state and log events received
+        self.last_i = -1
+        self.lost = 0
+        self.dups = 0
+        self.resyncs = 0
+        self.last_seq = -1
+        self.disorder = 0
+        self.ended = False
+        self.final_state = ""
+        self.errors = 0
+        self.closed = False  # the server closed the stream without `end`
+        self.last_rx = 0.0
+
+
+def _num_end(data: bytes, pos: int) -> int:
+    while data[pos] in b"0123456789.eE+-":
+        pos += 1
+    return pos
+
+
+async def _ovl_client(
+    host: str,
+    port: int,
+    path: str,
+    c: OvlConn,
+    lat: list[float],
+    ingest: list[float],
+    delivery: list[float],
+    lat_at: list[int],
+    last_index: int,
+) -> None:
+    """One subscriber. Per read (whole events only), with bytes.count/rfind:
+
+    - loss/duplicates: the state and log events carry `"i"`, consecutive per
+      workflow; the count of `"i":` in a read against the jump between the
+      last index of this read and of the previous one. Events before a
+      `resync` are skipped legitimately: the index is taken afresh after it.
+    - order: the last `id: <epoch>:<seq>` of a read is above the previous
+      read's (equal only for `end`, which carries the terminal event's id).
+    - delay: the last event with a `"t"`: receive − t, split at its
+      `server_ts` into ingest (t → broker) and delivery (broker → here).
+    - `end`: its data parsed (once), the workflow's final state.
+    """
+    import trio
+
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+        await sock.send(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
+        buf = b""
+        head_done = False
+        while not c.ended:
+            data = await sock.recv(262144)
+            if not data:
+                c.closed = True
+                break
+            now = time.time()
+            if not head_done:
+                buf += data
+                if b"\r\n\r\n" not in buf:
+                    continue
+                head, _, data = buf.partition(b"\r\n\r\n")
+                buf = b""
+                c.status = int(head.split(b" ", 2)[1])
+                head_done = True
+                if c.status != 200:
+                    break
+            buf = buf + data if buf else data
+            cut = buf.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            data, buf = buf[: cut + 2], buf[cut + 2 :]
+            c.last_rx = now
+            end_at = data.find(b"event: end")
+            # Order: the last SSE id of this read against the previous read's.
+            p = data.rfind(b"\nid: ")
+            if p >= 0:
+                colon = data.index(b":", p + 5)
+                seq = int(data[colon + 1 : data.index(b"\n", colon)])
+                if seq < c.last_seq or (seq == c.last_seq and end_at < 0):
+                    c.disorder += 1
+                c.last_seq = seq
+            seg = data
+            r = data.rfind(b"event: resync")
+            if r >= 0:
+                c.resyncs += data.count(b"event: resync")
+                # What came before the (last) resync is replaced by it.
+                c.got += data.count(b'"i":', 0, r)
+                seg = data[data.find(b"\n\n", r) + 2 :]
+                c.last_i = UNKNOWN
+            n = seg.count(b'"i":')
+            if n:
+                pos = seg.rfind(b'"i":') + 4
+                li = int(seg[pos : _num_end(seg, pos)])
+                if c.last_i == UNKNOWN:
+                    fpos = seg.find(b'"i":') + 4
+                    c.last_i = int(seg[fpos : _num_end(seg, fpos)]) - 1
+                expected = c.last_i + n
+                if li > expected:
+                    c.lost += li - expected
+                elif li < expected:
+                    c.dups += expected - li
+                c.got += n
+                c.last_i = li
+            tpos = seg.rfind(b'"t":')
+            if tpos >= 0:
+                t = float(seg[tpos + 4 : _num_end(seg, tpos + 4)])
+                lat.append(now - t)
+                lat_at.append(int(now))
+                line_start = seg.rfind(b"\n", 0, tpos)
+                sp = seg.find(b'"server_ts":', line_start, seg.find(b"\n", tpos))
+                if sp >= 0:
+                    server_ms = int(seg[sp + 12 : _num_end(seg, sp + 12)])
+                    ingest.append(server_ms - t * 1000)
+                    delivery.append(now * 1000 - server_ms)
+            if b"event: error" in data:
+                c.errors += 1
+            if end_at >= 0:
+                c.ended = True
+                dp = data.find(b"data: ", end_at) + 6
+                try:
+                    c.final_state = str(orjson.loads(data[dp : data.find(b"\n", dp)]).get("state", ""))
+                except (orjson.JSONDecodeError, AttributeError):
+                    c.final_state = "?"
+                if c.last_i != UNKNOWN and c.last_i < last_index:
+                    c.lost += last_index - c.last_i  # the tail never came
+    except OSError:
+        c.closed = True
+    finally:
+        sock.close()
+
+
+def role_ovl_sse(args: argparse.Namespace) -> None:
+    import trio
+
+    _raise_nofile()
+    host, port, _ = _split_url(args.url_base + "/")
+    paths = open(args.paths_file).read().split()
+    conns = [OvlConn() for _ in paths]
+    lat: list[float] = []
+    ingest: list[float] = []
+    delivery: list[float] = []
+    lat_at: list[int] = []
+    timed_out = False
+
+    def done(c: OvlConn) -> bool:
+        return c.ended or c.closed or (c.status != 0 and c.status != 200)
+
+    # Stop at --duration after start, or earlier at the wall-clock deadline
+    # the runner writes on stdin once the engine runs (the step's time limit).
+    stop_at = time.monotonic() + args.duration
+
+    async def read_deadline() -> None:
+        nonlocal stop_at
+        line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+        if line.strip():
+            stop_at = min(stop_at, time.monotonic() + float(line) - time.time())
+
+    async def main() -> None:
+        nonlocal timed_out
+        async with trio.open_nursery() as nursery:
+            for path, c in zip(paths, conns, strict=True):
+                nursery.start_soon(_ovl_client, host, port, path, c, lat, ingest, delivery, lat_at, args.last_index)
+            nursery.start_soon(read_deadline)
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            _ready()
+            while not all(done(c) for c in conns):
+                if time.monotonic() >= stop_at:
+                    timed_out = True
+                    break
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    clean = [c for c in conns if not c.resyncs]
+    _write(
+        args.out,
+        {
+            "conns": len(conns),
+            "bad_status": sum(1 for c in conns if c.status != 200),
+            "ended": sum(1 for c in conns if c.ended),
+            "ended_ok": sum(1 for c in conns if c.ended and c.final_state == args.final_state),
+            "closed_early": sum(1 for c in conns if c.closed and not c.ended),
+            "errors": sum(c.errors for c in conns),
+            "got": sum(c.got for c in conns),
+            "resynced_conns": len(conns) - len(clean),
+            "resync_frames": sum(c.resyncs for c in conns),
+            "lost": sum(c.lost for c in clean),
+            "dups": sum(c.dups for c in clean),
+            "lost_after_resync": sum(c.lost for c in conns if c.resyncs),
+            "dups_after_resync": sum(c.dups for c in conns if c.resyncs),
+            "disorder": sum(c.disorder for c in conns),
+            "last_rx": max((c.last_rx for c in conns), default=0.0),
+            "timed_out": timed_out,
+            "latency": lat,
+            "ingest": ingest,
+            "delivery": delivery,
+            "latency_at": lat_at,
+        },
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m broker.bench.worker")
     sub = p.add_subparsers(dest="role", required=True)
@@ -447,6 +823,24 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--kind", choices=("sse", "ws", "mixed"), default="mixed")
     r.add_argument("--conns", type=int, required=True)
 
+    r = sub.add_parser("ovl-push")
+    r.add_argument("--endpoint", required=True)
+    r.add_argument("--prefix", required=True, help="workflow ids are PREFIX-0 … PREFIX-(W-1)")
+    r.add_argument("--workflows", type=int, required=True)
+    r.add_argument("--tasks", type=int, required=True, help="tasks in each workflow's script")
+    r.add_argument("--rate", type=float, required=True, help="events per second, all workflows together")
+    r.add_argument("--deadline", type=float, required=True, help="seconds: give up sending after this")
+    r.add_argument("--linger", type=float, default=5.0, help="seconds to flush what is queued at the end")
+    r.add_argument("--out", required=True)
+
+    r = sub.add_parser("ovl-sse")
+    r.add_argument("--url-base", required=True)
+    r.add_argument("--paths-file", required=True)
+    r.add_argument("--last-index", type=int, required=True, help='the "i" of the last state event')
+    r.add_argument("--final-state", default="completed")
+    r.add_argument("--duration", type=float, required=True, help="seconds at most (stdin may say earlier)")
+    r.add_argument("--out", required=True)
+
     args = p.parse_args(argv)
     {
         "pull-ref": role_pull_ref,
@@ -454,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
         "http-push": role_http_push,
         "sse": role_sse,
         "idle": role_idle,
+        "ovl-push": role_ovl_push,
+        "ovl-sse": role_ovl_sse,
     }[args.role](args)
     return 0
 

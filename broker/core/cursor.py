@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import InvalidArgument
+
 _WF_RE = re.compile(r"^([A-Za-z0-9_-]{1,32}):(\d{1,19})$")
 _JOURNAL_RE = re.compile(r"^([A-Za-z0-9_-]{1,32})\.(\d{1,19})$")
 _SINCE_RE = re.compile(r"^\d{1,19}$")
@@ -29,3 +31,19 @@ def parse_journal_cursor(text: str) -> tuple[str, int] | None:
 
 def parse_since(text: str) -> int | None:
     return int(text) if _SINCE_RE.match(text.strip()) else None
+
+
+SINCE_MESSAGE = "'since' must be a non-negative integer sequence number"
+
+
+def since_seq(value: object, *, from_query: bool) -> int:
+    """A single-workflow `since`: one rule for both transports. The value
+    is an integer — a WebSocket JSON number (a string is the wrong type),
+    or a query argument's decimal digits, nothing else (no sign, no
+    spaces). Raises InvalidArgument otherwise."""
+    if from_query:
+        if isinstance(value, str) and _SINCE_RE.match(value) and value == value.strip():
+            return int(value)
+    elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**19:
+        return value
+    raise InvalidArgument(SINCE_MESSAGE)

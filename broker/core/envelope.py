@@ -150,9 +150,9 @@ def validate(obj: Any) -> dict[str, Any]:
                 ev[key] = value
     for key, minimum in _OPTIONAL_INTS:
         if key in obj:
-            value = _int(obj, key, minimum)
-            if value is not None:
-                ev[key] = value
+            number = _int(obj, key, minimum)
+            if number is not None:
+                ev[key] = number
 
     state = obj.get("state")
     if state is not None:

@@ -1,27 +1,42 @@
 """The broker's one error vocabulary.
 
-Every error a client can see maps to one of the wire codes of DESIGN.md §5,
-and each code has one HTTP status and (where it closes a WebSocket) one close
-code. Ingest rejects are a separate, smaller vocabulary: they are counted by
-reason and never reach subscribers.
+Every error a client can see is one of these classes. Each carries its wire
+code (DESIGN.md §5), its HTTP status, and the WebSocket close code used when
+the error ends a connection (`ws_close`; errors that only refuse one
+request or subscription leave the connection open and use none). Adapters
+translate an error into their wire format from these three attributes and
+nothing else. Ingest rejects are a separate, smaller vocabulary: they are
+counted by reason and never reach subscribers.
 
     BrokerError                      base: code + message, never raised bare
     ├── InvalidArgument   400        a request the client can fix
-    ├── Unauthenticated   401  4001  (auth arrives later; the code is reserved)
+    │   ├── MethodNotAllowed 405
+    │   └── PayloadTooLarge  413
+    ├── Unauthenticated   401  4001
     ├── PermissionDenied  403  4003
     ├── NotFound          404
-    ├── ResourceExhausted 429  4029 / 4008 (connection limits, slow consumer)
-    └── Unavailable       503  1001  (shutting down, global limit)
+    ├── DeadlineExceeded  408        a request body that made no progress
+    ├── ResourceExhausted 429  4029  per-tenant connection limit
+    │   └── SlowConsumer  429  4008  writes made no progress (DESIGN §6)
+    └── Unavailable       503  1001
+        ├── ShuttingDown  503  1001  draining: reconnect elsewhere or later
+        └── LimitReached  503  4029  limits.global
 
 This module must not import trio, zmq, quart or psycopg.
 """
 
 from __future__ import annotations
 
+# WebSocket close codes (RFC 6455 §7.4 and DESIGN.md §5).
+WS_NORMAL = 1000  # also: closed by an administrator (the client resumes)
+WS_GOING_AWAY = 1001
+WS_INTERNAL = 1011
+
 
 class BrokerError(Exception):
     code = "internal"
     status = 500
+    ws_close = WS_INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -36,14 +51,24 @@ class InvalidArgument(BrokerError):
     status = 400
 
 
+class MethodNotAllowed(InvalidArgument):
+    status = 405
+
+
+class PayloadTooLarge(InvalidArgument):
+    status = 413
+
+
 class Unauthenticated(BrokerError):
     code = "unauthenticated"
     status = 401
+    ws_close = 4001
 
 
 class PermissionDenied(BrokerError):
     code = "permission_denied"
     status = 403
+    ws_close = 4003
 
 
 class NotFound(BrokerError):
@@ -51,19 +76,50 @@ class NotFound(BrokerError):
     status = 404
 
 
-class ResourceExhausted(BrokerError):
-    code = "resource_exhausted"
-    status = 429
-
-
 class DeadlineExceeded(BrokerError):
     code = "deadline_exceeded"
     status = 408
 
 
+class ResourceExhausted(BrokerError):
+    code = "resource_exhausted"
+    status = 429
+    ws_close = 4029
+
+
+class SlowConsumer(ResourceExhausted):
+    ws_close = 4008
+
+
 class Unavailable(BrokerError):
     code = "unavailable"
     status = 503
+    ws_close = WS_GOING_AWAY
+
+
+class ShuttingDown(Unavailable):
+    pass
+
+
+class LimitReached(Unavailable):
+    ws_close = 4029
+
+
+# The class a bare HTTP status stands for (errors raised by the HTTP
+# framework itself: an unknown route, a wrong method, a body too large).
+_BY_STATUS: dict[int, type[BrokerError]] = {
+    cls.status: cls for cls in (InvalidArgument, MethodNotAllowed, PayloadTooLarge, NotFound, DeadlineExceeded)
+}
+
+
+def error_for_status(status: int, message: str) -> BrokerError:
+    """The vocabulary's error for an HTTP status the framework produced."""
+    cls = _BY_STATUS.get(status)
+    if cls is not None:
+        return cls(message)
+    err = BrokerError(message)
+    err.status = status
+    return err
 
 
 class Reject(Exception):

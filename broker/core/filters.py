@@ -48,6 +48,19 @@ class Filter:
         self.coalesce = coalesce
         self.view = view
 
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Filter) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__ if getattr(self, n) not in (None, 0, False))
+        return f"Filter({given})"
+
     @property
     def is_log_stream(self) -> bool:
         """A stream of log lines: falls behind into `gap`, not `resync`."""

@@ -7,7 +7,7 @@ server's `principal_of(request)`.
 
 `ConnectionTable.admit()` decides, for a new connection:
 
-- `limits.global` reached → `Unavailable` (HTTP 503; WS closes 4029);
+- `limits.global` reached → `LimitReached` (HTTP 503; WS closes 4029);
 - the principal's tenant at `limits.per_tenant` → `ResourceExhausted` (429);
 - the principal's user at `limits.per_user` → admitted, and the ids of that
   user's oldest connections to close are returned (the newest wins: a user
@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import islice
 
-from .errors import ResourceExhausted, Unavailable
+from .errors import LimitReached, ResourceExhausted
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ConnectionTable:
     def check(self, principal: Principal) -> None:
         """Raise if a new connection of `principal` would be refused."""
         if len(self._owner) >= self.global_limit:
-            raise Unavailable(f"connection limit reached ({self.global_limit})")
+            raise LimitReached(f"connection limit reached ({self.global_limit})")
         tenant = principal.tenant
         if tenant is not None and self._by_tenant.get(tenant, 0) >= self.per_tenant:
             raise ResourceExhausted(f"tenant connection limit reached ({self.per_tenant})")

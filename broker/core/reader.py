@@ -21,16 +21,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
-
-from .cursor import parse_journal_cursor, parse_since, parse_workflow_cursor
-from .entry import NO_LOGS, Entry, Item, Message, level_slot
+from .cursor import parse_journal_cursor, parse_workflow_cursor, since_seq
+from .entry import NO_LOGS, Entry, Item, level_slot
 from .errors import InvalidArgument
 from .filters import Filter
+from .messages import RESYNC, SNAPSHOT, end_message, gap_message, state_message, workflow_end
+from .scope import MULTI_KINDS, PARENT, TENANT, WORKFLOWS, Scope
 from .state import BrokerState, Workflow
-
-SNAPSHOT = "snapshot"
-RESYNC = "resync"
 AT_INDEX = "index"
 NO_CONTENT = "no_content"  # HTTP 204: the cursor is already at the terminal event
 
@@ -42,7 +39,7 @@ class Start:
     seq: int = 0  # AT_INDEX on a workflow: the cursor's seq (what the client has)
 
 
-def plan_workflow_start(wf: Workflow, *, last_event_id: str | None = None, since: str | None = None) -> Start:
+def plan_workflow_start(wf: Workflow, *, last_event_id: str | None = None, since: str | int | None = None) -> Start:
     """Where a single-workflow stream starts.
 
     Last-Event-ID (header or `last_event_id=`) wins over `since=`, because an
@@ -61,10 +58,7 @@ def plan_workflow_start(wf: Workflow, *, last_event_id: str | None = None, since
             return Start(RESYNC)
         return Start(AT_INDEX, ring.index_after_seq(seq), seq)
     if since is not None:
-        seq_or_none = parse_since(since)
-        if seq_or_none is None:
-            raise InvalidArgument("'since' must be a non-negative integer sequence number")
-        seq = seq_or_none
+        seq = since_seq(since, from_query=isinstance(since, str))
         if seq > head:
             raise InvalidArgument(f"'since' {seq} is ahead of the workflow's last seq {head}")
         oldest = wf.oldest_cursor_seq()
@@ -120,11 +114,6 @@ def coalesce(items: list[Item], states: bool = False) -> tuple[list[Item], int]:
         kept.append(it)
     kept.reverse()
     return kept, len(items) - len(kept)
-
-
-def _end_message(wf_id: str, epoch: str, seq: int, state: str | None, journal_cursor: str = "") -> Message:
-    msg = {"kind": "end", "workflow_id": wf_id, "epoch": epoch, "seq": seq, "state": state}
-    return Message(msg, f"{epoch}:{seq}", journal_cursor)
 
 
 class WorkflowReader:
@@ -184,14 +173,12 @@ class WorkflowReader:
 
     def _snapshot(self, kind: str) -> list[Item]:
         wf = self.wf
-        snap = wf.snapshot
-        msg = snap.to_message(kind, wf.epoch, self.filter.tasks)
-        out: list[Item] = [Message(msg, f"{wf.epoch}:{snap.seq}")]
+        out: list[Item] = [state_message(wf, kind, self.filter.tasks)]
         self.index = wf.ring.next_index
-        self.seq = snap.seq
+        self.seq = wf.snapshot.seq
         self.log_counts = wf.log_counts
-        if wf.terminal_seq is not None:
-            out.append(_end_message(wf.id, wf.epoch, wf.terminal_seq, snap.state))
+        if wf.terminal:
+            out.append(workflow_end(wf))
             self.done = True
         return out
 
@@ -227,7 +214,7 @@ class WorkflowReader:
             if flt.matches(e):
                 out.append(e)
             if e.terminal:
-                out.append(_end_message(e.workflow_id, e.epoch, e.seq, e.state))
+                out.append(end_message(e.workflow_id, e.epoch, e.seq, e.state))
                 self.done = True
                 break
         out, dropped = coalesce(out, flt.coalesce)
@@ -255,20 +242,11 @@ class WorkflowReader:
         # The gap ends at the terminal event if there is one: nothing after it
         # is streamed.
         to = wf.terminal_seq if wf.terminal_seq is not None else wf.snapshot.seq
-        msg: dict[str, Any] = {
-            "kind": "gap",
-            "workflow_id": wf.id,
-            "epoch": wf.epoch,
-            "seq": to,
-            "from": self.seq + 1,
-            "to": to,
-            "dropped": dropped,
-        }
-        out: list[Item] = [Message(msg, f"{wf.epoch}:{to}")]
+        out: list[Item] = [gap_message(wf.id, wf.epoch, self.seq + 1, to, dropped)]
         self.index = ring.next_index
         self.seq = to
-        if wf.terminal_seq is not None:
-            out.append(_end_message(wf.id, wf.epoch, wf.terminal_seq, wf.snapshot.state))
+        if wf.terminal:
+            out.append(workflow_end(wf))
             self.done = True
         return out
 
@@ -280,9 +258,7 @@ class MultiReader:
         "counters",
         "state",
         "filter",
-        "workflows",
-        "tenant",
-        "parent",
+        "scope",
         "coalesce_after",
         "_opening",
         "index",
@@ -300,6 +276,7 @@ class MultiReader:
         flt: Filter,
         start: Start,
         *,
+        scope: Scope | None = None,
         workflows: frozenset[str] | None = None,
         tenant: str | None = None,
         parent: str | None = None,
@@ -307,13 +284,14 @@ class MultiReader:
         counters: Counter[str] | None = None,
     ) -> None:
         self.counters: Counter[str] = Counter() if counters is None else counters
-        if sum(x is not None for x in (workflows, tenant, parent)) != 1:
-            raise InvalidArgument("give exactly one of workflows, tenant, parent")
+        if scope is None:
+            given = {k: v for k, v in ((WORKFLOWS, workflows), (TENANT, tenant), (PARENT, parent)) if v is not None}
+            scope = Scope.pick(given, MULTI_KINDS)
+        elif not scope.multi:
+            raise InvalidArgument("a multi-workflow reader needs a workflows, tenant or parent scope")
         self.state = state
         self.filter = flt
-        self.workflows = workflows
-        self.tenant = tenant
-        self.parent = parent
+        self.scope = scope
         self.coalesce_after = coalesce_after
         self._opening = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
         # A fresh stream starts at the head (its snapshots stand for the past).
@@ -332,23 +310,16 @@ class MultiReader:
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
 
-    def _in_scope(self, e: Entry) -> bool:
-        if self.workflows is not None:
-            return e.workflow_id in self.workflows
-        if self.tenant is not None:
-            return e.tenant == self.tenant
-        return e.workflow_id == self.parent or self.parent in e.ancestors
-
     def _scope_workflows(self) -> list[Workflow]:
         st = self.state
-        if self.workflows is not None:
-            found = (st.get(w) for w in sorted(self.workflows))
+        scope = self.scope
+        if scope.kind == WORKFLOWS:
+            found = (st.get(w) for w in sorted(scope.ids))
             return [wf for wf in found if wf is not None]
-        if self.tenant is not None:
-            return [wf for wf in st.workflows.values() if wf.visible and wf.tenant == self.tenant]
-        assert self.parent is not None
-        root = st.get(self.parent)
-        return ([root] if root is not None else []) + [wf for wf in st.descendants(self.parent) if wf.visible]
+        if scope.kind == TENANT:
+            return [wf for wf in st.workflows.values() if wf.visible and wf.tenant == scope.name]
+        root = st.get(scope.name)
+        return ([root] if root is not None else []) + [wf for wf in st.descendants(scope.name) if wf.visible]
 
     def _snapshots(self, kind: str) -> list[Item]:
         """One snapshot (or resync) per active workflow in scope. On a resync,
@@ -359,15 +330,13 @@ class MultiReader:
         cursor = f"{self.state.node_epoch}.{journal.next_index}"
         out: list[Item] = []
         for wf in self._scope_workflows():
-            msg = wf.snapshot.to_message(kind, wf.epoch, self.filter.tasks)
             if wf.terminal:
                 if kind == RESYNC and wf.terminal_offset > skipped_from and wf.id not in self.ended:
-                    out.append(Message(msg, f"{wf.epoch}:{wf.snapshot.seq}", cursor))
-                    assert wf.terminal_seq is not None
-                    out.append(_end_message(wf.id, wf.epoch, wf.terminal_seq, wf.snapshot.state, cursor))
+                    out.append(state_message(wf, kind, self.filter.tasks, cursor))
+                    out.append(workflow_end(wf, cursor))
                     self._mark_ended(wf.id)
                 continue
-            out.append(Message(msg, f"{wf.epoch}:{wf.snapshot.seq}", cursor))
+            out.append(state_message(wf, kind, self.filter.tasks, cursor))
             if self.filter.is_log_stream:
                 self._log_seen[wf.id] = (wf.log_counts, wf.snapshot.seq)
         self.index = journal.next_index
@@ -384,10 +353,11 @@ class MultiReader:
         journal = self.state.journal
         cursor = f"{self.state.node_epoch}.{journal.next_index}"
         min_level = self.filter.min_level
+        in_scope = self.scope.contains
         in_journal: dict[str, int] = {}
         first_skipped: dict[str, int] = {}
         for e in journal.entries_from(self.index):
-            if e.after_terminal or not self._in_scope(e):
+            if e.after_terminal or not in_scope(e):
                 continue
             first_skipped.setdefault(e.workflow_id, e.seq_from)
             if e.kind == "log" and self.filter.matches(e):
@@ -410,16 +380,7 @@ class MultiReader:
             to = wf.terminal_seq if wf.terminal_seq is not None else wf.snapshot.seq
             self._log_seen[wf.id] = (wf.log_counts, to)
             if dropped:
-                msg = {
-                    "kind": "gap",
-                    "workflow_id": wf.id,
-                    "epoch": wf.epoch,
-                    "seq": to,
-                    "from": seq_from,
-                    "to": to,
-                    "dropped": dropped,
-                }
-                out.append(Message(msg, f"{wf.epoch}:{to}", cursor))
+                out.append(gap_message(wf.id, wf.epoch, seq_from, to, dropped, cursor))
         self.index = journal.next_index
         self._check_done()
         return out
@@ -435,7 +396,7 @@ class MultiReader:
 
     def _mark_ended(self, wid: str) -> None:
         self._log_seen.pop(wid, None)
-        if self.tenant is None:
+        if self.scope.kind != TENANT:
             self.ended.add(wid)
 
     def _has_ended(self, wid: str) -> bool:
@@ -448,10 +409,11 @@ class MultiReader:
     def _check_done(self) -> None:
         # `workflows=a,b` ends when all of them ended; `parent=` when the root
         # and every known descendant ended; `tenant=` never.
-        if self.workflows is not None:
-            self.done = all(self._has_ended(w) for w in self.workflows)
-        elif self.parent is not None and self._has_ended(self.parent):
-            self.done = all(self._has_ended(wf.id) for wf in self.state.descendants(self.parent))
+        scope = self.scope
+        if scope.kind == WORKFLOWS:
+            self.done = all(self._has_ended(w) for w in scope.ids)
+        elif scope.kind == PARENT and self._has_ended(scope.name):
+            self.done = all(self._has_ended(wf.id) for wf in self.state.descendants(scope.name))
 
     def pull(self) -> list[Item]:
         if self.done:
@@ -479,9 +441,10 @@ class MultiReader:
         flt = self.filter
         epoch = self.state.node_epoch
         track_logs = flt.is_log_stream
+        in_scope = self.scope.contains
         for e in journal.entries_from(self.index):
             self.index += 1
-            if e.after_terminal or not self._in_scope(e):
+            if e.after_terminal or not in_scope(e):
                 continue
             if track_logs:
                 self._log_seen[e.workflow_id] = (e.log_counts, e.seq)
@@ -489,7 +452,7 @@ class MultiReader:
                 out.append(e)
             if e.terminal:
                 self._mark_ended(e.workflow_id)
-                out.append(_end_message(e.workflow_id, e.epoch, e.seq, e.state, f"{epoch}.{e.offset}"))
+                out.append(end_message(e.workflow_id, e.epoch, e.seq, e.state, f"{epoch}.{e.offset}"))
                 self._check_done()
                 if self.done:
                     break

@@ -30,6 +30,7 @@ from .dedup import IdWindow
 from .entry import NO_LOGS, Entry, level_slot
 from .envelope import TERMINAL_STATES, decode_frame
 from .errors import Reject
+from .messages import gap_body
 from .ring import Ring
 from .sequencer import Duplicate, Release, Sequencer
 from .snapshot import WorkflowSnapshot
@@ -103,7 +104,7 @@ class Workflow:
         self.terminal_offset = 0  # journal offset of the terminal event
         self.first_offset = 0  # journal offset of its first entry
         self.updated_at = 0.0
-        self.log_counts = NO_LOGS  # streamed log lines so far, per level
+        self.log_counts: tuple[int, ...] = NO_LOGS  # streamed log lines so far, per level
 
     @property
     def epoch(self) -> str:
@@ -258,16 +259,8 @@ class BrokerState:
         for rel in releases:
             after_terminal = wf.terminal_seq is not None
             if rel.event is None:
-                msg = {
-                    "kind": "gap",
-                    "workflow_id": wf.id,
-                    "epoch": wf.epoch,
-                    "seq": rel.seq,
-                    "from": rel.gap_from,
-                    "to": rel.seq,
-                    "dropped": rel.seq - rel.gap_from + 1,
-                    "server_ts": server_ts,
-                }
+                msg = gap_body(wf.id, wf.epoch, rel.gap_from, rel.seq, rel.seq - rel.gap_from + 1)
+                msg["server_ts"] = server_ts
                 entry = Entry(
                     msg, tenant=wf.tenant, ancestors=wf.ancestors, after_terminal=after_terminal, seq_from=rel.gap_from
                 )

@@ -28,6 +28,7 @@ that the direct path is the one in use with the pinned versions.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from typing import Any
 
@@ -38,6 +39,19 @@ try:  # h11's writer for chunked bodies (private name; checked, not assumed)
     from h11._writers import ChunkedWriter
 except ImportError:  # pragma: no cover - another h11 layout: no direct path
     ChunkedWriter = None  # type: ignore[assignment,misc]
+
+
+log = logging.getLogger("broker.direct")
+_fallback_logged = False
+
+
+def _fallback(reason: str) -> None:
+    """Direct writes are not possible with these library versions: say so once."""
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning("direct writes unavailable (%s): SSE streams use the ordinary write path", reason)
+    return None
 
 
 # send() errors that mean the peer is gone (the request's reader notices too).
@@ -60,23 +74,28 @@ class DirectSocket:
         """The direct socket behind Hypercorn's ASGI `send`, or None.
 
         Call it after the response has started (headers sent), so the h11
-        connection knows its body framing."""
+        connection knows its body framing. HTTP/2 and HTTP/1.0 responses
+        have none (expected: debug); Hypercorn or h11 internals that are
+        not where they were are logged once as a warning, and every stream
+        then takes the ordinary, slower path."""
         if ChunkedWriter is None:
-            return None
+            return _fallback("h11 has no ChunkedWriter")
         try:
             proto = send.__self__.send.__self__
             if not isinstance(proto, H11Protocol):
-                return None  # HTTP/2, WebSocket: not chunked HTTP/1.1
+                log.debug("direct writes: not an HTTP/1.1 response (%s)", type(proto).__name__)
+                return None
             if not isinstance(proto.connection._writer, ChunkedWriter):
-                return None  # HTTP/1.0 client (close-delimited), HEAD, …
+                log.debug("direct writes: not a chunked body (HTTP/1.0 client or HEAD)")
+                return None
             tcp = proto.send.__self__
             trio_sock = tcp.stream.socket
             raw = trio_sock._sock
             tcp.send_lock.locked  # noqa: B018 - must exist
-        except AttributeError:
-            return None
+        except AttributeError as exc:
+            return _fallback(f"unexpected Hypercorn/h11 internals ({exc})")
         if not isinstance(raw, socket.socket):
-            return None
+            return _fallback(f"the transport is not a socket ({type(raw).__name__})")
         return cls(tcp, raw)
 
     def ready(self) -> bool:

@@ -15,7 +15,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..core.errors import BrokerError, InvalidArgument, NotFound, Reject, Unavailable
+from ..core.errors import BrokerError, InvalidArgument, NotFound, Reject, ShuttingDown, error_for_status
+from .cors import cors_headers
 from .hub import Hub
 
 
@@ -25,9 +26,6 @@ def json_response(obj: Any, status: int = 200) -> Response:
 
 def error_response(err: BrokerError) -> Response:
     return json_response(err.to_json(), err.status)
-
-
-_HTTP_CODES = {400: "invalid_argument", 404: "not_found", 405: "invalid_argument", 413: "invalid_argument"}
 
 
 def create_app(hub: Hub) -> QuartTrio:
@@ -45,14 +43,12 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def _http_error(err: HTTPException) -> Response:
-        code = err.code or 500
-        return json_response(
-            {"error": {"code": _HTTP_CODES.get(code, "internal"), "message": err.description or err.name}}, code
-        )
+        # Quart's own 404 (no route), 405, 413: the same JSON as ours.
+        return error_response(error_for_status(err.code or 500, err.description or err.name))
 
     @app.after_request
     async def _cors(response: Response) -> Response:
-        for name, value in sse.cors_headers(request.headers.get("Origin"), cors):
+        for name, value in cors_headers(request.headers.get("Origin"), cors):
             response.headers[name] = value
         return response
 
@@ -70,7 +66,7 @@ def create_app(hub: Hub) -> QuartTrio:
     async def post_events() -> Response:
         if hub.draining:
             # Ingest has stopped: accepting now would lose the events.
-            raise Unavailable("the broker is shutting down")
+            raise ShuttingDown("the broker is shutting down")
         limit = hub.state.limits.max_frame_bytes
         chunks: list[bytes] = []
         size = 0

@@ -1,15 +1,27 @@
-"""The trio side of the core: wakeups, connections, draining.
+"""The trio side of the core: ingest, wakeups, connections, draining.
 
-`Hub` wraps the sans-io `BrokerState`. Ingest adapters call `hub.ingest()`;
-it applies the frame and wakes exactly the subscribers of the workflows that
-got new entries (one `trio.Event` per watched workflow, one for the journal,
-one for "a workflow appeared"). Subscribers never hold copies of events:
-they wake, pull from the rings through their reader, write, and wait again.
+`Hub` wraps the sans-io `BrokerState`. Ingest adapters call `ingest()` /
+`ingest_batch()`; the state applies the frames and names the workflows that
+got new entries, the core's `WakeSchedule` decides which of them to wake
+now (core/wake.py: fan-out intervals, write passes under load), and the
+hub calls the listeners of those keys. Subscribers never hold copies of
+events: they wake, pull from the rings through their reader, write, and
+wait again.
 
-Waiter events are created on demand and removed as soon as nobody waits on
-them, so connect/disconnect cycles leave nothing behind.
+One wake mechanism: a listener is a callback registered on a key
+(`listen()`). SSE streams and WebSocket sessions listen for their whole
+life (the callback writes directly, or hands the connection back to its
+task); `wait()` is a listener that sets an event. Listeners leave with
+their stream, so connect/disconnect cycles leave nothing behind.
 
-Everything here runs in the one trio thread; no locks are needed.
+A `Connection` is one open stream; its transitions are its own methods:
+`write()` (slow-consumer bookkeeping, counting), `park()` (wait for the
+client until woken or a deadline), `hand_back()` (end a park: the task has
+work), `close_soon()` (an admin close or the drain).
+
+One clock: `trio.current_time()` for every duration, handed to the core as
+`now`; wall time (`server_ts`, admin display) read once per ingest batch or
+connection. Everything here runs in the one trio thread; no locks.
 """
 
 from __future__ import annotations
@@ -18,28 +30,26 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 import trio
 
 from ..config import Config
-from ..core.errors import Unavailable
+from ..core.errors import ShuttingDown, SlowConsumer
 from ..core.limits import ANONYMOUS, ConnectionTable, Principal
 from ..core.state import BrokerState, IngestResult, Limits
+from ..core.subscribe import JOURNAL, NEW_WORKFLOW, Opened, Subscription, open_subscription, workflow_not_found
+from ..core.wake import WakeSchedule
 from .gc_policy import FullCollections, GcStats
 
 log = logging.getLogger("broker.hub")
 
-# Seconds of broker CPU one subscriber write costs, with headroom (a direct
-# write measured ≈ 8 µs on the 2-core bench machine, one through the HTTP
-# stack ≈ 95 µs): sets how often a busy workflow may wake its subscribers
-# (see Hub._wake_key).
-WRITE_COST = 20e-6
+T = TypeVar("T")
 
-JOURNAL = "\x00journal"  # waiter key of multi-workflow streams
-NEW_WORKFLOW = "\x00new"  # waiter key of streams waiting for an unknown workflow
+__all__ = ["JOURNAL", "NEW_WORKFLOW", "Connection", "Hub", "HubStatistics", "limits_from_config"]
 
 
 def limits_from_config(config: Config) -> Limits:
@@ -51,49 +61,123 @@ def limits_from_config(config: Config) -> Limits:
         journal_bytes=b.journal_bytes,
         max_tasks=b.max_tasks,
         max_workflows=b.max_workflows,
-        terminal_ttl=float(b.terminal_ttl),
+        terminal_ttl=b.terminal_ttl,
         reorder_window=config.order.reorder_window_ms / 1000.0,
         dedup_window=config.order.dedup_window,
         max_frame_bytes=config.ingest.max_frame_bytes,
     )
 
 
-@dataclass(slots=True)  # one per open stream: no per-instance dict
 class Connection:
-    id: int
-    transport: str  # "sse" or "ws"
-    remote: str
-    path: str
-    opened: float
-    principal: Principal = ANONYMOUS
-    delivered: int = 0
-    subscriptions: int = 0
-    # Set by an admin's DELETE: the stream flushes and closes (SSE without
-    # `end`, so the client reconnects with its cursor; WS with 1000).
-    closing: bool = False
-    wait_key: str = ""
-    # Slow consumers (DESIGN §6): when the current write started (trio
-    # clock), None between writes; `slow` once a write made no progress for
-    # stream.slow_consumer_timeout (set by the hub's watchdog).
-    write_started: float | None = None
-    slow: bool = False
-    # limits.events_per_second: a token bucket (rate 0 = unlimited).
-    rate: float = 0.0
-    tokens: float = 0.0
-    refilled: float = 0.0
-    # While parked (Hub.park): the hub calls `deliver()` when the key has
-    # new entries (it pulls and writes directly; False = the task must take
-    # over) and cancels `wake` to hand the connection back to its task.
-    deliver: Callable[[], bool] | None = None
-    wake: trio.CancelScope | None = None
-    woken: bool = False
-    last_write: float = 0.0  # trio clock of the last write (keepalive timing)
+    """One open stream (an SSE response or a WebSocket)."""
+
+    # One per open stream: no per-instance dict.
+    __slots__ = (
+        "id",
+        "transport",
+        "remote",
+        "path",
+        "opened",
+        "principal",
+        "delivered",
+        "subscriptions",
+        "closing",
+        "write_started",
+        "slow",
+        "rate",
+        "tokens",
+        "refilled",
+        "wake",
+        "woken",
+        "last_write",
+        "_hub",
+    )
+
+    def __init__(self, hub: Hub, conn_id: int, transport: str, remote: str, path: str, principal: Principal) -> None:
+        self._hub = hub
+        self.id = conn_id
+        self.transport = transport  # "sse" or "ws"
+        self.remote = remote
+        self.path = path
+        self.opened = time.time()
+        self.principal = principal
+        self.delivered = 0
+        self.subscriptions = 0
+        # An admin's DELETE or the drain: the stream flushes and closes (SSE
+        # without `end`, so the client reconnects with its cursor; WS 1000
+        # or 1001).
+        self.closing = False
+        # Slow consumers (DESIGN §6): when the current write started (trio
+        # clock), None between writes; `slow` once a write made no progress
+        # for stream.slow_consumer_timeout (set by the hub's watchdog).
+        self.write_started: float | None = None
+        self.slow = False
+        # limits.events_per_second: a token bucket (rate 0 = unlimited).
+        self.rate = 0.0
+        self.tokens = 0.0
+        self.refilled = 0.0
+        # While parked: the scope `hand_back()` cancels, and whether it did.
+        self.wake: trio.CancelScope | None = None
+        self.woken = False
+        self.last_write = trio.current_time()  # keepalive timing
+
+    # --------------------------------------------------------------- writes
+
+    async def write(self, send: Callable[[T], Awaitable[None]], message: T, events: int = 0) -> None:
+        """One write of `events` messages through `send`. Raises
+        SlowConsumer if it made no progress for stream.slow_consumer_timeout
+        but went through after all (the stream then says why it closes)."""
+        self.write_started = trio.current_time()
+        try:
+            await send(message)
+        finally:
+            self.write_started = None
+        self.last_write = trio.current_time()
+        self.wrote(events)
+        if self.slow:
+            raise SlowConsumer("slow consumer: writes made no progress")
+
+    def wrote(self, events: int) -> None:
+        """Count a write of `events` messages (also one made directly)."""
+        hub = self._hub
+        if events:
+            self.delivered += events
+            hub.delivered[self.transport] += events
+            hub.counters["writes"] += 1
+
+    # ---------------------------------------------------------------- waits
+
+    async def park(self, deadline: float, receive: Callable[[], Awaitable[T]]) -> T | None:
+        """Wait for the client's next message until `deadline` or until
+        `hand_back()`: the message, or None (then `woken` says which)."""
+        self.woken = False
+        if self.closing:
+            self.woken = True
+            return None
+        scope = self.wake = trio.CancelScope(deadline=deadline)
+        try:
+            with scope:
+                return await receive()
+        finally:
+            self.wake = None
+        return None
 
     def hand_back(self) -> None:
-        """End a `Hub.park` of this connection: its task has work to do."""
+        """End a `park()` of this connection: its task has work to do."""
         if self.wake is not None:
             self.woken = True
             self.wake.cancel()
+
+    def close_soon(self) -> None:
+        """An admin close or the drain: the stream flushes what it has and ends."""
+        self.closing = True
+        self.hand_back()
+
+    @property
+    def parked(self) -> bool:
+        return self.wake is not None
+
+    # --------------------------------------------------------------- pacing
 
     async def pace(self, sent: int) -> None:
         """After a write of `sent` events, wait as limits.events_per_second
@@ -129,15 +213,36 @@ class Connection:
         }
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class HubStatistics:
+    """A frozen view of the hub, for tests and /v1/admin/stats."""
+
+    connections: int
+    by_transport: Mapping[str, int]
+    listeners: int  # callbacks registered on keys (streams, sessions' subscriptions, waits)
+    listened_keys: int
+    watched_keys: int  # keys with subscribers (what wake batching counts)
+    wake_times: int  # keys whose last wake is remembered
+    deferred_wakes: int
+    behind: bool  # the ingest has a backlog: wakes go in write passes
+    write_passes: int
+    deferred_by_load: int
+    delivered: Mapping[str, int]
+    streams: Mapping[str, int]
+    draining: bool
+
+
 class _RateLimitedLog:
     """At most `burst` reject log lines per `period`; the rest are summed."""
 
-    period: float = 10.0
-    burst: int = 10
-    window_start: float = 0.0
-    logged: int = 0
-    suppressed: int = 0
+    __slots__ = ("period", "burst", "window_start", "logged", "suppressed")
+
+    def __init__(self, period: float = 10.0, burst: int = 10) -> None:
+        self.period = period
+        self.burst = burst
+        self.window_start = -period
+        self.logged = 0
+        self.suppressed = 0
 
     def allow(self, now: float) -> bool:
         if now - self.window_start >= self.period:
@@ -154,63 +259,72 @@ class _RateLimitedLog:
 class Hub:
     def __init__(self, config: Config, state: BrokerState | None = None) -> None:
         self.config = config
+        self.stream = config.stream  # what the transports read of the config
         self.state = state or BrokerState(config.node.id, limits_from_config(config))
-        self._waiters: dict[str, trio.Event] = {}
-        self._parked: dict[str, dict[int, Connection]] = {}  # key -> parked connections
-        # key -> callbacks of subscriptions listening on it (WebSocket; see listen())
+        self.schedule = WakeSchedule()
+        # key -> listeners: token id -> callback(key). The one wake mechanism.
         self._listeners: dict[str, dict[int, Callable[[str], None]]] = {}
-        self.watchers: Counter[str] = Counter()  # subscribers per wait key
-        self._last_wake: dict[str, float] = {}
-        self._deferred: dict[str, float] = {}  # key -> when its wakeup is due
-        self._deferred_changed = trio.Event()
+        self._schedule_changed = trio.Event()
         self.connections: dict[int, Connection] = {}
         lim = config.limits
-        self.table = ConnectionTable(
-            global_limit=getattr(lim, "global"),  # a Python keyword, hence getattr
-            per_user=lim.per_user,
-            per_tenant=lim.per_tenant,
-        )
+        self.table = ConnectionTable(global_limit=lim.global_, per_user=lim.per_user, per_tenant=lim.per_tenant)
         self._conn_ids = itertools.count(1)
         self.delivered: Counter[str] = Counter()  # events written, by transport
-        self.counters: Counter[str] = Counter()  # stream-side counters
-        self.draining = False
+        # Stream-side counters (shared with the readers: coalesced, resyncs,
+        # gaps), plus writes, direct_writes, slow_consumer_closed, …
+        self.counters: Counter[str] = Counter()
+        self._draining = False
         self._no_connections = trio.Event()
         self._reject_log = _RateLimitedLog()
         self.ingest_endpoint = ""
         self.gc_stats: GcStats | None = None  # set by run.serve (gc_policy)
         self.full_collections: FullCollections | None = None  # ditto: counts ended stream requests
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def node_epoch(self) -> str:
+        return self.state.node_epoch
+
     # --------------------------------------------------------------- ingest
 
     def ingest(self, frame: bytes, source: str) -> IngestResult:
-        result = self.state.ingest_frame(frame, time.monotonic(), source, time.time())
+        """One frame or HTTP body (one event or an array)."""
+        now = trio.current_time()
+        result = self.state.ingest_frame(frame, now, source, time.time())
         if result.rejected:
-            self._log_rejects(result, source)
-        self._wake(result)
+            self._log_rejects(result, source, now)
+        self._wake(result.touched, result.created, now)
         return result
 
-    def ingest_batch(self, frames: list[bytes], source: str) -> None:
-        """Ingest frames drained together: one clock read, one round of wakeups."""
-        now, wall = time.monotonic(), time.time()
+    def ingest_batch(self, frames: list[bytes], source: str, backlog: bool = False) -> None:
+        """Frames drained together: one clock read, one round of wakeups.
+        `backlog`: the drain stopped at its batch limit (more is queued),
+        which is what moves wakes into write passes (core/wake.py)."""
+        now, wall = trio.current_time(), time.time()
         touched: set[str] = set()
         created = False
         ingest = self.state.ingest_frame
         for frame in frames:
             result = ingest(frame, now, source, wall)
             if result.rejected:
-                self._log_rejects(result, source)
+                self._log_rejects(result, source, now)
             touched |= result.touched
             created = created or result.created
-        self._wake(IngestResult(touched=touched, created=created))
+        self._wake(touched, created, now)
+        self._wake_pass(self.schedule.ingest_turn(now, backlog))
 
-    def _log_rejects(self, result: IngestResult, source: str) -> None:
-        now = time.monotonic()
+    def _log_rejects(self, result: IngestResult, source: str, now: float) -> None:
         for index, rej in result.rejected:
             if self._reject_log.allow(now):
                 log.warning("ingest reject (%s, event %d): %s: %s", source, index, rej.reason, rej.detail)
 
     def tick(self) -> None:
-        self._wake(self.state.tick(time.monotonic(), time.time()))
+        now = trio.current_time()
+        result = self.state.tick(now, time.time())
+        self._wake(result.touched, result.created, now)
 
     async def serve_ticker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reorder-window expiry, TTL eviction: run often enough for the window."""
@@ -220,88 +334,69 @@ class Hub:
             await trio.sleep(period)
             self.tick()
 
-    def _wake(self, result: IngestResult) -> None:
-        if not result.touched:
+    # ---------------------------------------------------------------- wakes
+
+    def _wake(self, touched: Iterable[str], created: bool, now: float) -> None:
+        if not touched:
             return
-        now = trio.current_time()
-        for wid in result.touched:
-            self._wake_key(wid, now)
-        self._wake_key(JOURNAL, now)
-        if result.created:
-            self._wake_key(NEW_WORKFLOW, now)
+        schedule = self.schedule
+        keys = schedule.touched(touched, now)
+        keys += schedule.touched((JOURNAL,), now)
+        for key in keys:
+            self._call_listeners(key)
+        if created:
+            self._call_listeners(NEW_WORKFLOW)  # rare, and waited on with a deadline: never deferred
+        if schedule.next_due() is not None:
+            self._schedule_changed.set()
 
-    def _wake_key(self, key: str, now: float) -> None:
-        """Wake the waiters of `key`, at most once per its wake interval.
+    def _wake_pass(self, keys: list[str]) -> None:
+        """Wake the keys of a write pass, then tell the schedule it is done."""
+        if not keys:
+            return
+        for key in keys:
+            self._call_listeners(key)
+        self.schedule.end_pass(trio.current_time())
+        self._schedule_changed.set()
 
-        Every wakeup costs one write per subscriber (a syscall each: about
-        20 µs here, profiled), so a workflow with many subscribers is woken
-        at most every `watchers × WRITE_COST` seconds: events arriving in
-        between go out together in the next write. With few subscribers the
-        interval is a fraction of a millisecond, i.e. no batching at all."""
-        ev = self._waiters.get(key)
-        parked = self._parked.get(key)
+    def _call_listeners(self, key: str) -> None:
         listeners = self._listeners.get(key)
-        if ev is None and not parked and not listeners:
+        if not listeners:
             return
-        interval = self.watchers.get(key, 0) * WRITE_COST
-        last = self._last_wake.get(key)
-        if last is None or now - last >= interval:
-            if ev is not None:
-                del self._waiters[key]
-                ev.set()
-            if parked:
-                self._deliver(parked)
-            if listeners:
-                self._notify(key, listeners)
-            self._last_wake[key] = now
-        elif key not in self._deferred:
-            self._deferred[key] = last + interval
-            self._deferred_changed.set()
+        for callback in list(listeners.values()):
+            try:
+                callback(key)
+            except Exception:  # a bug must not take ingest down with it
+                log.exception("listener of %r failed", key)
 
     async def serve_flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver the wakeups deferred by `_wake_key` when they fall due."""
+        """Deliver the wakes the schedule deferred, when they fall due."""
         task_status.started()
+        schedule = self.schedule
         while True:
-            if not self._deferred:
-                self._deferred_changed = trio.Event()
-                await self._deferred_changed.wait()
+            due = schedule.next_due()
+            self._schedule_changed = trio.Event()
+            if due is None:
+                await self._schedule_changed.wait()
                 continue
-            due = min(self._deferred.values())
-            self._deferred_changed = trio.Event()
             with trio.move_on_at(due):
-                await self._deferred_changed.wait()
+                await self._schedule_changed.wait()
             now = trio.current_time()
-            for key, at in list(self._deferred.items()):
-                if at <= now:
-                    del self._deferred[key]
-                    self._last_wake.pop(key, None)
-                    self._wake_key(key, now)
-            # Forget wake times nobody needs any more (bounded memory).
-            if len(self._last_wake) > 4 * len(self.watchers) + 1024:
-                horizon = now - 1.0
-                for key in [k for k, t in self._last_wake.items() if t < horizon]:
-                    del self._last_wake[key]
+            keys = schedule.expire(now)
+            if keys:
+                for key in keys:
+                    self._call_listeners(key)
+                schedule.end_pass(trio.current_time())
 
     def watch(self, key: str) -> None:
         """A subscriber starts reading `key` (counts toward its wake interval)."""
-        self.watchers[key] += 1
+        self.schedule.watch(key)
 
     def unwatch(self, key: str) -> None:
-        left = self.watchers[key] - 1
-        if left > 0:
-            self.watchers[key] = left
-        else:
-            del self.watchers[key]
-            # Nobody reads it: its wake interval is 0, its last wake moot
-            # (and workflows come and go: the map must not grow with them).
-            self._last_wake.pop(key, None)
-
-    # ---------------------------------------------------------------- waits
+        self.schedule.unwatch(key)
 
     def listen(self, key: str, token: object, callback: Callable[[str], None]) -> None:
-        """Call `callback(key)` on every wakeup of `key` until `unlisten`:
-        a subscription that is not a task (WebSocket) hears of new entries
-        this way and needs no wait of its own. `token` identifies it."""
+        """Call `callback(key)` on every wakeup of `key` (and once when the
+        drain starts) until `unlisten`; `token` identifies the listener."""
         listeners = self._listeners.get(key)
         if listeners is None:
             listeners = self._listeners[key] = {}
@@ -314,79 +409,48 @@ class Hub:
             if not listeners:
                 del self._listeners[key]
 
-    @staticmethod
-    def _notify(key: str, listeners: dict[int, Callable[[str], None]]) -> None:
-        for callback in list(listeners.values()):
-            try:
-                callback(key)
-            except Exception:  # a bug must not take ingest down with it
-                log.exception("listener of %r failed", key)
-
-    @staticmethod
-    def _deliver(parked: dict[int, Connection]) -> None:
-        """Write new entries to parked connections right here (no task
-        switch per subscriber); hand back those that need their task."""
-        for conn in list(parked.values()):
-            try:
-                ok = conn.deliver()  # type: ignore[misc]
-            except Exception:  # a bug must not take ingest down with it
-                log.exception("connection %d: direct delivery failed", conn.id)
-                ok = False
-            if not ok:
-                del parked[conn.id]
-                conn.hand_back()
-
-    async def park(self, conn: Connection, key: str, timeout: float, receive: Any) -> bool | None:
-        """Like `wait()`, for a stream whose `conn.deliver` can write
-        directly: while parked, the hub delivers new entries under `key`
-        itself. Returns True when the task has work (a delivery handed the
-        stream back: bytes left over, the stream ended, no direct socket;
-        an admin close; draining), False after `timeout`, None when the
-        client disconnected (the wait is on the request's ASGI `receive`).
-
-        Same rule as `wait()`: call it right after a `pull()` that returned
-        nothing, with no checkpoint in between."""
-        if self.draining or conn.closing:
-            return True
-        parked = self._parked.get(key)
-        if parked is None:
-            parked = self._parked[key] = {}
-        parked[conn.id] = conn
-        conn.woken = False
-        conn.wake = trio.CancelScope(deadline=trio.current_time() + timeout)
-        try:
-            with conn.wake:
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return None
-        finally:
-            conn.wake = None
-            parked.pop(conn.id, None)
-            if not parked and self._parked.get(key) is parked:
-                del self._parked[key]
-        return conn.woken
-
     async def wait(self, key: str, timeout: float) -> bool:
         """Wait for new entries under `key` (a workflow id, JOURNAL or
         NEW_WORKFLOW), the start of draining, or `timeout`. True if woken.
 
-        Call it right after a `pull()` that returned nothing, with no
-        checkpoint in between, so no wakeup can be missed.
-        """
-        if self.draining:
+        Call it right after a pull that found nothing, with no checkpoint
+        in between, so no wakeup can be missed."""
+        if self._draining:
             return True
-        ev = self._waiters.get(key)
-        if ev is None:
-            ev = self._waiters[key] = trio.Event()
+        woken = trio.Event()
+        token = object()
+        self.listen(key, token, lambda _key: woken.set())
         try:
             with trio.move_on_after(timeout):
-                await ev.wait()
-                return True
-            return False
+                await woken.wait()
         finally:
-            if not ev.is_set() and ev.statistics().tasks_waiting == 0 and self._waiters.get(key) is ev:
-                del self._waiters[key]
+            self.unlisten(key, token)
+        return woken.is_set()
+
+    # -------------------------------------------------------- subscriptions
+
+    def open(self, sub: Subscription) -> Opened | None:
+        """Place `sub` on the state (core/subscribe.py); None while its
+        workflow is unknown."""
+        return open_subscription(self.state, sub, coalesce_after=self.stream.coalesce_after, counters=self.counters)
+
+    async def open_when_known(self, sub: Subscription) -> Opened:
+        """`open()`, waiting up to `stream.unknown_workflow_wait` for a
+        single-workflow subscription's first event (clients subscribe right
+        after starting a workflow). NotFound after that, ShuttingDown when
+        the drain starts meanwhile."""
+        opened = self.open(sub)
+        if opened is None:
+            with trio.move_on_after(self.stream.unknown_workflow_wait):
+                while (opened := self.open(sub)) is None and not self._draining:
+                    await self.wait(NEW_WORKFLOW, 3600)
+        if opened is None:
+            if self._draining:
+                raise ShuttingDown("the broker is shutting down")
+            raise workflow_not_found(sub)
+        return opened
+
+    # ------------------------------------------------------------- watchdog
 
     async def serve_watchdog(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Mark connections whose current write made no progress for
@@ -394,7 +458,7 @@ class Hub:
         write is blocked: if the write completes later it sends `error`
         (SSE) or closes 4008 (WS); if it never does, the kernel aborts the
         connection (TCP_USER_TIMEOUT, set on the listening socket in run.py)."""
-        timeout = float(self.config.stream.slow_consumer_timeout)
+        timeout = self.stream.slow_consumer_timeout
         period = max(0.05, min(1.0, timeout / 4))
         task_status.started()
         while True:
@@ -415,28 +479,26 @@ class Hub:
 
     def begin_drain(self) -> None:
         """Shutdown: every stream flushes what it has and ends."""
-        self.draining = True
+        self._draining = True
         for conn in self.connections.values():
-            conn.closing = True  # streams check it once handed back
-            conn.hand_back()
-        for ev in self._waiters.values():
-            ev.set()
-        self._waiters.clear()
+            conn.close_soon()
+        for key in list(self._listeners):
+            self._call_listeners(key)  # waits end; streams see the drain
 
     # ---------------------------------------------------------- connections
 
     def check_capacity(self, principal: Principal = ANONYMOUS) -> None:
-        """Raise Unavailable (503: shutting down, `limits.global`) or
+        """Raise ShuttingDown or LimitReached (503: `limits.global`) or
         ResourceExhausted (429: `limits.per_tenant`) before a stream starts."""
-        if self.draining:
-            raise Unavailable("the broker is shutting down")
+        if self._draining:
+            raise ShuttingDown("the broker is shutting down")
         self.table.check(principal)
 
     def open_connection(self, transport: str, remote: str, path: str, principal: Principal = ANONYMOUS) -> Connection:
-        conn = Connection(next(self._conn_ids), transport, remote, path, time.time(), principal)
-        rate = float(self.config.limits.events_per_second)
+        conn = Connection(self, next(self._conn_ids), transport, remote, path, principal)
+        rate = self.config.limits.events_per_second
         if rate:
-            conn.rate, conn.tokens, conn.refilled = rate, rate, trio.current_time()
+            conn.rate, conn.tokens, conn.refilled = float(rate), float(rate), trio.current_time()
         for old in self.table.admit(conn.id, principal):
             self.kick(old)  # limits.per_user: the user's oldest connection goes
         self.connections[conn.id] = conn
@@ -465,30 +527,49 @@ class Hub:
         conn = self.connections.get(conn_id)
         if conn is None:
             return False
-        conn.closing = True
-        conn.hand_back()
-        ev = self._waiters.pop(conn.wait_key, None)
-        if ev is not None:
-            ev.set()  # the others woken with it find nothing new and wait again
+        conn.close_soon()
         return True
 
+    # ----------------------------------------------------------- statistics
+
+    def statistics(self) -> HubStatistics:
+        wake = self.schedule.statistics()
+        return HubStatistics(
+            connections=len(self.connections),
+            by_transport=MappingProxyType(dict(Counter(c.transport for c in self.connections.values()))),
+            listeners=sum(len(v) for v in self._listeners.values()),
+            listened_keys=len(self._listeners),
+            watched_keys=wake.watched_keys,
+            wake_times=wake.wake_times,
+            deferred_wakes=wake.deferred,
+            behind=wake.behind,
+            write_passes=wake.passes,
+            deferred_by_load=wake.deferred_by_load,
+            delivered=MappingProxyType(dict(self.delivered)),
+            streams=MappingProxyType(dict(self.counters)),
+            draining=self._draining,
+        )
+
     def stats(self) -> dict[str, Any]:
+        """GET /v1/admin/stats."""
         out = self.state.stats()
-        by_transport = Counter(c.transport for c in self.connections.values())
+        st = self.statistics()
         out["connections"] = {
-            "total": len(self.connections),
-            **by_transport,
+            "total": st.connections,
+            **st.by_transport,
             **{k: v for k, v in self.table.counts().items() if k != "total"},
         }
-        out["waiters"] = (
-            len(self._waiters)
-            + sum(len(p) for p in self._parked.values())
-            + sum(len(w) for w in self._listeners.values())
-        )
-        out["watched_keys"] = len(self.watchers)
-        out["delivered"] = dict(self.delivered)
-        out["streams"] = dict(self.counters)
-        out["draining"] = self.draining
+        out["waiters"] = st.listeners
+        out["watched_keys"] = st.watched_keys
+        out["wakes"] = {
+            "deferred": st.deferred_wakes,
+            "behind": st.behind,
+            "write_passes": st.write_passes,
+            "deferred_by_load": st.deferred_by_load,
+        }
+        out["delivered"] = dict(st.delivered)
+        out["streams"] = dict(st.streams)
+        out["draining"] = st.draining
         if self.gc_stats is not None:
             out["gc"] = self.gc_stats.to_json()
         return out

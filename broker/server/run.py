@@ -72,7 +72,7 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc.errorlog = None
     hc.keep_alive_timeout = 75
     hc.read_timeout = None
-    hc.graceful_timeout = float(config.shutdown_timeout)
+    hc.graceful_timeout = config.shutdown_timeout
     hc.websocket_max_message_size = 64 * 1024
     hc.backlog = config.http.backlog
     return hc
@@ -99,7 +99,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
         except zmq.ZMQError as exc:
             raise StartupError(f"cannot bind ingest.zmq_bind {config.ingest.zmq_bind}: {exc}") from None
         try:
-            http_sock = bind_http(config.http.bind, config.http.backlog, float(config.stream.slow_consumer_timeout))
+            http_sock = bind_http(config.http.bind, config.http.backlog, config.stream.slow_consumer_timeout)
         except StartupError:
             pull.close(0)
             raise
@@ -161,7 +161,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                 # does not close idle keep-alive connections on shutdown and
                 # would wait its whole graceful_timeout for them, so once our
                 # streams are gone we give plain requests a moment and stop.
-                with trio.move_on_after(float(config.shutdown_timeout)):
+                with trio.move_on_after(config.shutdown_timeout):
                     await hub.wait_streams_closed()
                 with trio.move_on_after(0.25):
                     await http_done.wait()

@@ -7,12 +7,16 @@ with 4,000 idle streams: ≈ 31 KB of RSS per stream through Quart, ≈ 20 KB
 as a plain ASGI handler on the same Hypercorn. So `http.py` hands the
 stream paths to `handle()` here; everything else stays in Quart.
 
-Every decision that can fail (bad filter, bad cursor, unknown workflow, 204
-at the end, connection limit) is made before the response starts, so it is
-a JSON error with a status code. Then the stream is one task:
+This module only translates: the request's path and query become a
+`Subscription` (core/subscribe.py: the same model, checks and errors as
+WebSocket), its errors become JSON answers with their status, its reader's
+messages become SSE frames. Every decision that can fail (bad filter, bad
+cursor, unknown workflow, 204 at the end, connection limit) is made before
+the response starts. Then the stream is one task:
 
     retry + first pull → one write
-    loop: pull everything pending → one write
+    loop: what a direct write left over → sent the blocking way
+          pull everything pending → one write
           nothing → park: the hub writes new events to the socket itself
           (server/direct.py) and hands the stream back when it must act;
           `stream.keepalive` of silence → `: keepalive`
@@ -34,20 +38,14 @@ from typing import Any
 import orjson
 import trio
 
-from ..core.errors import (
-    BrokerError,
-    DeadlineExceeded,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
-from ..core.filters import Filter
-from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
-from ..core.state import Workflow
+from ..core import subscribe
+from ..core.errors import BrokerError, DeadlineExceeded, InvalidArgument, MethodNotAllowed, SlowConsumer
+from ..core.messages import error_body
+from ..core.reader import MultiReader, WorkflowReader
 from .asgi import ScopeInfo, path_segments
+from .cors import cors_headers, encode_headers
 from .direct import DirectSocket
-from .hub import JOURNAL, NEW_WORKFLOW, Connection, Hub
+from .hub import Connection, Hub
 from .identity import principal_of
 
 log = logging.getLogger("broker.sse")
@@ -60,8 +58,13 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+JSON = (b"content-type", b"application/json")
+ALLOW = (b"allow", b"GET, OPTIONS")
 
 _VIEWS = {("stream",): "all", ("tasks", "stream"): "tasks", ("logs", "stream"): "logs"}
+
+MAX_IGNORED_BODY = 65536  # bytes of request body a stream request may carry
+KEEPALIVE = b": keepalive\n\n"
 
 
 def stream_target(scope: dict[str, Any]) -> tuple[str | None, str] | None:
@@ -70,7 +73,7 @@ def stream_target(scope: dict[str, Any]) -> tuple[str | None, str] | None:
     The id is its own percent-decoded segment (it may hold a '/')."""
     path = scope["path"]
     if path == "/v1/stream":
-        return None, ""
+        return None, "all"
     if not path.startswith("/v1/workflows/") or not path.endswith("/stream"):
         return None
     segments = path_segments(scope)
@@ -82,44 +85,11 @@ def stream_target(scope: dict[str, Any]) -> tuple[str | None, str] | None:
 
 def sse_error(err: BrokerError) -> bytes:
     """An `error` message; the stream closes after it (DESIGN.md §5)."""
-    body = orjson.dumps({"kind": "error", "code": err.code, "message": err.message})
-    return b"event: error\ndata: %s\n\n" % body
+    return b"event: error\ndata: %s\n\n" % orjson.dumps(error_body(err))
 
 
-def cors_headers(origin: str | None, allowed: list[str]) -> list[tuple[str, str]]:
-    """CORS response headers for a request from `origin` (http.cors_origins)."""
-    if not origin or not allowed or not ("*" in allowed or origin in allowed):
-        return []
-    return [
-        ("Access-Control-Allow-Origin", "*" if "*" in allowed else origin),
-        ("Vary", "Origin"),
-        ("Access-Control-Allow-Headers", "Content-Type, Authorization, Last-Event-ID"),
-        ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-    ]
-
-
-async def wait_for_workflow(hub: Hub, wid: str) -> Workflow:
-    """The workflow, waiting up to `stream.unknown_workflow_wait` for its first event."""
-    wf = hub.state.get(wid)
-    if wf is None:
-        with trio.move_on_after(hub.config.stream.unknown_workflow_wait):
-            while (wf := hub.state.get(wid)) is None and not hub.draining:
-                await hub.wait(NEW_WORKFLOW, 3600)
-    if wf is None:
-        if hub.draining:
-            raise Unavailable("the broker is shutting down")
-        raise NotFound(f"workflow '{wid}' not found")
-    return wf
-
-
-class _Request(ScopeInfo):
-    __slots__ = ()
-
-    def cursor_args(self) -> tuple[str | None, str | None]:
-        last_event_id = self.headers.get("Last-Event-ID")
-        if last_event_id is None:
-            last_event_id = self.args.get("last_event_id")
-        return last_event_id, self.args.get("since")
+# Sent to a stream whose blocked write went through after it was marked slow.
+_SLOW_CONSUMER = sse_error(SlowConsumer("slow consumer: writes made no progress"))
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -127,52 +97,44 @@ async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[byt
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _encode_headers(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
+async def _body(send: Send, data: bytes) -> None:
+    """One chunk of the streaming response, the ordinary way."""
+    await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
 async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, target: tuple[str | None, str]) -> None:
     """Serve one request to a stream path; `target` is its `stream_target`."""
-    req = _Request(scope)
-    cors = _encode_headers(cors_headers(req.headers.get("Origin"), hub.config.http.cors_origins))
+    req = ScopeInfo(scope)
+    cors = encode_headers(cors_headers(req.headers.get("Origin"), hub.config.http.cors_origins))
     if req.method == "OPTIONS":
-        await _respond(send, 200, b"", [(b"allow", b"GET, OPTIONS"), (b"content-length", b"0"), *cors])
+        await _respond(send, 200, b"", [ALLOW, (b"content-length", b"0"), *cors])
         return
     try:
         if req.method != "GET":
-            raise _MethodNotAllowed
+            raise MethodNotAllowed("The method is not allowed")
         # The request message (a GET has an empty body) comes first; after
         # it, `receive()` returns only when the client disconnects. A body
         # is read and ignored, within bounds: a client must not hold a
         # handler by sending one slowly or endlessly.
-        if await _skip_body(receive, float(hub.config.stream.slow_consumer_timeout)):
+        if await _skip_body(receive, hub.stream.slow_consumer_timeout):
             return  # gone before its request body ended
-        reader, key = await _plan(hub, req, *target)
+        wid, view = target
+        sub = subscribe.from_query(req.args, workflow=wid, view=view, last_event_id=req.headers.get("Last-Event-ID"))
+        opened = await hub.open_when_known(sub)
         principal = principal_of(hub.config, req.headers, req.args)
         hub.check_capacity(principal)
-    except _MethodNotAllowed:
-        body = orjson.dumps({"error": {"code": "invalid_argument", "message": "The method is not allowed"}})
-        headers = [(b"content-type", b"application/json"), (b"allow", b"GET, OPTIONS"), *cors]
-        await _respond(send, 405, body, headers)
-        return
     except BrokerError as err:
-        await _respond(send, err.status, orjson.dumps(err.to_json()), [(b"content-type", b"application/json"), *cors])
+        headers = [JSON, ALLOW, *cors] if isinstance(err, MethodNotAllowed) else [JSON, *cors]
+        await _respond(send, err.status, orjson.dumps(err.to_json()), headers)
         return
-    if reader is None:
+    if opened.reader is None:
         # Resumed at the end, or everything in scope ended already: 204
         # stops EventSource from reconnecting forever.
         await _respond(send, 204, b"", cors)
         return
     remote, path = req.remote, req.path
     del req  # headers and arguments are not needed while streaming
-    await _stream(hub, reader, key, remote, path, principal, receive, send, cors)
-
-
-class _MethodNotAllowed(Exception):
-    pass
-
-
-MAX_IGNORED_BODY = 65536  # bytes of request body a stream request may carry
+    await _stream(hub, opened.reader, opened.key, remote, path, principal, receive, send, cors)
 
 
 async def _skip_body(receive: Receive, timeout: float) -> bool:
@@ -196,74 +158,23 @@ async def _skip_body(receive: Receive, timeout: float) -> bool:
             return False
 
 
-async def _plan(hub: Hub, req: _Request, wid: str | None, view: str) -> tuple[WorkflowReader | MultiReader | None, str]:
-    """The reader for this request and its wait key (reader None: 204)."""
-    args = req.args
-    if wid is not None:
-        flt = Filter.parse(args, view=view)
-        last_event_id, since = req.cursor_args()
-        if since is not None and last_event_id is None:
-            # A malformed since= is a 400 even before the workflow exists.
-            if not since.strip().isdigit():
-                raise InvalidArgument("'since' must be a non-negative integer sequence number")
-        wf = await wait_for_workflow(hub, wid)
-        start = plan_workflow_start(wf, last_event_id=last_event_id, since=since)
-        if start.mode == NO_CONTENT:
-            return None, wid
-        return WorkflowReader(
-            wf, flt, start, coalesce_after=hub.config.stream.coalesce_after, counters=hub.counters
-        ), wid
-    flt = Filter.parse(args)
-    scopes = [k for k in ("workflows", "tenant", "parent") if k in args]
-    if len(scopes) != 1:
-        raise InvalidArgument("give exactly one of workflows=, tenant=, parent=")
-    workflows = None
-    if "workflows" in args:
-        names = [w.strip() for w in args["workflows"].split(",") if w.strip()]
-        if not names:
-            raise InvalidArgument("'workflows' must list at least one workflow id")
-        workflows = frozenset(names)
-    tenant = args.get("tenant")
-    parent = args.get("parent")
-    if (tenant is not None and not tenant) or (parent is not None and not parent):
-        raise InvalidArgument("tenant= and parent= must not be empty")
-    last_event_id, since = req.cursor_args()
-    start = plan_multi_start(hub.state, last_event_id=last_event_id, since=since)
-    reader = MultiReader(
-        hub.state,
-        flt,
-        start,
-        workflows=workflows,
-        tenant=tenant,
-        parent=parent,
-        coalesce_after=hub.config.stream.coalesce_after,
-        counters=hub.counters,
-    )
-    return (None if reader.done else reader), JOURNAL
-
-
-# Sent to a stream whose blocked write went through after it was marked slow.
-_SLOW_CONSUMER = sse_error(ResourceExhausted("slow consumer: writes made no progress"))
-
-
-async def _body(send: Send, data: bytes) -> None:
-    """One chunk of the streaming response, the ordinary way."""
-    await send({"type": "http.response.body", "body": data, "more_body": True})
+class _ClientGone(Exception):
+    pass
 
 
 class _Stream:
-    """One SSE stream's state, as the hub's direct delivery needs it: one
-    slotted object rather than closures and their cells (memory that every
-    idle stream holds)."""
+    """One SSE stream's state and steps: one slotted object rather than
+    closures and their cells (memory that every idle stream holds)."""
 
-    __slots__ = ("hub", "reader", "conn", "multi", "node_epoch", "direct")
+    __slots__ = ("hub", "reader", "conn", "send", "multi", "node_epoch", "direct")
 
-    def __init__(self, hub: Hub, reader: WorkflowReader | MultiReader, conn: Connection) -> None:
+    def __init__(self, hub: Hub, reader: WorkflowReader | MultiReader, conn: Connection, send: Send) -> None:
         self.hub = hub
         self.reader = reader
         self.conn = conn
+        self.send = send
         self.multi = isinstance(reader, MultiReader)
-        self.node_epoch = hub.state.node_epoch
+        self.node_epoch = hub.node_epoch
         self.direct: DirectSocket | None = None  # once the response has started
 
     def take(self) -> tuple[bytes, int] | None:
@@ -274,27 +185,60 @@ class _Stream:
             return None
         if self.multi:
             node_epoch = self.node_epoch
-            data = b"".join([it.sse_multi(node_epoch) for it in items])
-        else:
-            data = b"".join([it.sse() for it in items])
-        self.conn.delivered += len(items)
-        self.hub.delivered["sse"] += len(items)
-        return data, len(items)
+            return b"".join([it.sse_multi(node_epoch) for it in items]), len(items)
+        return b"".join([it.sse() for it in items]), len(items)
 
-    def deliver(self) -> bool:
-        """Called by the hub while this stream is parked: write what is
-        new straight to the socket. False hands the stream back to its
-        task (no direct socket, bytes left over, the stream ended,
-        closing, the socket is gone)."""
-        direct, conn = self.direct, self.conn
-        if direct is None or conn.rate or self.hub.draining or conn.closing or not direct.ready():
-            return False  # paced streams (limits.events_per_second) write themselves
+    async def write(self, data: bytes, events: int = 0) -> None:
+        """One chunk of the body, with the connection's write bookkeeping."""
+        await self.conn.write(self.send, {"type": "http.response.body", "body": data, "more_body": True}, events)
+
+    async def open(self, retry_ms: int, direct_writes: bool) -> None:
+        """The first write: `retry:` and the snapshot (or the backlog)."""
+        taken = self.take()
+        prefix = b"retry: %d\n\n" % retry_ms
+        await self.write(prefix + taken[0] if taken else prefix, taken[1] if taken else 0)
+        if direct_writes:
+            # The response has started: its socket can be found.
+            self.direct = DirectSocket.attach(self.send)
+
+    async def send_leftover(self) -> None:
+        """What a direct write could not send whole, the blocking way."""
+        direct = self.direct
+        if direct is None:
+            return
+        if direct.broken:
+            self.direct = None  # the ordinary path meets the closed socket
+        elif direct.pending:
+            self.hub.counters["direct_partial"] += 1
+            await self.conn.write(_flush, direct)
+
+    def on_wake(self, key: str) -> None:
+        """The hub's wakeup for this stream's key. While the task runs it
+        pulls again before it parks (nothing to do here); while parked,
+        write what is new straight to the socket, or hand the stream back
+        (no direct socket, bytes left over, the stream ended, closing,
+        draining, paced, the socket gone)."""
+        conn = self.conn
+        if not conn.parked:
+            return
+        direct = self.direct
+        if direct is None or conn.rate or conn.closing or self.hub.draining or not direct.ready():
+            conn.hand_back()
+            return
         taken = self.take()
         if taken is None:
-            return not self.reader.done
+            if self.reader.done:
+                conn.hand_back()
+            return
         conn.last_write = trio.current_time()
+        conn.wrote(taken[1])
         self.hub.counters["direct_writes"] += 1
-        return direct.write(taken[0]) and not self.reader.done
+        if not direct.write(taken[0]) or self.reader.done:
+            conn.hand_back()
+
+
+async def _flush(direct: DirectSocket) -> None:
+    await direct.flush()
 
 
 async def _stream(
@@ -308,79 +252,49 @@ async def _stream(
     send: Send,
     cors: list[tuple[bytes, bytes]],
 ) -> None:
-    cfg = hub.config.stream
-    counters = hub.counters
+    cfg = hub.stream
     await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *cors]})
-
     try:
         conn = hub.open_connection("sse", remote, path, principal)
     except BrokerError as err:  # the limit filled up since check_capacity()
         await _body(send, sse_error(err))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
-    conn.wait_key = key
+    st = _Stream(hub, reader, conn, send)
     hub.watch(key)
-    st = _Stream(hub, reader, conn)
-
-    conn.deliver = st.deliver
+    hub.listen(key, st, st.on_wake)
     try:
         try:
-            # The stream's loop, inline (not a nested coroutine: every frame
-            # is memory held by each idle stream).
-            prefix = b"retry: %d\n\n" % int(cfg.retry_ms)
-            conn.last_write = trio.current_time()
+            await st.open(int(cfg.retry_ms), cfg.direct_writes)  # retry_ms is a float (config "nonneg")
+            # The loop stays here, not in a method: every nested coroutine
+            # frame is memory held by each idle stream.
             while True:
-                if st.direct is not None and (st.direct.pending or st.direct.broken):
-                    if st.direct.broken:
-                        st.direct = None  # the ordinary path meets the closed socket
-                        continue
-                    # What a direct write left over, sent the blocking way.
-                    counters["direct_partial"] += 1
-                    conn.write_started = trio.current_time()
-                    await st.direct.flush()
-                    conn.write_started = None
-                    conn.last_write = trio.current_time()
-                    if conn.slow:
-                        await _body(send, _SLOW_CONSUMER)
-                        break
+                await st.send_leftover()
                 taken = st.take()
-                if taken is not None or prefix:
-                    conn.write_started = trio.current_time()
-                    await _body(send, prefix + taken[0] if taken is not None else prefix)
-                    conn.write_started = None
-                    conn.last_write = trio.current_time()
-                    if prefix and cfg.direct_writes:
-                        # The response has started: its socket can be found.
-                        st.direct = DirectSocket.attach(send)
-                    prefix = b""
-                    if conn.slow:
-                        # The write went through after all: say why we close.
-                        await _body(send, _SLOW_CONSUMER)
-                        break
-                    if taken is None:
-                        continue
+                if taken is not None:
+                    await st.write(*taken)
                     if conn.closing and not hub.draining:
-                        # An admin closed it: even a busy stream stops.
-                        # (Draining sets `closing` too, but flushes first.)
-                        break
+                        break  # an admin closed it: even a busy stream stops
                     await conn.pace(taken[1])
                     continue
-                if reader.done or hub.draining or conn.closing:
-                    break
+                if reader.done or conn.closing:
+                    break  # ended, or draining (it flushed first) or closed
                 # Silence is timed from the last write: wakeups for events
                 # this stream filters out must not postpone the keepalive.
-                silent_for = trio.current_time() - conn.last_write
-                if silent_for >= cfg.keepalive:
-                    conn.write_started = trio.current_time()
-                    await _body(send, b": keepalive\n\n")
-                    conn.write_started = None
-                    conn.last_write = trio.current_time()
-                elif await hub.park(conn, key, cfg.keepalive - silent_for, receive) is None:
+                deadline = conn.last_write + cfg.keepalive
+                if trio.current_time() >= deadline:
+                    await st.write(KEEPALIVE)
+                    continue
+                message = await conn.park(deadline, receive)
+                if message is not None and message["type"] == "http.disconnect":
                     raise _ClientGone
+        except SlowConsumer:
+            # The write went through after all: say why we close.
+            await _body(send, _SLOW_CONSUMER)
         except _ClientGone:
             return
         finally:
-            conn.deliver = None
+            hub.unlisten(key, st)
             hub.unwatch(key)
         # A normal end closes the chunked body (after an error Hypercorn
         # closes the connection instead). The connection is counted until
@@ -388,7 +302,3 @@ async def _stream(
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         hub.close_connection(conn)
-
-
-class _ClientGone(Exception):
-    pass

@@ -1,6 +1,11 @@
 """WebSocket endpoint `GET /v1/ws` (DESIGN.md §5): many subscriptions per
 connection, live filter changes, app-level ping/pong, close codes.
 
+This module only translates: a `subscribe` message becomes a
+`Subscription` (core/subscribe.py: the same model, checks and errors as
+SSE), errors become `error` messages (or, when they end the connection,
+the close code their class carries), readers' messages become text frames.
+
 Served as plain ASGI (`handle()`, dispatched from http.py): a Quart
 WebSocket adds a request context and a nursery of two tasks per
 connection, and idle connections are the common case. Per connection, one
@@ -36,23 +41,27 @@ from typing import Any
 import orjson
 import trio
 
-from ..core.entry import Message, dumps_exact
-from ..core.errors import BrokerError, InvalidArgument, NotFound, Unavailable
-from ..core.filters import Filter
-from ..core.reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
-from ..core.state import Workflow
+from ..core import subscribe
+from ..core.entry import Item, dumps_exact
+from ..core.errors import (
+    WS_GOING_AWAY,
+    WS_NORMAL,
+    BrokerError,
+    InvalidArgument,
+    ShuttingDown,
+    SlowConsumer,
+    Unavailable,
+)
+from ..core.messages import error_body
+from ..core.reader import MultiReader, WorkflowReader
+from ..core.subscribe import NEW_WORKFLOW, Opened, Subscription
 from .asgi import ScopeInfo
-from .hub import JOURNAL, NEW_WORKFLOW, Connection, Hub
+from .hub import Connection, Hub
 from .identity import principal_of
 
 log = logging.getLogger("broker.ws")
 
 MAX_SUBSCRIPTIONS = 100
-CLOSE_GOING_AWAY = 1001
-CLOSE_TOO_MANY = 4029
-CLOSE_SLOW_CONSUMER = 4008
-SUBSCRIBE_KEYS = frozenset({"op", "sub", "workflow", "workflows", "tenant", "parent", "since", "cursor", "filter"})
-
 
 # How long the session looks for a client message when subscriptions have
 # more to write (events keep coming): long enough to take one that is
@@ -60,8 +69,10 @@ SUBSCRIBE_KEYS = frozenset({"op", "sub", "workflow", "workflows", "tenant", "par
 POLL = 1e-4
 
 
-class Subscription:
-    __slots__ = ("id", "id_json", "reader", "key", "multi", "live", "pending")
+class WsSubscription:
+    """One subscription of a session: its reader (once placed), its key."""
+
+    __slots__ = ("id", "id_json", "reader", "key", "multi", "live", "pending", "deadline")
 
     def __init__(self, sub_id: str) -> None:
         self.id = sub_id
@@ -70,28 +81,13 @@ class Subscription:
         self.key = ""  # the hub wait key it listens on
         self.multi = False
         self.live = False  # listening on `key` (Hub.listen), counted in its watchers
-        # Waiting for its workflow to appear (listening on NEW_WORKFLOW).
-        self.pending: _Pending | None = None
+        # Waiting for its workflow to appear (listening on NEW_WORKFLOW) until `deadline`.
+        self.pending: Subscription | None = None
+        self.deadline = 0.0
 
 
-class _Pending:
-    """A workflow subscription whose workflow does not exist yet."""
-
-    __slots__ = ("workflow", "filter", "cursor", "since", "deadline")
-
-    def __init__(self, workflow: str, flt: Filter, cursor: str | None, since: str | None, deadline: float) -> None:
-        self.workflow = workflow
-        self.filter = flt
-        self.cursor = cursor
-        self.since = since
-        self.deadline = deadline
-
-
-def _error(code: str, message: str, sub: str | None = None) -> bytes:
-    body: dict[str, Any] = {"kind": "error", "code": code, "message": message}
-    if sub is not None:
-        body["sub"] = sub
-    return orjson.dumps(body)
+def _error(err: BrokerError, sub: str | None = None) -> bytes:
+    return orjson.dumps(error_body(err, sub))
 
 
 class ClientGone(Exception):
@@ -128,9 +124,9 @@ class AsgiWebSocket:
                 self.closed = True
                 raise ClientGone
 
-    async def send(self, text: str) -> None:
+    async def send(self, data: bytes) -> None:
         if not self.closed:
-            await self._send({"type": "websocket.send", "text": text})
+            await self._send({"type": "websocket.send", "text": data.decode()})
 
     async def close(self, code: int, reason: str) -> None:
         if not self.closed:
@@ -147,26 +143,22 @@ class WsSession:
         self.ws = websocket
         self.hub = hub
         self.conn = conn
-        self.subs: dict[str, Subscription] = {}
+        self.subs: dict[str, WsSubscription] = {}
         self.last_seen = trio.current_time()
-        self.node_epoch = hub.state.node_epoch
+        self.node_epoch = hub.node_epoch
         self.due: set[str] = set()  # wait keys with news not yet pulled
         self.pending = 0  # subscriptions waiting for their workflow
         # limits.events_per_second: no writes before this (trio clock); the
         # session keeps reading client messages meanwhile.
         self.paced_until = 0.0
 
-    async def send(self, data: bytes) -> None:
-        """One write; a write that made no progress for
+    async def send(self, data: bytes, events: int = 0) -> None:
+        """One write; one that made no progress for
         stream.slow_consumer_timeout but completed after all closes with 4008."""
-        conn = self.conn
-        conn.write_started = trio.current_time()
         try:
-            await self.ws.send(data.decode())
-        finally:
-            conn.write_started = None
-        if conn.slow:
-            await self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            await self.conn.write(self.ws.send, data, events)
+        except SlowConsumer as err:
+            await self.close(err.ws_close, "slow consumer")
 
     async def close(self, code: int, reason: str) -> None:
         await self.ws.close(code, reason)
@@ -191,7 +183,7 @@ class WsSession:
         deadline falls due, when a subscription's key has news (`_notify`),
         and by the hub (`Connection.hand_back`) when an admin closes the
         connection or the broker starts draining (both set `conn.closing`)."""
-        cfg = self.hub.config.stream
+        cfg = self.hub.stream
         conn = self.conn
         next_ping = trio.current_time() + cfg.ws_ping_interval
         ping_sent: float | None = None
@@ -199,19 +191,14 @@ class WsSession:
             if self.hub.draining:
                 await self._drain()
             if conn.closing:
-                await self.close(1000, "closed by an administrator")
+                await self.close(WS_NORMAL, "closed by an administrator")
             if self.due and trio.current_time() >= self.paced_until:
                 await self._flush_due()
             now = trio.current_time()
             if self.pending:
                 await self._open_pending(now)
             if ping_sent is not None and now >= ping_sent + cfg.ws_pong_timeout:
-                if self.last_seen < ping_sent:
-                    # The pong may be waiting unread behind our writes.
-                    await self._read_queued()
-                if self.last_seen < ping_sent:
-                    log.info("ws %d: no pong within %ss, closing", conn.id, cfg.ws_pong_timeout)
-                    await self.close(CLOSE_GOING_AWAY, "pong timeout")
+                await self._check_pong(ping_sent)
                 ping_sent = None
             if ping_sent is None and now >= next_ping:
                 ping_sent = now
@@ -219,23 +206,26 @@ class WsSession:
                 await self.send(b'{"kind":"ping"}')
             due = next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout
             if self.pending:
-                due = min(due, *(s.pending.deadline for s in self.subs.values() if s.pending is not None))
+                due = min(due, *(s.deadline for s in self.subs.values() if s.pending is not None))
             if self.due:
                 # More to write: after the pacing pause, or (news came during
                 # the writes) at once after a quick look for client messages.
                 due = min(due, max(trio.current_time() + POLL, self.paced_until))
-            if conn.closing or self.hub.draining:
+            if conn.closing:
                 continue  # set during the writes above: `hand_back` found no wait to cut
-            raw: str | bytes | None = None
-            conn.wake = trio.CancelScope(deadline=due)
-            try:
-                with conn.wake:
-                    raw = await self.ws.receive()
-            finally:
-                conn.wake = None
+            raw = await conn.park(due, self.ws.receive)
             if raw is not None:
                 self.last_seen = trio.current_time()
                 await self._handle(raw)
+
+    async def _check_pong(self, ping_sent: float) -> None:
+        """The pong timeout ran out: close unless the client said anything
+        since the ping (its pong may be waiting unread behind our writes)."""
+        if self.last_seen < ping_sent:
+            await self._read_queued()
+        if self.last_seen < ping_sent:
+            log.info("ws %d: no pong within %ss, closing", self.conn.id, self.hub.stream.ws_pong_timeout)
+            await self.close(WS_GOING_AWAY, "pong timeout")
 
     async def _read_queued(self) -> None:
         """Handle the client messages already queued, without waiting."""
@@ -249,12 +239,13 @@ class WsSession:
             await self._handle(raw)
 
     async def _drain(self) -> None:
+        """Shutdown: flush every reader, close with 1001 (clients resume)."""
         for sub in list(self.subs.values()):
             if sub.reader is not None and sub.live:
                 items = sub.reader.pull()
                 if items:
-                    await self.ws.send(self._encode(sub, items).decode())
-        await self.close(CLOSE_GOING_AWAY, "server shutting down")
+                    await self.ws.send(self._encode(sub, items))
+        await self.close(ShuttingDown.ws_close, "server shutting down")
 
     # -------------------------------------------------------------- messages
 
@@ -262,10 +253,10 @@ class WsSession:
         try:
             msg = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            await self.send(_error("invalid_argument", "message is not JSON"))
+            await self.send(_error(InvalidArgument("message is not JSON")))
             return
         if not isinstance(msg, dict):
-            await self.send(_error("invalid_argument", "message must be a JSON object"))
+            await self.send(_error(InvalidArgument("message must be a JSON object")))
             return
         op = msg.get("op")
         sub_id = msg.get("sub") if isinstance(msg.get("sub"), str) else None
@@ -276,10 +267,7 @@ class WsSession:
                 sub = self._existing(msg)
                 if sub.reader is None:
                     raise InvalidArgument(f"subscription '{sub.id}' has not started yet")
-                flt = msg.get("filter")
-                if not isinstance(flt, dict):
-                    raise InvalidArgument("'filter' must be an object")
-                sub.reader.set_filter(Filter.parse(flt, from_query=False))
+                sub.reader.set_filter(subscribe.ws_filter(msg.get("filter")))
             elif op == "unsubscribe":
                 sub = self._existing(msg)
                 self._stop(sub)
@@ -295,133 +283,73 @@ class WsSession:
             else:
                 raise InvalidArgument(f"unknown op {str(op)[:64]!r}")
         except BrokerError as err:
-            await self.send(_error(err.code, err.message, sub_id))
+            await self.send(_error(err, sub_id))
 
-    def _existing(self, msg: dict[str, Any]) -> Subscription:
+    def _existing(self, msg: dict[str, Any]) -> WsSubscription:
         sub_id = msg.get("sub")
         if not isinstance(sub_id, str) or sub_id not in self.subs:
             raise InvalidArgument(f"no subscription {str(sub_id)[:128]!r}")
         return self.subs[sub_id]
 
     async def _subscribe(self, msg: dict[str, Any]) -> None:
-        unknown = set(msg) - SUBSCRIBE_KEYS
-        if unknown:
-            raise InvalidArgument(f"unknown key '{sorted(unknown)[0]}' in subscribe")
-        sub_id = msg.get("sub")
-        if not isinstance(sub_id, str) or not 1 <= len(sub_id) <= 128:
-            raise InvalidArgument("'sub' must be a string of 1-128 characters")
+        sub_id, model = subscribe.from_ws(msg)
         if sub_id in self.subs:
             raise InvalidArgument(f"subscription '{sub_id}' already exists")
         if len(self.subs) >= MAX_SUBSCRIPTIONS:
             raise InvalidArgument(f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
-        raw_filter = msg.get("filter", {})
-        if not isinstance(raw_filter, dict):
-            raise InvalidArgument("'filter' must be an object")
-        flt = Filter.parse(raw_filter, from_query=False)
-        scopes = [k for k in ("workflow", "workflows", "tenant", "parent") if k in msg]
-        if len(scopes) != 1:
-            raise InvalidArgument("give exactly one of workflow, workflows, tenant, parent")
-        since = msg.get("since")
-        if since is not None and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
-            raise InvalidArgument("'since' must be a non-negative integer")
-        cursor = msg.get("cursor")
-        if cursor is not None and not isinstance(cursor, str):
-            raise InvalidArgument("'cursor' must be a string")
-        since_text = None if since is None else str(since)
-        sub = Subscription(sub_id)
-        scope = scopes[0]
-        value = msg[scope]
-        if scope == "workflows":
-            if not isinstance(value, list) or not value or not all(isinstance(w, str) and w for w in value):
-                raise InvalidArgument("'workflows' must be a non-empty list of workflow ids")
-            value = frozenset(value)
-        elif not isinstance(value, str) or not value:
-            raise InvalidArgument(f"'{scope}' must be a non-empty string")
-        if scope == "workflow":
-            wf = self.hub.state.get(value)
-            if wf is not None:
-                await self._open_workflow_sub(sub, wf, flt, cursor, since_text)
-            else:
-                # The subscription exists while it waits (up to
-                # stream.unknown_workflow_wait) for the workflow's first event.
-                deadline = trio.current_time() + self.hub.config.stream.unknown_workflow_wait
-                self._wait_for_workflow(sub, _Pending(value, flt, cursor, since_text, deadline))
+        sub = WsSubscription(sub_id)
+        opened = self.hub.open(model)
+        if opened is not None:
+            await self._start(sub, model, opened)
             return
-        if since_text is not None:
-            raise InvalidArgument("multi-workflow subscriptions resume with 'cursor' (a journal cursor)")
-        # `cursor` resumes like Last-Event-ID: out of reach → resync, not an error.
-        start = plan_multi_start(self.hub.state, last_event_id=cursor)
-        sub.reader = MultiReader(
-            self.hub.state,
-            flt,
-            start,
-            coalesce_after=self.hub.config.stream.coalesce_after,
-            counters=self.hub.counters,
-            **{scope: value},
-        )
-        sub.key = JOURNAL
-        sub.multi = True
-        self._start(sub)
+        # The subscription exists while it waits (up to
+        # stream.unknown_workflow_wait) for its workflow's first event.
+        sub.pending = model
+        sub.deadline = trio.current_time() + self.hub.stream.unknown_workflow_wait
+        self.pending += 1
+        self._add(sub)
+        self.hub.listen(NEW_WORKFLOW, sub, self._notify)
 
-    async def _open_workflow_sub(
-        self, sub: Subscription, wf: Workflow, flt: Filter, cursor: str | None, since: str | None
-    ) -> None:
-        """Place the reader and start the subscription, or reply `end` if
-        the client has everything already (a BrokerError for a bad cursor)."""
-        start = plan_workflow_start(wf, last_event_id=cursor, since=since)
-        if start.mode == NO_CONTENT:
-            end = {
-                "kind": "end",
-                "workflow_id": wf.id,
-                "epoch": wf.epoch,
-                "seq": wf.terminal_seq,
-                "state": wf.snapshot.state,
-            }
-            cursor = f"{wf.epoch}:{wf.terminal_seq}"
-            await self.send(self._frame(sub, cursor, [Message(end, cursor)]))
+    async def _start(self, sub: WsSubscription, model: Subscription, opened: Opened) -> None:
+        """Start the placed subscription, or reply `end` if the client has
+        everything already."""
+        if opened.reader is None:
+            if opened.end is not None:
+                await self.send(self._frame(sub, opened.end.cursor, [opened.end]))
             return
-        sub.reader = WorkflowReader(
-            wf, flt, start, coalesce_after=self.hub.config.stream.coalesce_after, counters=self.hub.counters
-        )
-        sub.key = wf.id
-        self._start(sub)
+        sub.reader = opened.reader
+        sub.key = opened.key
+        sub.multi = model.scope.multi
+        self._add(sub)
+        self.hub.watch(sub.key)
+        self.hub.listen(sub.key, sub, self._notify)
+        sub.live = True
+        self.due.add(sub.key)  # its first write (snapshot or backlog) goes out next round
 
     async def _open_pending(self, now: float) -> None:
         """Open the waiting subscriptions whose workflow appeared; reply
         not_found to those whose `stream.unknown_workflow_wait` ran out."""
         for sub in list(self.subs.values()):
-            pending = sub.pending
-            if pending is None:
+            model = sub.pending
+            if model is None:
                 continue
-            wf = self.hub.state.get(pending.workflow)
-            if wf is None and now < pending.deadline:
-                continue
-            self._stop(sub)  # stops listening for new workflows
             try:
-                if wf is None:
-                    raise NotFound(f"workflow '{pending.workflow}' not found")
-                await self._open_workflow_sub(sub, wf, pending.filter, pending.cursor, pending.since)
+                opened = self.hub.open(model)
+                if opened is None and now < sub.deadline:
+                    continue
+                self._stop(sub)  # stops listening for new workflows
+                if opened is None:
+                    raise subscribe.workflow_not_found(model)
+                await self._start(sub, model, opened)
             except BrokerError as err:
-                await self.send(_error(err.code, err.message, sub.id))
+                self._stop(sub)
+                await self.send(_error(err, sub.id))
 
-    def _start(self, sub: Subscription) -> None:
-        """Listen on the subscription's key; its first write (snapshot or
-        backlog) goes out on the next round of the session."""
+    def _add(self, sub: WsSubscription) -> None:
         self.subs[sub.id] = sub
         self.conn.subscriptions = len(self.subs)
-        self.hub.watch(sub.key)
-        self.hub.listen(sub.key, sub, self._notify)
-        sub.live = True
-        self.due.add(sub.key)
 
-    def _wait_for_workflow(self, sub: Subscription, pending: _Pending) -> None:
-        sub.pending = pending
-        self.pending += 1
-        self.subs[sub.id] = sub
-        self.conn.subscriptions = len(self.subs)
-        self.hub.listen(NEW_WORKFLOW, sub, self._notify)
-
-    def _stop(self, sub: Subscription) -> None:
+    def _stop(self, sub: WsSubscription) -> None:
         """The subscription ends: no more listening, gone from the session."""
         if sub.live:
             sub.live = False
@@ -446,7 +374,6 @@ class WsSession:
         reach the socket in the order the reader produced them."""
         due, self.due = self.due, set()
         conn = self.conn
-        hub = self.hub
         for sub in list(self.subs.values()):
             reader = sub.reader
             if reader is None or not sub.live or sub.key not in due:
@@ -458,9 +385,7 @@ class WsSession:
             if items:
                 # Served: to the back of the line, so paced rounds take turns.
                 self.subs[sub.id] = self.subs.pop(sub.id)
-                await self.send(self._encode(sub, items))
-                conn.delivered += len(items)
-                hub.delivered["ws"] += len(items)
+                await self.send(self._encode(sub, items), len(items))
             if reader.done:
                 self._stop(sub)
             elif items and conn.rate:
@@ -468,14 +393,17 @@ class WsSession:
                 if pause:
                     self.paced_until = trio.current_time() + pause
 
-    def _encode(self, sub: Subscription, items: list[Any]) -> bytes:
+    def _encode(self, sub: WsSubscription, items: list[Item]) -> bytes:
         reader = sub.reader
         assert reader is not None
         cursor = f"{self.node_epoch}.{reader.index}" if sub.multi else items[-1].cursor
         return self._frame(sub, cursor, items)
 
     @staticmethod
-    def _frame(sub: Subscription, cursor: str, items: list[Any]) -> bytes:
+    def _frame(sub: WsSubscription, cursor: str, items: list[Item]) -> bytes:
+        """One message, or a batch: `sub` and the resume `cursor` once, on
+        the outside; each event inside keeps its own encoding (`epoch` and
+        `seq`), shared by every subscriber (encoded once)."""
         head = b'{"sub":' + sub.id_json + b',"cursor":"' + cursor.encode() + b'"'
         if len(items) == 1:
             return head + b"," + items[0].body[1:]
@@ -497,9 +425,8 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> No
             del req
         except BrokerError as err:
             await websocket.accept()
-            code = CLOSE_GOING_AWAY if hub.draining else CLOSE_TOO_MANY
-            await websocket.send(_error(err.code, err.message).decode())
-            await websocket.close(code, err.message[:120])
+            await websocket.send(_error(err))
+            await websocket.close(err.ws_close, err.message[:120])
             return
         try:
             await websocket.accept()

@@ -58,13 +58,17 @@ async def serve_zmq_ingest(
                 await trio.lowlevel.wait_readable(fd)
                 continue
             frames: list[bytes] = []
+            backlog = True  # the batch limit was reached: more is queued
             for _ in range(BATCH):
                 try:
                     frames += recv(zmq.NOBLOCK, copy=True)
                 except zmq.Again:
+                    backlog = False
                     break
             if frames:
-                ingest_batch(frames, "zmq")
+                # A backlog moves subscriber wakes into write passes, so the
+                # queue is drained first (core/wake.py).
+                ingest_batch(frames, "zmq", backlog)
             # The socket may still be readable: let other tasks run, then
             # re-check EVENTS at the top (no busy loop: EVENTS gates the sleep).
             await trio.lowlevel.checkpoint()

@@ -23,16 +23,7 @@ from broker.core.reader import (
 )
 from broker.core.state import BrokerState
 
-from .helpers import body, log, mk, send, task, wfe
-
-
-def brief(items: list[Entry | Message]) -> list[tuple[str, str, int]]:
-    """(kind, workflow, seq) of each item."""
-    out = []
-    for it in items:
-        b = body(it)
-        out.append((b["kind"], b["workflow_id"], b["seq"]))
-    return out
+from .helpers import body, brief, log, mk, progress, send, task, wfe
 
 
 def five(st: BrokerState, wid: str = "w") -> None:
@@ -557,10 +548,6 @@ def test_multi_resume_replays_far_back_cursor_in_full() -> None:
 # ------------------------------------------------------------- coalescing (§6)
 
 
-def _progress(tid: str, value: int, wid: str = "w") -> dict[str, Any]:
-    return {"workflow_id": wid, "type": "task.progress", "task_id": tid, "progress": value}
-
-
 def test_progress_of_one_task_in_one_write_is_coalesced_to_the_latest() -> None:
     st = mk()
     send(st, wfe())
@@ -569,21 +556,21 @@ def test_progress_of_one_task_in_one_write_is_coalesced_to_the_latest() -> None:
     r.pull()
     send(
         st,
-        _progress("a", 10),
-        _progress("b", 5),
+        progress("a", 10),
+        progress("b", 5),
         task("a", "running"),
-        _progress("a", 20),
-        _progress("b", 50),
-        _progress("a", 30),
+        progress("a", 20),
+        progress("b", 50),
+        progress("a", 30),
     )
     got = [(orjson.loads(i.body)["kind"], orjson.loads(i.body).get("progress")) for i in r.pull()]
     # a's 10 and 20 and b's 5 are merged away; order of what stays is kept.
     assert got == [("state", None), ("progress", 50), ("progress", 30)]
     assert r.coalesced == 3
     # Separate writes are not merged.
-    send(st, _progress("a", 40))
+    send(st, progress("a", 40))
     assert [orjson.loads(i.body)["progress"] for i in r.pull()] == [40]
-    send(st, _progress("a", 41))
+    send(st, progress("a", 41))
     assert [orjson.loads(i.body)["progress"] for i in r.pull()] == [41]
 
 
@@ -622,6 +609,241 @@ def test_multi_reader_coalesces_per_workflow_and_task() -> None:
     send(st, wfe("w1"), wfe("w2"))
     r = MultiReader(st, Filter(), plan_multi_start(st), tenant="default")
     r.pull()
-    send(st, _progress("t", 1, "w1"), _progress("t", 2, "w2"), _progress("t", 3, "w1"))
+    send(st, progress("t", 1, "w1"), progress("t", 2, "w2"), progress("t", 3, "w1"))
     got = [(orjson.loads(i.body)["workflow_id"], orjson.loads(i.body)["progress"]) for i in r.pull()]
     assert got == [("w2", 2), ("w1", 3)]
+
+
+# ----------------- MultiReader: resync ends, log gaps, tenant streams, done
+
+
+def _busy(r: MultiReader | WorkflowReader, st: BrokerState, ev: dict[str, Any]) -> None:
+    """Make `r` mid-write: its last pull returned something."""
+    send(st, ev)
+    assert r.pull(), "expected the event"
+
+
+def test_multi_resync_includes_final_state_and_end_of_a_workflow_that_ended_meanwhile() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("b"))
+    r = MultiReader(st, Filter(), Start(SNAPSHOT), workflows=frozenset({"a", "b"}), coalesce_after=2)
+    assert brief(r.pull()) == [("snapshot", "a", 1), ("snapshot", "b", 1)]
+    _busy(r, st, log("a", message="one"))
+    # More than 4 * coalesce_after = 8 entries pile up; b fails in the middle.
+    send(st, *[log("a", message=str(i)) for i in range(5)])
+    send(st, wfe("b", "workflow.failed", error={"why": "boom"}))
+    send(st, *[log("a", message=str(i)) for i in range(5, 10)])
+    out = r.pull()
+    assert brief(out) == [("resync", "a", 12), ("resync", "b", 2), ("end", "b", 2)], brief(out)
+    assert body(out[1])["state"] == "failed" and body(out[1])["error"] == {"why": "boom"}
+    assert body(out[2])["state"] == "failed"
+    assert not r.done
+    # A later resync does not repeat b's end.
+    _busy(r, st, log("a", message="again"))
+    send(st, *[log("a", message=str(i)) for i in range(10)])
+    assert brief(r.pull()) == [("resync", "a", 23)]
+    send(st, wfe("a", "workflow.completed"))
+    assert brief(r.pull()) == [("state", "a", 24), ("end", "a", 24)]
+    assert r.done
+
+
+def test_multi_resync_on_a_parent_stream_ends_a_child_that_ended_meanwhile() -> None:
+    st = mk()
+    send(st, wfe("root"), wfe("kid", parent_id="root"))
+    r = MultiReader(st, Filter(), Start(SNAPSHOT), parent="root", coalesce_after=1)
+    assert sorted(brief(r.pull())) == [("snapshot", "kid", 1), ("snapshot", "root", 1)]
+    _busy(r, st, log("root"))
+    send(st, *[log("root") for _ in range(3)], wfe("kid", "workflow.completed"), log("root"))
+    assert brief(r.pull()) == [("resync", "root", 6), ("resync", "kid", 2), ("end", "kid", 2)]
+
+
+def test_multi_log_stream_falling_behind_gets_gaps_per_workflow_not_resync() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("b"))
+    flt = Filter.parse({"types": "log", "level": "warning"})
+    r = MultiReader(st, flt, Start(SNAPSHOT), workflows=frozenset({"a", "b"}), coalesce_after=2)
+    r.pull()
+    _busy(r, st, log("a", "warning", message="first"))  # a seq 2
+    send(st, *[log("a", "warning", message=f"w{i}") for i in range(6)])  # a seq 3..8
+    send(st, *[log("a", "info", message=f"i{i}") for i in range(4)])  # a seq 9..12: below the level
+    send(st, task("t1", "running", wid="a"))  # a seq 13: not a log
+    send(st, *[log("b", "error", message=f"e{i}") for i in range(3)])  # b seq 2..4
+    send(st, *[log("b", "debug", message=f"d{i}") for i in range(2)])  # b seq 5..6
+    out = r.pull()
+    msgs = [body(m) for m in out]
+    assert [m["kind"] for m in msgs] == ["gap", "gap"], msgs
+    by_wf = {m["workflow_id"]: m for m in msgs}
+    # As on single-workflow log streams, a gap runs to the workflow's head:
+    # the stream resumes after it.
+    assert by_wf["a"]["dropped"] == 6 and (by_wf["a"]["from"], by_wf["a"]["to"]) == (3, 13)
+    assert by_wf["b"]["dropped"] == 3 and (by_wf["b"]["from"], by_wf["b"]["to"]) == (2, 6)
+    assert r.counters["gaps"] == 1 and r.counters["resyncs"] == 0
+    # It then carries on with the lines that follow.
+    send(st, log("b", "critical", message="next"))
+    assert [body(e)["message"] for e in r.pull()] == ["next"]
+
+
+def test_multi_log_stream_that_fell_off_the_journal_counts_only_matching_lines_of_its_scope() -> None:
+    """Falling off the journal is falling behind too: the gaps must still
+    count only the skipped lines that the stream would have delivered."""
+    st = mk(journal_events=50)
+    send(st, wfe("a"), wfe("z"))
+    flt = Filter.parse({"types": "log", "level": "error"})
+    r = MultiReader(st, flt, Start(SNAPSHOT), workflows=frozenset({"a"}), coalesce_after=2)
+    r.pull()
+    _busy(r, st, log("a", "error", message="first"))
+    send(st, *[log("a", "error", message=f"e{i}") for i in range(3)])  # 3 lines the stream wanted
+    send(st, *[log("a", "info", message=f"i{i}") for i in range(2)])  # below its level
+    send(st, *[log("z", "error", message=str(i)) for i in range(200)])  # another workflow: out of scope
+    assert st.journal.first_index > r.index  # the reader's place is gone from the journal
+    gaps = [body(m) for m in r.pull()]
+    assert gaps and all(g["kind"] == "gap" for g in gaps), gaps
+    assert sum(g["dropped"] for g in gaps) == 3, gaps
+
+
+def test_tenant_stream_keeps_no_ended_set() -> None:
+    st = mk()
+    r = MultiReader(st, Filter(), Start(SNAPSHOT), tenant="t")
+    assert r.pull() == []
+    ends = 0
+    for i in range(200):
+        send(st, wfe(f"w{i}", tenant="t"), wfe(f"w{i}", "workflow.completed"))
+        ends += sum(1 for b in map(body, r.pull()) if b["kind"] == "end")
+    assert ends == 200
+    assert len(r.ended) == 0, f"tenant reader remembers {len(r.ended)} ended workflows"
+    assert not r.done
+
+
+def test_tenant_stream_delivers_a_workflow_id_reused_after_its_eviction() -> None:
+    st = mk(terminal_ttl=5)
+    r = MultiReader(st, Filter(), Start(SNAPSHOT), tenant="t")
+    assert r.pull() == []
+    send(st, wfe("x", tenant="t"), wfe("x", "workflow.completed"))
+    assert brief(r.pull()) == [("state", "x", 1), ("state", "x", 2), ("end", "x", 2)]
+    st.tick(10.0)
+    assert "x" not in st.workflows
+    send(st, wfe("x", tenant="t"), log("x", message="second life"), now=11.0)
+    assert brief(r.pull()) == [("state", "x", 1), ("log", "x", 2)]
+    send(st, wfe("x", "workflow.cancelled"), now=11.0)
+    assert brief(r.pull()) == [("state", "x", 3), ("end", "x", 3)]
+
+
+def test_multi_reader_is_done_at_once_when_its_whole_scope_has_ended() -> None:
+    st = mk()
+    send(st, wfe("a"), wfe("a", "workflow.completed"), wfe("b"), wfe("b", "workflow.failed"), wfe("c"))
+    r = MultiReader(st, Filter(), Start(SNAPSHOT), workflows=frozenset({"a", "b"}))
+    assert r.done
+    assert r.pull() == []
+    # Not done while one of them is still running.
+    assert not MultiReader(st, Filter(), Start(SNAPSHOT), workflows=frozenset({"a", "c"})).done
+    send(st, wfe("root"), wfe("kid", parent_id="root"), wfe("kid", "workflow.completed"))
+    send(st, wfe("root", "workflow.completed"))
+    assert MultiReader(st, Filter(), Start(SNAPSHOT), parent="root").done
+
+
+# -------------------------------------------------- ancestry after eviction
+
+
+def test_parent_stream_gets_a_grandchild_started_after_the_middle_workflow_was_evicted() -> None:
+    st = mk(terminal_ttl=5)
+    send(st, wfe("root"), wfe("mid", parent_id="root"))
+    r = MultiReader(st, Filter(), Start(SNAPSHOT), parent="root")
+    assert sorted(brief(r.pull())) == [("snapshot", "mid", 1), ("snapshot", "root", 1)]
+    send(st, wfe("mid", "workflow.completed"))
+    assert brief(r.pull()) == [("state", "mid", 2), ("end", "mid", 2)]
+    st.tick(10.0)
+    assert "mid" not in st.workflows and "root" in st.workflows
+    send(st, wfe("grand", parent_id="mid"), log("grand", message="hello"), now=11.0)
+    assert brief(r.pull()) == [("state", "grand", 1), ("log", "grand", 2)]
+    # A stream opened now sees it in its snapshots too.
+    late = MultiReader(st, Filter(), Start(SNAPSHOT), parent="root")
+    assert sorted(brief(late.pull())) == [("snapshot", "grand", 2), ("snapshot", "root", 1)]
+    assert st.evicted_ancestry["mid"] == ("root",)
+    assert st.workflows["grand"].ancestors == ("mid", "root")
+    assert not r.done
+    send(st, wfe("grand", "workflow.completed"), wfe("root", "workflow.completed"), now=12.0)
+    assert brief(r.pull()) == [("state", "grand", 3), ("end", "grand", 3), ("state", "root", 2), ("end", "root", 2)]
+    assert r.done
+
+
+def test_parent_stream_includes_a_grandchild_that_arrived_before_its_parent() -> None:
+    """Ancestry fixed when a workflow is adopted must not lose a subtree whose
+    middle workflow appears after its child (events of different workflows
+    are not ordered). Before the fix the parent chain was walked at read time."""
+    st = mk()
+    send(st, wfe("top"))
+    r = MultiReader(st, Filter(), Start(SNAPSHOT), parent="top")
+    r.pull()
+    send(st, wfe("kid", parent_id="mid"))  # "mid" is not known yet
+    send(st, wfe("mid", parent_id="top"))
+    send(st, log("kid", message="hi"))
+    got = brief(r.pull())
+    assert ("state", "mid", 1) in got
+    assert ("log", "kid", 2) in got, got
+    late = MultiReader(st, Filter(), Start(SNAPSHOT), parent="top")
+    assert ("snapshot", "kid", 2) in brief(late.pull())
+
+
+# ------------------------------------------- idle readers take bursts whole
+
+
+@pytest.mark.parametrize("view", ["logs", "all"])
+def test_idle_workflow_reader_takes_a_burst_larger_than_coalesce_after_whole(view: str) -> None:
+    st = mk()
+    send(st, wfe())
+    r = WorkflowReader(st.get("w"), Filter(view=view), Start(SNAPSHOT), coalesce_after=256)
+    assert brief(r.pull()) == [("snapshot", "w", 1)]
+    assert r.pull() == []  # caught up
+    send(st, *[log(message=str(i)) for i in range(300)])
+    out = r.pull()
+    assert [b["kind"] for b in map(body, out)] == ["log"] * 300
+    assert [b["message"] for b in map(body, out)] == [str(i) for i in range(300)]
+    assert r.counters["gaps"] == 0 and r.counters["resyncs"] == 0
+
+
+@pytest.mark.parametrize("view, skip", [("logs", "gap"), ("all", "resync")])
+def test_busy_workflow_reader_falling_behind_coalesce_after_skips_ahead(view: str, skip: str) -> None:
+    st = mk()
+    send(st, wfe())
+    r = WorkflowReader(st.get("w"), Filter(view=view), Start(SNAPSHOT), coalesce_after=256)
+    r.pull()
+    assert r.pull() == []
+    _busy(r, st, log(message="first"))
+    send(st, *[log(message=str(i)) for i in range(300)])
+    out = r.pull()
+    assert [b["kind"] for b in map(body, out)] == [skip]
+    if skip == "gap":
+        assert body(out[0])["dropped"] == 300
+    # Caught up again: the next burst comes whole.
+    assert r.pull() == []
+    send(st, *[log(message=str(i)) for i in range(300)])
+    assert len(r.pull()) == 300
+
+
+@pytest.mark.parametrize("types", [None, "log"])
+def test_idle_multi_reader_takes_a_burst_larger_than_4x_coalesce_after_whole(types: str | None) -> None:
+    st = mk()
+    send(st, wfe())
+    flt = Filter.parse({"types": types} if types else {})
+    r = MultiReader(st, flt, Start(SNAPSHOT), workflows=frozenset({"w"}), coalesce_after=8)
+    assert brief(r.pull()) == [("snapshot", "w", 1)]
+    assert r.pull() == []
+    send(st, *[log(message=str(i)) for i in range(40)])  # 40 > 4 * 8
+    out = r.pull()
+    assert [b["message"] for b in map(body, out)] == [str(i) for i in range(40)]
+    assert r.counters["gaps"] == 0 and r.counters["resyncs"] == 0
+
+
+@pytest.mark.parametrize("types, skip", [(None, "resync"), ("log", "gap")])
+def test_busy_multi_reader_falling_behind_4x_coalesce_after_skips_ahead(types: str | None, skip: str) -> None:
+    st = mk()
+    send(st, wfe())
+    flt = Filter.parse({"types": types} if types else {})
+    r = MultiReader(st, flt, Start(SNAPSHOT), workflows=frozenset({"w"}), coalesce_after=8)
+    r.pull()
+    _busy(r, st, log(message="first"))
+    send(st, *[log(message=str(i)) for i in range(40)])
+    out = r.pull()
+    assert [b["kind"] for b in map(body, out)] == [skip]
+    if skip == "gap":
+        assert body(out[0])["dropped"] == 40

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -12,6 +14,8 @@ from broker.core.ring import Ring
 
 @dataclass
 class Item:
+    """A stand-in for an Entry, weakref-able (Entry has __slots__, no __weakref__)."""
+
     seq: int
     size: int = 10
 
@@ -128,6 +132,52 @@ def test_compaction_with_byte_bound() -> None:
     assert r.dropped == 3195
     assert [i.seq for i in r.entries_from(3198)] == [3199, 3200]
     assert r.index_after_seq(3197) == 3197
+
+
+# ---------------------------------------------- ring releases what it drops
+
+
+def _alive(refs: list[weakref.ref[Item]]) -> list[int]:
+    gc.collect()
+    return [item.seq for r in refs if (item := r()) is not None]
+
+
+def test_ring_releases_entries_it_drops_by_count() -> None:
+    ring: Ring[Item] = Ring(max_events=2)
+    refs = []
+    for seq in range(1, 11):
+        item = Item(seq, size=1)
+        refs.append(weakref.ref(item))
+        ring.append(item)
+    del item
+    assert _alive(refs) == [9, 10]
+    assert [i.seq for i in ring] == [9, 10] and ring.first_index == 8 and ring.at(9).seq == 10
+
+
+def test_ring_releases_entries_it_drops_by_bytes() -> None:
+    ring: Ring[Item] = Ring(max_events=100, max_bytes=30)
+    refs = []
+    for seq in range(1, 11):
+        item = Item(seq, size=10)
+        refs.append(weakref.ref(item))
+        ring.append(item)
+    del item
+    assert _alive(refs) == [8, 9, 10]
+    assert ring.bytes == 30
+
+
+def test_ring_still_compacts_and_indexes_after_many_drops() -> None:
+    ring: Ring[Item] = Ring(max_events=3)
+    refs = []
+    for seq in range(1, 5001):
+        item = Item(seq, size=1)
+        refs.append(weakref.ref(item))
+        ring.append(item)
+    del item
+    assert _alive(refs) == [4998, 4999, 5000]
+    assert len(ring) == 3 and ring.first_index == 4997 and ring.next_index == 5000
+    assert [i.seq for i in ring.entries_from(4998)] == [4999, 5000]
+    assert ring.index_after_seq(4998) == 4998 and ring.first().seq == 4998 and ring.last().seq == 5000
 
 
 # ------------------------------------------------------------------- dedup

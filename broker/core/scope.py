@@ -1,0 +1,99 @@
+"""What a subscription covers: one workflow, a list, a tenant or a tree.
+
+`Scope` is checked here once — exactly one kind, a well-formed value — for
+every transport and every reader. It is also where the security work's
+visibility decision will narrow what a principal may read.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .entry import Entry
+from .errors import InvalidArgument
+
+WORKFLOW = "workflow"  # one workflow: its ring (WorkflowReader)
+WORKFLOWS = "workflows"  # the rest read the node journal (MultiReader)
+TENANT = "tenant"
+PARENT = "parent"
+KINDS = (WORKFLOW, WORKFLOWS, TENANT, PARENT)
+MULTI_KINDS = (WORKFLOWS, TENANT, PARENT)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    kind: str
+    # WORKFLOW, TENANT, PARENT: the id or name; WORKFLOWS: the ids.
+    value: str | frozenset[str]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidArgument(f"unknown scope {self.kind!r}")
+        if self.kind == WORKFLOWS:
+            ok = isinstance(self.value, frozenset) and bool(self.value) and all(self.value)
+            if not ok:
+                raise InvalidArgument("'workflows' must list at least one workflow id")
+        elif not isinstance(self.value, str) or not self.value:
+            raise InvalidArgument(f"'{self.kind}' must be a non-empty string")
+
+    @property
+    def multi(self) -> bool:
+        """Read from the node journal (every kind but one workflow)."""
+        return self.kind != WORKFLOW
+
+    @property
+    def name(self) -> str:
+        """The one id or name of a WORKFLOW, TENANT or PARENT scope."""
+        assert isinstance(self.value, str)
+        return self.value
+
+    @property
+    def ids(self) -> frozenset[str]:
+        """The ids of a WORKFLOWS scope."""
+        assert isinstance(self.value, frozenset)
+        return self.value
+
+    def contains(self, e: Entry) -> bool:
+        """Whether a journal entry lies in this (multi-workflow) scope."""
+        kind = self.kind
+        if kind == WORKFLOWS:
+            return e.workflow_id in self.value
+        if kind == TENANT:
+            return e.tenant == self.value
+        if kind == PARENT:
+            return e.workflow_id == self.value or self.value in e.ancestors
+        return e.workflow_id == self.value
+
+    @classmethod
+    def pick(cls, given: Mapping[str, object], allowed: Iterable[str] = KINDS) -> Scope:
+        """The one scope among `given` (kind → value, only those present).
+        Values are already in the model's types: str, or frozenset for
+        WORKFLOWS."""
+        allowed = tuple(allowed)
+        present = [k for k in allowed if k in given]
+        if len(present) != 1 or any(k not in allowed for k in given):
+            raise InvalidArgument("give exactly one of " + ", ".join(allowed))
+        kind = present[0]
+        value = given[kind]
+        if not isinstance(value, (str, frozenset)):
+            raise InvalidArgument(f"'{kind}' must be a non-empty string")
+        return cls(kind, value)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        workflow: str | None = None,
+        workflows: frozenset[str] | None = None,
+        tenant: str | None = None,
+        parent: str | None = None,
+    ) -> Scope:
+        given = {
+            k: v
+            for k, v in ((WORKFLOW, workflow), (WORKFLOWS, workflows), (TENANT, tenant), (PARENT, parent))
+            if v is not None
+        }
+        return cls.pick(given)

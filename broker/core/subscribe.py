@@ -1,0 +1,174 @@
+"""One model of a subscription, for every transport (DESIGN.md §5).
+
+A `Subscription` is what a client asked to read: its scope (one workflow,
+a list, a tenant, a tree), its stream view and filter, and where to start
+(its cursor). SSE builds one from a request's path and query
+(`from_query`), WebSocket from a `subscribe` message (`from_ws`); both go
+through the same checks and raise the same `InvalidArgument`s, so the two
+transports cannot drift apart. `open_subscription()` then turns the model
+into a reader, with the 400 / resync / 204 rules of §5 (core/reader.py).
+The transports only translate their wire format into these calls, and
+the errors into theirs.
+
+Cursor rules, the same on both transports:
+
+- `resume` (SSE `Last-Event-ID` header or `last_event_id=`; WS `cursor`):
+  a cursor the stream handed out. Malformed, of another epoch, ahead of
+  the head or out of reach: `resync`, never an error (EventSource can't
+  show one).
+- `since` (SSE `since=`, WS `since`): a position the client chose. For one
+  workflow a non-negative integer seq — a WS JSON number, or an SSE
+  argument of decimal digits only — else 400, checked before the workflow
+  is even known; for several workflows a journal cursor string
+  `<node-epoch>.<offset>`, checked against the journal's reach. Out of
+  reach: 400.
+- `resume` wins over `since` (an EventSource reconnects to the same URL,
+  `since=` and all, and adds the header); `since` is then not looked at.
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .cursor import since_seq
+from .entry import Message
+from .errors import InvalidArgument, NotFound
+from .filters import Filter
+from .messages import workflow_end
+from .reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
+from .scope import KINDS, MULTI_KINDS, WORKFLOW, WORKFLOWS, Scope
+from .state import BrokerState
+
+JOURNAL = "\x00journal"  # wait key of multi-workflow streams (no workflow id holds NUL)
+NEW_WORKFLOW = "\x00new"  # wait key of streams waiting for an unknown workflow
+
+MAX_SUB_ID = 128  # characters of a WebSocket subscription id
+MULTI_SINCE_MESSAGE = "'since' of a multi-workflow stream must be a journal cursor <node-epoch>.<offset>"
+WS_SUBSCRIBE_KEYS = frozenset({"op", "sub", *KINDS, "since", "cursor", "filter"})
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    resume: str | None = None  # Last-Event-ID / last_event_id / WS cursor
+    since: int | str | None = None  # seq (one workflow) or journal cursor text
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    scope: Scope
+    filter: Filter
+    cursor: Cursor = Cursor()
+
+    @property
+    def view(self) -> str:
+        return self.filter.view
+
+    @property
+    def key(self) -> str:
+        """The hub wait key whose wakeups concern this subscription."""
+        return JOURNAL if self.scope.multi else self.scope.name
+
+
+def _cursor(scope: Scope, resume: str | None, since: object, *, from_query: bool) -> Cursor:
+    if resume is not None or since is None:
+        return Cursor(resume=resume)
+    if not scope.multi:
+        return Cursor(since=since_seq(since, from_query=from_query))
+    if not isinstance(since, str):
+        raise InvalidArgument(MULTI_SINCE_MESSAGE)
+    return Cursor(since=since)  # checked against the journal's reach when opened
+
+
+def from_query(
+    args: Mapping[str, str], *, workflow: str | None, view: str = "all", last_event_id: str | None = None
+) -> Subscription:
+    """The subscription of an SSE request: `workflow` from the path of
+    /v1/workflows/{id}/… (None for /v1/stream, whose scope is in the
+    query), `view` from the path ("all", "tasks", "logs"), `last_event_id`
+    the request's Last-Event-ID header. Query arguments the model does not
+    know are left alone (e.g. a token)."""
+    flt = Filter.parse(args, view=view)
+    if workflow is not None:
+        scope = Scope(WORKFLOW, workflow)
+    else:
+        given: dict[str, object] = {k: args[k] for k in MULTI_KINDS if k in args}
+        if WORKFLOWS in given:
+            given[WORKFLOWS] = frozenset(w.strip() for w in str(given[WORKFLOWS]).split(",") if w.strip())
+        scope = Scope.pick(given, MULTI_KINDS)
+    resume = last_event_id if last_event_id is not None else args.get("last_event_id")
+    return Subscription(scope, flt, _cursor(scope, resume, args.get("since"), from_query=True))
+
+
+def from_ws(msg: Mapping[str, Any]) -> tuple[str, Subscription]:
+    """The id and subscription of a WebSocket `subscribe` message."""
+    unknown = set(msg) - WS_SUBSCRIBE_KEYS
+    if unknown:
+        raise InvalidArgument(f"unknown key '{sorted(unknown)[0]}' in subscribe")
+    sub_id = msg.get("sub")
+    if not isinstance(sub_id, str) or not 1 <= len(sub_id) <= MAX_SUB_ID:
+        raise InvalidArgument(f"'sub' must be a string of 1-{MAX_SUB_ID} characters")
+    flt = ws_filter(msg.get("filter", {}))
+    given: dict[str, object] = {k: msg[k] for k in KINDS if k in msg}
+    raw = given.get(WORKFLOWS)
+    if raw is not None:
+        if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+            raise InvalidArgument("'workflows' must be a non-empty list of workflow ids")
+        given[WORKFLOWS] = frozenset(raw)
+    scope = Scope.pick(given)
+    resume = msg.get("cursor")
+    if resume is not None and not isinstance(resume, str):
+        raise InvalidArgument("'cursor' must be a string")
+    return sub_id, Subscription(scope, flt, _cursor(scope, resume, msg.get("since"), from_query=False))
+
+
+def ws_filter(raw: object) -> Filter:
+    """A WebSocket `filter` object (subscribe, or the `filter` op)."""
+    if not isinstance(raw, dict):
+        raise InvalidArgument("'filter' must be an object")
+    return Filter.parse(raw, from_query=False)
+
+
+def workflow_not_found(sub: Subscription) -> NotFound:
+    """The error for a workflow that did not appear within
+    `stream.unknown_workflow_wait`."""
+    return NotFound(f"workflow '{sub.scope.name}' not found")
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A subscription placed on the state: its reader, or (reader None) the
+    answer for a client that has everything already — SSE answers 204, a
+    WebSocket gets `end` when there is one."""
+
+    reader: WorkflowReader | MultiReader | None
+    key: str  # the hub wait key to listen on
+    end: Message | None = None
+
+
+def open_subscription(
+    state: BrokerState, sub: Subscription, *, coalesce_after: int = 256, counters: Counter[str] | None = None
+) -> Opened | None:
+    """The reader for `sub`, or None while its one workflow is unknown
+    (the caller waits for NEW_WORKFLOW, then raises `workflow_not_found`).
+    Raises InvalidArgument for a `since` out of reach."""
+    scope, cursor = sub.scope, sub.cursor
+    if not scope.multi:
+        wf = state.get(scope.name)
+        if wf is None:
+            return None
+        start = plan_workflow_start(wf, last_event_id=cursor.resume, since=cursor.since)
+        if start.mode == NO_CONTENT:
+            return Opened(None, wf.id, workflow_end(wf))
+        reader: WorkflowReader | MultiReader = WorkflowReader(
+            wf, sub.filter, start, coalesce_after=coalesce_after, counters=counters
+        )
+        return Opened(reader, wf.id)
+    since = None if cursor.since is None else str(cursor.since)
+    start = plan_multi_start(state, last_event_id=cursor.resume, since=since)
+    multi = MultiReader(state, sub.filter, start, scope=scope, coalesce_after=coalesce_after, counters=counters)
+    return Opened(None if multi.done else multi, JOURNAL)

@@ -1,0 +1,154 @@
+"""The wake schedule (broker/core/wake.py): when subscribers are woken, at
+once or in write passes under load. Synchronous, with `now` given."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from broker.core.wake import WakeSchedule
+
+
+def schedule(*keys: str, watchers: int = 1, **kw: float) -> WakeSchedule:
+    s = WakeSchedule(**kw)
+    for key in keys:
+        for _ in range(watchers):
+            s.watch(key)
+    return s
+
+
+def test_unwatched_keys_are_never_woken() -> None:
+    s = schedule("a")
+    assert s.touched(["a", "b"], 0.0) == ["a"]
+
+
+def test_few_watchers_are_woken_at_once_every_time() -> None:
+    s = schedule("a", watchers=5, write_cost=20e-6)
+    assert s.touched(["a"], 0.0) == ["a"]
+    assert s.touched(["a"], 0.001) == ["a"]  # 1 ms later: past 5 × 20 µs
+
+
+def test_fan_out_interval_defers_and_batches() -> None:
+    s = schedule("fan", watchers=1000, write_cost=20e-6)  # interval 20 ms
+    assert s.touched(["fan"], 0.0) == ["fan"]
+    assert s.touched(["fan"], 0.005) == []
+    assert s.touched(["fan"], 0.010) == []  # already deferred: one wake for both
+    assert s.next_due() == 0.020
+    assert s.expire(0.019) == []
+    assert s.expire(0.020) == ["fan"]
+    assert s.next_due() is None
+
+
+def test_backlog_moves_wakes_into_a_write_pass_when_the_ingest_catches_up() -> None:
+    s = schedule("a", "b", "c", max_delay=0.05)
+    assert s.ingest_turn(0.0, backlog=True) == []
+    assert s.behind
+    # While behind, nothing is woken as events come in.
+    assert s.touched(["a", "b"], 0.001) == []
+    assert s.touched(["a", "c"], 0.002) == []
+    assert s.ingest_turn(0.003, backlog=True) == []
+    # Caught up: every touched key once, in one pass.
+    assert sorted(s.ingest_turn(0.004, backlog=False)) == ["a", "b", "c"]
+    assert not s.behind
+    s.end_pass(0.005)
+    assert s.touched(["a"], 0.006) == ["a"]  # back to waking at once
+    st = s.statistics()
+    assert st.passes == 1 and st.deferred_by_load == 3
+
+
+def test_a_pass_comes_after_max_delay_even_if_the_ingest_never_catches_up() -> None:
+    s = schedule("a", max_delay=0.05)
+    s.ingest_turn(0.0, backlog=True)
+    s.touched(["a"], 0.01)
+    assert s.ingest_turn(0.04, backlog=True) == []
+    assert s.ingest_turn(0.05, backlog=True) == ["a"]
+    assert s.behind  # still behind: later touches wait for the next pass
+
+
+def test_after_a_long_pass_the_ingest_gets_as_long_before_the_next() -> None:
+    s = schedule("a", "b", max_delay=0.05)
+    s.ingest_turn(0.0, backlog=True)
+    s.touched(["a"], 0.01)
+    assert s.ingest_turn(0.06, backlog=True) == ["a"]
+    s.end_pass(0.26)  # the pass's writes took 200 ms
+    s.touched(["a", "b"], 0.27)
+    assert s.ingest_turn(0.30, backlog=True) == []
+    assert s.ingest_turn(0.45, backlog=True) == []
+    assert sorted(s.ingest_turn(0.46, backlog=True)) == ["a", "b"]  # 200 ms after the pass ended
+
+
+def test_the_timer_runs_a_pass_when_the_ingest_went_quiet_while_behind() -> None:
+    s = schedule("a", max_delay=0.05)
+    s.ingest_turn(0.0, backlog=True)  # the last turn was full, then the queue emptied
+    s.touched(["a"], 0.001)
+    assert s.next_due() == 0.05
+    assert s.expire(0.05) == ["a"]
+    assert not s.behind
+
+
+def test_deferred_fan_out_wakes_join_the_pass() -> None:
+    s = schedule("fan", watchers=1000, write_cost=20e-6)
+    s.touched(["fan"], 0.0)
+    s.touched(["fan"], 0.001)  # deferred to 0.020
+    s.ingest_turn(0.002, backlog=True)
+    assert s.expire(0.02) == []  # now part of the pass, not its own timer
+    assert s.ingest_turn(0.003, backlog=False) == ["fan"]
+
+
+def test_unwatch_forgets_the_key_everywhere() -> None:
+    s = schedule("a", "b", watchers=1000)
+    s.touched(["a", "b"], 0.0)
+    s.touched(["a"], 0.001)
+    for _ in range(1000):
+        s.unwatch("a")
+    st = s.statistics()
+    assert st.watched_keys == 1 and st.wake_times == 1 and st.deferred == 0
+    assert s.next_due() is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hs.lists(
+        hs.tuples(
+            hs.sampled_from(["touch", "turn", "expire"]),
+            hs.frozensets(hs.sampled_from("abcd"), max_size=4),
+            hs.booleans(),
+            hs.floats(min_value=0.0, max_value=0.2),
+        ),
+        max_size=60,
+    )
+)
+def test_every_touched_key_is_woken_in_the_end(steps: list[tuple[str, frozenset[str], bool, float]]) -> None:
+    """Whatever the interleaving of touches, turns and timers, a key that got
+    entries is woken at or after its last touch — no wakeup is lost."""
+    s = schedule("a", "b", "c", "d", watchers=300, write_cost=20e-6, max_delay=0.05)
+    now = 0.0
+    last_touch: dict[str, float] = {}
+    last_wake: dict[str, float] = {}
+
+    def woke(keys: list[str]) -> None:
+        for k in keys:
+            last_wake[k] = now
+
+    for op, keys, backlog, dt in steps:
+        now += dt
+        if op == "touch":
+            for k in keys:
+                last_touch[k] = now
+            woke(s.touched(sorted(keys), now))
+        elif op == "turn":
+            woke(s.ingest_turn(now, backlog))
+            s.end_pass(now)
+        else:
+            woke(s.expire(now))
+            s.end_pass(now)
+    # Drain: the ingest goes idle, timers fire.
+    now += 1.0
+    woke(s.ingest_turn(now, backlog=False))
+    s.end_pass(now)
+    while (due := s.next_due()) is not None:
+        now = max(now, due)
+        woke(s.expire(now))
+        s.end_pass(now)
+    for k, t in last_touch.items():
+        assert last_wake.get(k, -1.0) >= t, (k, t, last_wake)
