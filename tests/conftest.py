@@ -64,7 +64,8 @@ class Daemon:
         )
         self.http = ""
         self.zmq = ""
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._ready.wait(20):
             self.proc.kill()
             raise RuntimeError("broker did not become ready:\n" + self.output())
@@ -105,6 +106,11 @@ class Daemon:
                 raise AssertionError(f"broker did not exit within {timeout}s:\n{self.output()}") from None
         self._push.close(0)
         self._ctx.term()
+        # The reader thread ends at EOF on the daemon's output, which has
+        # exited; then the pipe is closed here rather than left to the GC.
+        self._reader.join(5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
         return self.proc.returncode
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,22 +29,25 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[SseEvent | str]:
     event = ""
     data: list[str] = []
     retry: int | None = None
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                yield SseEvent(ev_id, event or "message", "\n".join(data), retry)
-            event, data = "", []  # retry persists, as in EventSource
-            continue
-        if line.startswith(":"):
-            yield line
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "id":
-            ev_id = value
-        elif field == "event":
-            event = value
-        elif field == "data":
-            data.append(value)
-        elif field == "retry":
-            retry = int(value)
+    # Closed with this generator: a consumer that stops early (an SSE stream
+    # never ends by itself) must not leave the line iterator to the GC.
+    async with aclosing(response.aiter_lines()) as lines:
+        async for line in lines:
+            if line == "":
+                if data:
+                    yield SseEvent(ev_id, event or "message", "\n".join(data), retry)
+                event, data = "", []  # retry persists, as in EventSource
+                continue
+            if line.startswith(":"):
+                yield line
+                continue
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "id":
+                ev_id = value
+            elif field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+            elif field == "retry":
+                retry = int(value)

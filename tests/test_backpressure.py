@@ -161,13 +161,14 @@ async def _run_slow_reader(broker_factory, wid: str, view: str, kind: str, count
         async with client_for(broker) as client, trio.open_nursery() as nursery:
             async with open_sse(client, wf_path(wid, view)) as probe:
                 assert (await probe.expect()).event == "snapshot"
-            reader = SlowReader(await raw_sse_client(broker.port, wf_path(wid, view)))
-            await poll(lambda: _conn_total(client, 1), 5)
-            await start_firehose(
-                nursery, broker.zmq, "--workflow", wid, "--count", str(count), "--rate", str(rate),
-                "--kind", kind, "--payload", "1500", "--end",
-            )  # fmt: skip
-            await reader.run(chunk=2048, pause=0.01)
+            with await raw_sse_client(broker.port, wf_path(wid, view)) as sock:
+                reader = SlowReader(sock)
+                await poll(lambda: _conn_total(client, 1), 5)
+                await start_firehose(
+                    nursery, broker.zmq, "--workflow", wid, "--count", str(count), "--rate", str(rate),
+                    "--kind", kind, "--payload", "1500", "--end",
+                )  # fmt: skip
+                await reader.run(chunk=2048, pause=0.01)
     return reader
 
 
@@ -258,20 +259,20 @@ async def test_sse_write_completing_late_ends_with_error_event(broker_factory):
     broker.push(ev(wid, "workflow.running"))
     with trio.fail_after(30):
         async with client_for(broker) as client, trio.open_nursery() as nursery:
-            sock = await raw_sse_client(broker.port, wf_path(wid))
-            await poll(lambda: _conn_total(client, 1), 5)
-            await start_firehose(
-                nursery, broker.zmq, "--workflow", wid, "--count", "3000", "--rate", "3000", "--payload", "4000"
-            )
-            received = bytearray()
+            with await raw_sse_client(broker.port, wf_path(wid)) as sock:
+                await poll(lambda: _conn_total(client, 1), 5)
+                await start_firehose(
+                    nursery, broker.zmq, "--workflow", wid, "--count", "3000", "--rate", "3000", "--payload", "4000"
+                )
+                received = bytearray()
 
-            def response_ended(chunk: bytes) -> bool:
-                received.extend(chunk)
-                return received.endswith(b"\r\n0\r\n\r\n")  # the last chunk
+                def response_ended(chunk: bytes) -> bool:
+                    received.extend(chunk)
+                    return received.endswith(b"\r\n0\r\n\r\n")  # the last chunk
 
-            await _stall_then_read(sock, 1.5, response_ended)
-            data = bytes(received)
-            st = await poll(lambda: _slow_closed(client), 5)
+                await _stall_then_read(sock, 1.5, response_ended)
+                data = bytes(received)
+                st = await poll(lambda: _slow_closed(client), 5)
     tail = data.rstrip(b"\r\n0").rsplit(b"event: ", 1)[-1]
     assert tail.startswith(b"error\ndata: ")
     err = orjson.loads(tail.split(b"data: ", 1)[1].split(b"\n", 1)[0])
@@ -289,7 +290,7 @@ async def test_ws_write_completing_late_closes_4008(broker_factory):
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    with trio.fail_after(30):
+    with sock, trio.fail_after(30):
         async with client_for(broker) as client, trio.open_nursery() as nursery:
             await sock.connect(("127.0.0.1", broker.port))
             await sock.send(ws.send(Request(host="127.0.0.1", target="/v1/ws")))

@@ -17,9 +17,8 @@ import threading
 import time
 
 import orjson
-import trio
 
-from broker.bench.worker import OvlConn, _ovl_client, overload_script
+from broker.bench.worker import overload_script, ovl_subscribe
 
 from .conftest import ROOT
 
@@ -146,23 +145,12 @@ def test_overload_subscriber_sees_loss_duplicates_disorder_and_final_state():
             threading.Thread(target=_serve, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
-    got: dict[str, OvlConn] = {}
-    lat: list[float] = []
-    delivery: list[float] = []
-
-    async def main() -> None:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                for name in SCRIPTS:
-                    got[name] = OvlConn()
-                    nursery.start_soon(
-                        _ovl_client, "127.0.0.1", port, f"/x/{name}", got[name], lat, [], delivery, [], 3
-                    )
-
     try:
-        trio.run(main)
+        conns, samples, timed_out = ovl_subscribe("127.0.0.1", port, [f"/x/{n}" for n in SCRIPTS], 3, 20)
     finally:
         srv.close()
+    assert not timed_out
+    got = {c.path.rsplit("/", 1)[1]: c for c in conns}
     summary = {name: (c.ended, c.final_state, c.got, c.lost, c.dups, c.disorder, c.resyncs) for name, c in got.items()}
     assert summary == {
         "clean": (True, "completed", 4, 0, 0, 0, 0),
@@ -177,7 +165,7 @@ def test_overload_subscriber_sees_loss_duplicates_disorder_and_final_state():
         "noend": (False, "", 1, 0, 0, 0, 0),
     }
     assert got["noend"].closed
-    assert lat and len(delivery) == len(lat)
+    assert samples.latency and len(samples.delivery) == len(samples.ingest) == len(samples.latency)
 
 
 def test_overload_script_is_a_realistic_workflow():

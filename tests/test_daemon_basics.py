@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from contextlib import aclosing
 
 import httpx
 import trio
@@ -28,14 +29,15 @@ async def test_zmq_event_reaches_sse_subscriber(broker):
                 assert resp.status_code == 200
                 assert resp.headers["content-type"].startswith("text/event-stream")
                 seen: list[SseEvent] = []
-                async for item in iter_sse(resp):
-                    if isinstance(item, str):
-                        continue
-                    seen.append(item)
-                    if item.event == "snapshot":
-                        broker.push(ev("wf-1", "workflow.completed"))
-                    if item.event == "end":
-                        break
+                async with aclosing(iter_sse(resp)) as items:
+                    async for item in items:
+                        if isinstance(item, str):
+                            continue
+                        seen.append(item)
+                        if item.event == "snapshot":
+                            broker.push(ev("wf-1", "workflow.completed"))
+                        if item.event == "end":
+                            break
     assert [e.event for e in seen] == ["snapshot", "state", "end"]
     assert seen[0].retry == 2000
     assert seen[1].json["seq"] == 2 and seen[1].id == seen[2].id

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -450,7 +451,8 @@ async def test_run_with_an_out_of_range_config_exits_2_at_once(tmp_path: Path):
 
 def _proc_status(pid: int) -> tuple[int, int]:
     """(RSS in kB, open fds) of a process."""
-    rss = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS"))
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
@@ -467,8 +469,8 @@ async def test_no_leak_after_10000_sse_connect_disconnect_cycles(broker_factory)
             assert r.status_code == 202
             # Warm up, then take the baseline.
             for _ in range(50):
-                async with client.stream("GET", wf_path(wid)) as resp:
-                    async for _chunk in resp.aiter_raw():
+                async with client.stream("GET", wf_path(wid)) as resp, aclosing(resp.aiter_raw()) as chunks:
+                    async for _chunk in chunks:
                         break
             await poll(lambda: _idle(client), 10)
             rss0, fds0 = _proc_status(d.proc.pid)
@@ -485,9 +487,10 @@ async def test_no_leak_after_10000_sse_connect_disconnect_cycles(broker_factory)
                         left -= 1
                         async with c.stream("GET", wf_path(wid)) as resp:
                             assert resp.status_code == 200
-                            async for chunk in resp.aiter_raw():
-                                assert b"snapshot" in chunk
-                                break
+                            async with aclosing(resp.aiter_raw()) as chunks:
+                                async for chunk in chunks:
+                                    assert b"snapshot" in chunk
+                                    break
                         done += 1
 
             async with trio.open_nursery() as nursery:

@@ -59,6 +59,15 @@ def rss_kb(pid: int) -> int:
     return proc_kb(pid, "VmRSS")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -845,6 +854,7 @@ def _overload_step(scale: Scale, workdir: Path, rate: int) -> dict[str, Any]:
         )
         workers.wait_ready(push)  # connected; its clock starts at "go"
         before = broker.stats()
+        cpu0 = cpu_s(broker.proc.pid)
         engine_started = time.time()
         assert push.stdin is not None
         push.stdin.write("go\n")
@@ -856,6 +866,7 @@ def _overload_step(scale: Scale, workdir: Path, rate: int) -> dict[str, Any]:
             proc.stdin.flush()
         pushed = _wait_result(push, push_out, limit + 10)
         results = [_wait_result(proc, out, stop_wall - time.time() + 20) for proc, out in subs]
+        broker_cpu = cpu_s(broker.proc.pid) - cpu0
         rss, hwm = broker.rss_kb(), broker.hwm_kb()
         step.update(_step_stats(broker, before))
     finally:
@@ -919,6 +930,11 @@ def _overload_step(scale: Scale, workdir: Path, rate: int) -> dict[str, Any]:
         events_per_write=step.get("delivered", 0) / writes if writes else 0.0,
         rss_kb=rss,
         hwm_kb=hwm,
+        # Share of one core over the step: ≈ 100 % is a saturated broker
+        # (its event loop is one thread); the clients share the same cores.
+        broker_cpu_pct=100 * broker_cpu / elapsed,
+        subscribers_cpu_pct=100 * sum(r.get("cpu_s", 0.0) for r in got) / elapsed,
+        engine_cpu_pct=100 * pushed.get("cpu_s", 0.0) / elapsed,
     )
     # Worst second's p99 (by arrival): a steady tail or a few bad moments.
     by_second: dict[int, list[float]] = {}
@@ -1186,6 +1202,7 @@ def overload_table(r: dict[str, Any]) -> str:
         "resyncs (conns)",
         "ended ok",
         "lost/dup/ooo",
+        "broker CPU",
         "RSS MB",
         f"target p99 ≤ {OVL_P99_TARGET_MS:.0f} ms, all ended",
     )
@@ -1219,6 +1236,7 @@ def overload_table(r: dict[str, Any]) -> str:
                 f"{s.get('resyncs', 'n/a')} ({s['resynced_conns']})",
                 f"{s['ended_ok']}/{s['conns']}",
                 f"{s['lost']}/{s['dups']}/{s['disorder']}",
+                f"{s['broker_cpu_pct']:.0f} %",
                 mb(s["rss_kb"]),
                 verdict,
             )
@@ -1226,7 +1244,7 @@ def overload_table(r: dict[str, Any]) -> str:
     ref = f"bare pyzmq PULL loop, same run: {fmt(r['pull_ref_eps'], ',.0f')} frames/s"
     note = (
         "latency: publish→receive (from each event's send time t); ingest = server_ts − t (the ZMQ queue), "
-        "deliv = receive − server_ts (hub + write); RSS at the step's end"
+        "deliv = receive − server_ts (hub + write); broker CPU: share of one core; RSS at the step's end"
     )
     return _render(head, rows) + f"\n{ref}\n{note}"
 

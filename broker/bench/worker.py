@@ -54,6 +54,12 @@ def _self_kb(key: str) -> int:
     return 0
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) this process has used so far."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _raise_nofile() -> None:
     import resource
 
@@ -494,6 +500,7 @@ def role_ovl_push(args: argparse.Namespace) -> None:
     time.sleep(0.2)  # let the connection come up before the clock starts
     _ready()
     sys.stdin.readline()  # "go": the runner has its subscribers in place
+    cpu0 = _cpu_s()
     rate = args.rate
     sent = blocked = 0
     timed_out = False
@@ -525,9 +532,11 @@ def role_ovl_push(args: argparse.Namespace) -> None:
             timed_out = timed_out or sent < total
             break
     elapsed = now_mono() - start
+    cpu = _cpu_s() - cpu0
     _write(
         args.out,
         {
+            "cpu_s": cpu,
             "events": total,
             "sent": sent,
             "elapsed": elapsed,
@@ -546,8 +555,46 @@ def role_ovl_push(args: argparse.Namespace) -> None:
 UNKNOWN = -2  # `last_i` after a resync: the next index is whatever comes next
 
 
+class Samples:
+    """One delay sample per read: publish→receive (s), its ingest and
+    delivery parts (ms), and the second it arrived in."""
+
+    __slots__ = ("latency", "ingest", "delivery", "at")
+
+    def __init__(self) -> None:
+        self.latency: list[float] = []
+        self.ingest: list[float] = []
+        self.delivery: list[float] = []
+        self.at: list[int] = []
+
+
+def _num_end(data: bytes, pos: int) -> int:
+    while data[pos] in b"0123456789.eE+-":
+        pos += 1
+    return pos
+
+
 class OvlConn:
+    """One overload subscriber's stream and what it found. `feed` takes each
+    read; per read, with bytes.count/rfind (no JSON but for `end`):
+
+    - loss/duplicates: the state and log events carry `"i"`, consecutive per
+      workflow; the count of `"i":` in a read against the jump between the
+      last index of this read and of the previous one. Events before a
+      `resync` are skipped legitimately: the index is taken afresh after it.
+    - order: the last `id: <epoch>:<seq>` of a read is above the previous
+      read's (equal only for `end`, which carries the terminal event's id).
+    - delay: the last event with a `"t"`: receive − t, split at its
+      `server_ts` into ingest (t → broker) and delivery (broker → here).
+    - `end`: its data parsed (once): the workflow's final state.
+    """
+
     __slots__ = (
+        "path",
+        "sock",
+        "connecting",
+        "buf",
+        "head_done",
         "status",
         "got",
         "last_i",
@@ -563,7 +610,12 @@ class OvlConn:
         "last_rx",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, path: str = "") -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.connecting = True
+        self.buf = b""
+        self.head_done = False
         self.status = 0
         self.got = 0  # state and log events received
         self.last_i = -1
@@ -575,177 +627,225 @@ class OvlConn:
         self.ended = False
         self.final_state = ""
         self.errors = 0
-        self.closed = False  # the server closed the stream without `end`
+        self.closed = False  # the stream closed without `end`
         self.last_rx = 0.0
 
+    @property
+    def done(self) -> bool:
+        return self.ended or self.closed or (self.status != 0 and self.status != 200)
 
-def _num_end(data: bytes, pos: int) -> int:
-    while data[pos] in b"0123456789.eE+-":
-        pos += 1
-    return pos
+    def feed(self, data: bytes, now: float, samples: Samples, last_index: int) -> None:
+        if not self.head_done:
+            self.buf += data
+            if b"\r\n\r\n" not in self.buf:
+                return
+            head, _, data = self.buf.partition(b"\r\n\r\n")
+            self.buf = b""
+            self.status = int(head.split(b" ", 2)[1])
+            self.head_done = True
+            if self.status != 200:
+                return
+        # Only whole events: a read may end inside one.
+        buf = self.buf + data if self.buf else data
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self.buf = buf
+            return
+        data, self.buf = buf[: cut + 2], buf[cut + 2 :]
+        self.last_rx = now
+        end_at = data.find(b"event: end")
+        p = data.rfind(b"\nid: ")
+        if p >= 0:
+            colon = data.index(b":", p + 5)
+            seq = int(data[colon + 1 : data.index(b"\n", colon)])
+            if seq < self.last_seq or (seq == self.last_seq and end_at < 0):
+                self.disorder += 1
+            self.last_seq = seq
+        seg = data
+        r = data.rfind(b"event: resync")
+        if r >= 0:
+            self.resyncs += data.count(b"event: resync")
+            # What came before the (last) resync is replaced by it.
+            self.got += data.count(b'"i":', 0, r)
+            seg = data[data.find(b"\n\n", r) + 2 :]
+            self.last_i = UNKNOWN
+        n = seg.count(b'"i":')
+        if n:
+            pos = seg.rfind(b'"i":') + 4
+            li = int(seg[pos : _num_end(seg, pos)])
+            if self.last_i == UNKNOWN:
+                fpos = seg.find(b'"i":') + 4
+                self.last_i = int(seg[fpos : _num_end(seg, fpos)]) - 1
+            expected = self.last_i + n
+            if li > expected:
+                self.lost += li - expected
+            elif li < expected:
+                self.dups += expected - li
+            self.got += n
+            self.last_i = li
+        tpos = seg.rfind(b'"t":')
+        if tpos >= 0:
+            t = float(seg[tpos + 4 : _num_end(seg, tpos + 4)])
+            samples.latency.append(now - t)
+            samples.at.append(int(now))
+            line_start = seg.rfind(b"\n", 0, tpos)
+            sp = seg.find(b'"server_ts":', line_start, seg.find(b"\n", tpos))
+            if sp >= 0:
+                server_ms = int(seg[sp + 12 : _num_end(seg, sp + 12)])
+                samples.ingest.append(server_ms - t * 1000)
+                samples.delivery.append(now * 1000 - server_ms)
+        if b"event: error" in data:
+            self.errors += 1
+        if end_at >= 0:
+            self.ended = True
+            dp = data.find(b"data: ", end_at) + 6
+            try:
+                self.final_state = str(orjson.loads(data[dp : data.find(b"\n", dp)]).get("state", ""))
+            except (orjson.JSONDecodeError, AttributeError):
+                self.final_state = "?"
+            if self.last_i != UNKNOWN and self.last_i < last_index:
+                self.lost += last_index - self.last_i  # the tail never came
 
 
-async def _ovl_client(
+def ovl_subscribe(
     host: str,
     port: int,
-    path: str,
-    c: OvlConn,
-    lat: list[float],
-    ingest: list[float],
-    delivery: list[float],
-    lat_at: list[int],
+    paths: list[str],
     last_index: int,
-) -> None:
-    """One subscriber. Per read (whole events only), with bytes.count/rfind:
+    duration: float,
+    stdin_fd: int | None = None,
+    on_started: Any = None,
+    on_go: Any = None,
+) -> tuple[list[OvlConn], Samples, bool]:
+    """Open one SSE stream per path and read them all until each has ended
+    (or closed), or until the deadline: `duration` seconds, or earlier the
+    wall-clock time a line on `stdin_fd` names (`on_go` is called when it
+    comes: the engine has started). A plain epoll loop, not
+    trio: per read it costs a few µs of Python, so the subscribers take as
+    little as can be of the cores they share with the broker.
 
-    - loss/duplicates: the state and log events carry `"i"`, consecutive per
-      workflow; the count of `"i":` in a read against the jump between the
-      last index of this read and of the previous one. Events before a
-      `resync` are skipped legitimately: the index is taken afresh after it.
-    - order: the last `id: <epoch>:<seq>` of a read is above the previous
-      read's (equal only for `end`, which carries the terminal event's id).
-    - delay: the last event with a `"t"`: receive − t, split at its
-      `server_ts` into ingest (t → broker) and delivery (broker → here).
-    - `end`: its data parsed (once), the workflow's final state.
-    """
-    import trio
+    Returns the connections, the delay samples and whether it timed out."""
+    import errno
+    import select
 
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ep = select.epoll()
+    by_fd: dict[int, OvlConn] = {}
+    samples = Samples()
+    stop_at = time.monotonic() + duration
+    conns = []
+    for path in paths:
+        c = OvlConn(path)
+        conns.append(c)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        if err not in (0, errno.EINPROGRESS):
+            c.closed = True
+            sock.close()
+            continue
+        c.sock = sock
+        by_fd[sock.fileno()] = c
+        ep.register(sock.fileno(), select.EPOLLOUT)
+    if stdin_fd is not None:
+        ep.register(stdin_fd, select.EPOLLIN)
+    if on_started is not None:
+        on_started()
+    open_ = len(by_fd)
+    timed_out = False
+    hostname = host.encode()
+
+    def finish(fd: int, c: OvlConn) -> None:
+        nonlocal open_
+        ep.unregister(fd)
+        assert c.sock is not None
+        c.sock.close()
+        del by_fd[fd]
+        open_ -= 1
+
     try:
-        await sock.connect((host, port))
-        await sock.send(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
-        buf = b""
-        head_done = False
-        while not c.ended:
-            data = await sock.recv(262144)
-            if not data:
-                c.closed = True
+        while open_:
+            left = stop_at - time.monotonic()
+            if left <= 0:
+                timed_out = True
                 break
-            now = time.time()
-            if not head_done:
-                buf += data
-                if b"\r\n\r\n" not in buf:
+            for fd, ev in ep.poll(min(left, 1.0)):
+                if fd == stdin_fd:
+                    line = os.read(fd, 4096)
+                    ep.unregister(fd)
+                    if line.strip():
+                        stop_at = min(stop_at, time.monotonic() + float(line) - time.time())
+                        if on_go is not None:
+                            on_go()
                     continue
-                head, _, data = buf.partition(b"\r\n\r\n")
-                buf = b""
-                c.status = int(head.split(b" ", 2)[1])
-                head_done = True
-                if c.status != 200:
-                    break
-            buf = buf + data if buf else data
-            cut = buf.rfind(b"\n\n")
-            if cut < 0:
-                continue
-            data, buf = buf[: cut + 2], buf[cut + 2 :]
-            c.last_rx = now
-            end_at = data.find(b"event: end")
-            # Order: the last SSE id of this read against the previous read's.
-            p = data.rfind(b"\nid: ")
-            if p >= 0:
-                colon = data.index(b":", p + 5)
-                seq = int(data[colon + 1 : data.index(b"\n", colon)])
-                if seq < c.last_seq or (seq == c.last_seq and end_at < 0):
-                    c.disorder += 1
-                c.last_seq = seq
-            seg = data
-            r = data.rfind(b"event: resync")
-            if r >= 0:
-                c.resyncs += data.count(b"event: resync")
-                # What came before the (last) resync is replaced by it.
-                c.got += data.count(b'"i":', 0, r)
-                seg = data[data.find(b"\n\n", r) + 2 :]
-                c.last_i = UNKNOWN
-            n = seg.count(b'"i":')
-            if n:
-                pos = seg.rfind(b'"i":') + 4
-                li = int(seg[pos : _num_end(seg, pos)])
-                if c.last_i == UNKNOWN:
-                    fpos = seg.find(b'"i":') + 4
-                    c.last_i = int(seg[fpos : _num_end(seg, fpos)]) - 1
-                expected = c.last_i + n
-                if li > expected:
-                    c.lost += li - expected
-                elif li < expected:
-                    c.dups += expected - li
-                c.got += n
-                c.last_i = li
-            tpos = seg.rfind(b'"t":')
-            if tpos >= 0:
-                t = float(seg[tpos + 4 : _num_end(seg, tpos + 4)])
-                lat.append(now - t)
-                lat_at.append(int(now))
-                line_start = seg.rfind(b"\n", 0, tpos)
-                sp = seg.find(b'"server_ts":', line_start, seg.find(b"\n", tpos))
-                if sp >= 0:
-                    server_ms = int(seg[sp + 12 : _num_end(seg, sp + 12)])
-                    ingest.append(server_ms - t * 1000)
-                    delivery.append(now * 1000 - server_ms)
-            if b"event: error" in data:
-                c.errors += 1
-            if end_at >= 0:
-                c.ended = True
-                dp = data.find(b"data: ", end_at) + 6
+                conn = by_fd.get(fd)
+                if conn is None:
+                    continue
+                sk = conn.sock
+                assert sk is not None
+                if conn.connecting:
+                    if ev & (select.EPOLLERR | select.EPOLLHUP):
+                        conn.closed = True
+                        finish(fd, conn)
+                        continue
+                    conn.connecting = False
+                    try:
+                        sk.send(
+                            b"GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n"
+                            % (conn.path.encode(), hostname)
+                        )
+                    except OSError:
+                        conn.closed = True
+                        finish(fd, conn)
+                        continue
+                    ep.modify(fd, select.EPOLLIN)
+                    continue
                 try:
-                    c.final_state = str(orjson.loads(data[dp : data.find(b"\n", dp)]).get("state", ""))
-                except (orjson.JSONDecodeError, AttributeError):
-                    c.final_state = "?"
-                if c.last_i != UNKNOWN and c.last_i < last_index:
-                    c.lost += last_index - c.last_i  # the tail never came
-    except OSError:
-        c.closed = True
+                    data = sk.recv(262144)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    conn.closed = True
+                    finish(fd, conn)
+                    continue
+                conn.feed(data, time.time(), samples, last_index)
+                if conn.done:
+                    finish(fd, conn)
     finally:
-        sock.close()
+        for fd, still_open in list(by_fd.items()):
+            finish(fd, still_open)
+        ep.close()
+    return conns, samples, timed_out
 
 
 def role_ovl_sse(args: argparse.Namespace) -> None:
-    import trio
-
     _raise_nofile()
     host, port, _ = _split_url(args.url_base + "/")
     paths = open(args.paths_file).read().split()
-    conns = [OvlConn() for _ in paths]
-    lat: list[float] = []
-    ingest: list[float] = []
-    delivery: list[float] = []
-    lat_at: list[int] = []
-    timed_out = False
+    cpu_at_go = [0.0]
 
-    def done(c: OvlConn) -> bool:
-        return c.ended or c.closed or (c.status != 0 and c.status != 200)
+    def started() -> None:
+        # A measuring client must not pause on its own: freeze what is set up.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        _ready()
+        cpu_at_go[0] = _cpu_s()
 
-    # Stop at --duration after start, or earlier at the wall-clock deadline
-    # the runner writes on stdin once the engine runs (the step's time limit).
-    stop_at = time.monotonic() + args.duration
+    def go() -> None:
+        cpu_at_go[0] = _cpu_s()  # from here on: the step (set-up not counted)
 
-    async def read_deadline() -> None:
-        nonlocal stop_at
-        line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
-        if line.strip():
-            stop_at = min(stop_at, time.monotonic() + float(line) - time.time())
-
-    async def main() -> None:
-        nonlocal timed_out
-        async with trio.open_nursery() as nursery:
-            for path, c in zip(paths, conns, strict=True):
-                nursery.start_soon(_ovl_client, host, port, path, c, lat, ingest, delivery, lat_at, args.last_index)
-            nursery.start_soon(read_deadline)
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-            _ready()
-            while not all(done(c) for c in conns):
-                if time.monotonic() >= stop_at:
-                    timed_out = True
-                    break
-                await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    conns, samples, timed_out = ovl_subscribe(
+        host, port, paths, args.last_index, args.duration, sys.stdin.fileno(), started, go
+    )
+    cpu = _cpu_s() - cpu_at_go[0]
     clean = [c for c in conns if not c.resyncs]
     _write(
         args.out,
         {
-            "conns": len(conns),
+            "cpu_s": cpu,
+            "conns": len(paths),
             "bad_status": sum(1 for c in conns if c.status != 200),
             "ended": sum(1 for c in conns if c.ended),
             "ended_ok": sum(1 for c in conns if c.ended and c.final_state == args.final_state),
@@ -761,10 +861,10 @@ def role_ovl_sse(args: argparse.Namespace) -> None:
             "disorder": sum(c.disorder for c in conns),
             "last_rx": max((c.last_rx for c in conns), default=0.0),
             "timed_out": timed_out,
-            "latency": lat,
-            "ingest": ingest,
-            "delivery": delivery,
-            "latency_at": lat_at,
+            "latency": samples.latency,
+            "ingest": samples.ingest,
+            "delivery": samples.delivery,
+            "latency_at": samples.at,
         },
     )
 

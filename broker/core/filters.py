@@ -58,7 +58,9 @@ class Filter:
         return hash(self._fields())
 
     def __repr__(self) -> str:
-        given = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__ if getattr(self, n) not in (None, 0, False))
+        given = ", ".join(
+            f"{n}={getattr(self, n)!r}" for n in self.__slots__ if getattr(self, n) not in (None, 0, False)
+        )
         return f"Filter({given})"
 
     @property

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+
 from .cursor import parse_journal_cursor, parse_workflow_cursor, since_seq
 from .entry import NO_LOGS, Entry, Item, level_slot
 from .errors import InvalidArgument
@@ -28,6 +29,7 @@ from .filters import Filter
 from .messages import RESYNC, SNAPSHOT, end_message, gap_message, state_message, workflow_end
 from .scope import MULTI_KINDS, PARENT, TENANT, WORKFLOWS, Scope
 from .state import BrokerState, Workflow
+
 AT_INDEX = "index"
 NO_CONTENT = "no_content"  # HTTP 204: the cursor is already at the terminal event
 

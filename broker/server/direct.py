@@ -79,23 +79,30 @@ class DirectSocket:
         not where they were are logged once as a warning, and every stream
         then takes the ordinary, slower path."""
         if ChunkedWriter is None:
-            return _fallback("h11 has no ChunkedWriter")
+            _fallback("h11 has no ChunkedWriter")
+            return None
         try:
-            proto = send.__self__.send.__self__
+            # Hypercorn's ASGI send is a bound method of its HTTP stream, whose
+            # own `send` is bound to the H11 protocol; untyped internals.
+            proto: Any = send.__self__.send.__self__
             if not isinstance(proto, H11Protocol):
                 log.debug("direct writes: not an HTTP/1.1 response (%s)", type(proto).__name__)
                 return None
-            if not isinstance(proto.connection._writer, ChunkedWriter):
+            h11_conn: Any = proto.connection
+            if not isinstance(h11_conn._writer, ChunkedWriter):
                 log.debug("direct writes: not a chunked body (HTTP/1.0 client or HEAD)")
                 return None
-            tcp = proto.send.__self__
+            proto_send: Any = proto.send
+            tcp: Any = proto_send.__self__
             trio_sock = tcp.stream.socket
             raw = trio_sock._sock
             tcp.send_lock.locked  # noqa: B018 - must exist
         except AttributeError as exc:
-            return _fallback(f"unexpected Hypercorn/h11 internals ({exc})")
+            _fallback(f"unexpected Hypercorn/h11 internals ({exc})")
+            return None
         if not isinstance(raw, socket.socket):
-            return _fallback(f"the transport is not a socket ({type(raw).__name__})")
+            _fallback(f"the transport is not a socket ({type(raw).__name__})")
+            return None
         return cls(tcp, raw)
 
     def ready(self) -> bool:

@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 import trio
+from werkzeug.datastructures import Headers
 
 from ..config import Config
 from ..core.errors import ShuttingDown, SlowConsumer
@@ -44,6 +45,7 @@ from ..core.state import BrokerState, IngestResult, Limits
 from ..core.subscribe import JOURNAL, NEW_WORKFLOW, Opened, Subscription, open_subscription, workflow_not_found
 from ..core.wake import WakeSchedule
 from .gc_policy import FullCollections, GcStats
+from .identity import principal_of
 
 log = logging.getLogger("broker.hub")
 
@@ -137,13 +139,28 @@ class Connection:
         if self.slow:
             raise SlowConsumer("slow consumer: writes made no progress")
 
-    def wrote(self, events: int) -> None:
-        """Count a write of `events` messages (also one made directly)."""
+    def wrote(self, events: int, *, direct: bool = False) -> None:
+        """Count a write of `events` messages (`direct`: made by the hub
+        straight to the socket, server/direct.py)."""
         hub = self._hub
         if events:
             self.delivered += events
             hub.delivered[self.transport] += events
             hub.counters["writes"] += 1
+        if direct:
+            hub.counters["direct_writes"] += 1
+
+    async def write_leftover(self, flush: Callable[[], Awaitable[None]]) -> None:
+        """Send what a direct write left over, the blocking way."""
+        self._hub.counters["direct_partial"] += 1
+        self.write_started = trio.current_time()
+        try:
+            await flush()
+        finally:
+            self.write_started = None
+        self.last_write = trio.current_time()
+        if self.slow:
+            raise SlowConsumer("slow consumer: writes made no progress")
 
     # ---------------------------------------------------------------- waits
 
@@ -264,7 +281,9 @@ class Hub:
         self.schedule = WakeSchedule()
         # key -> listeners: token id -> callback(key). The one wake mechanism.
         self._listeners: dict[str, dict[int, Callable[[str], None]]] = {}
+        self._watching: set[tuple[str, int]] = set()  # (key, token id) of listeners that are subscribers
         self._schedule_changed = trio.Event()
+        self._flusher_due: float | None = None  # when the flusher wakes by itself
         self.connections: dict[int, Connection] = {}
         lim = config.limits
         self.table = ConnectionTable(global_limit=lim.global_, per_user=lim.per_user, per_tenant=lim.per_tenant)
@@ -287,6 +306,14 @@ class Hub:
     @property
     def node_epoch(self) -> str:
         return self.state.node_epoch
+
+    @property
+    def cors_origins(self) -> tuple[str, ...] | list[str]:
+        return self.config.http.cors_origins
+
+    def principal_of(self, headers: Headers | Mapping[str, str], args: Mapping[str, str]) -> Principal:
+        """Who a request is (server/identity.py, the one place that decides)."""
+        return principal_of(self.config, headers, args)
 
     # --------------------------------------------------------------- ingest
 
@@ -346,7 +373,13 @@ class Hub:
             self._call_listeners(key)
         if created:
             self._call_listeners(NEW_WORKFLOW)  # rare, and waited on with a deadline: never deferred
-        if schedule.next_due() is not None:
+        self._flusher_check()
+
+    def _flusher_check(self) -> None:
+        """Wake the flusher if a deferred wake is now due before the time
+        it sleeps until."""
+        due = self.schedule.next_due()
+        if due is not None and (self._flusher_due is None or due < self._flusher_due):
             self._schedule_changed.set()
 
     def _wake_pass(self, keys: list[str]) -> None:
@@ -356,7 +389,7 @@ class Hub:
         for key in keys:
             self._call_listeners(key)
         self.schedule.end_pass(trio.current_time())
-        self._schedule_changed.set()
+        self._flusher_check()
 
     def _call_listeners(self, key: str) -> None:
         listeners = self._listeners.get(key)
@@ -373,13 +406,14 @@ class Hub:
         task_status.started()
         schedule = self.schedule
         while True:
-            due = schedule.next_due()
+            due = self._flusher_due = schedule.next_due()
             self._schedule_changed = trio.Event()
             if due is None:
                 await self._schedule_changed.wait()
                 continue
             with trio.move_on_at(due):
                 await self._schedule_changed.wait()
+            self._flusher_due = None
             now = trio.current_time()
             keys = schedule.expire(now)
             if keys:
@@ -387,27 +421,30 @@ class Hub:
                     self._call_listeners(key)
                 schedule.end_pass(trio.current_time())
 
-    def watch(self, key: str) -> None:
-        """A subscriber starts reading `key` (counts toward its wake interval)."""
-        self.schedule.watch(key)
-
-    def unwatch(self, key: str) -> None:
-        self.schedule.unwatch(key)
-
-    def listen(self, key: str, token: object, callback: Callable[[str], None]) -> None:
+    def listen(self, key: str, token: object, callback: Callable[[str], None], *, subscriber: bool = False) -> None:
         """Call `callback(key)` on every wakeup of `key` (and once when the
-        drain starts) until `unlisten`; `token` identifies the listener."""
+        drain starts) until `unlisten(key, token)`; `token` identifies the
+        listener. A `subscriber` reads the key's entries: it counts toward
+        the key's fan-out interval (core/wake.py), and an unwatched key is
+        never woken."""
         listeners = self._listeners.get(key)
         if listeners is None:
             listeners = self._listeners[key] = {}
-        listeners[id(token)] = callback
+        token_id = id(token)
+        listeners[token_id] = callback
+        if subscriber and (key, token_id) not in self._watching:
+            self._watching.add((key, token_id))
+            self.schedule.watch(key)
 
     def unlisten(self, key: str, token: object) -> None:
+        token_id = id(token)
         listeners = self._listeners.get(key)
-        if listeners is not None:
-            listeners.pop(id(token), None)
+        if listeners is not None and listeners.pop(token_id, None) is not None:
             if not listeners:
                 del self._listeners[key]
+            if (key, token_id) in self._watching:
+                self._watching.discard((key, token_id))
+                self.schedule.unwatch(key)
 
     async def wait(self, key: str, timeout: float) -> bool:
         """Wait for new entries under `key` (a workflow id, JOURNAL or

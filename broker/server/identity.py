@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from werkzeug.datastructures import Headers
+
 from ..config import Config
 from ..core.limits import ANONYMOUS, Principal
 
 
-def principal_of(config: Config, headers: Mapping[str, str], args: Mapping[str, str]) -> Principal:
+def principal_of(config: Config, headers: Headers | Mapping[str, str], args: Mapping[str, str]) -> Principal:
     if config.auth.mode == "none":
         return ANONYMOUS
     raise AssertionError(f"auth.mode {config.auth.mode!r} is not built")  # config refuses it

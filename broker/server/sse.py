@@ -46,7 +46,6 @@ from .asgi import ScopeInfo, path_segments
 from .cors import cors_headers, encode_headers
 from .direct import DirectSocket
 from .hub import Connection, Hub
-from .identity import principal_of
 
 log = logging.getLogger("broker.sse")
 
@@ -105,7 +104,7 @@ async def _body(send: Send, data: bytes) -> None:
 async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, target: tuple[str | None, str]) -> None:
     """Serve one request to a stream path; `target` is its `stream_target`."""
     req = ScopeInfo(scope)
-    cors = encode_headers(cors_headers(req.headers.get("Origin"), hub.config.http.cors_origins))
+    cors = encode_headers(cors_headers(req.headers.get("Origin"), hub.cors_origins))
     if req.method == "OPTIONS":
         await _respond(send, 200, b"", [ALLOW, (b"content-length", b"0"), *cors])
         return
@@ -121,7 +120,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         wid, view = target
         sub = subscribe.from_query(req.args, workflow=wid, view=view, last_event_id=req.headers.get("Last-Event-ID"))
         opened = await hub.open_when_known(sub)
-        principal = principal_of(hub.config, req.headers, req.args)
+        principal = hub.principal_of(req.headers, req.args)
         hub.check_capacity(principal)
     except BrokerError as err:
         headers = [JSON, ALLOW, *cors] if isinstance(err, MethodNotAllowed) else [JSON, *cors]
@@ -209,8 +208,7 @@ class _Stream:
         if direct.broken:
             self.direct = None  # the ordinary path meets the closed socket
         elif direct.pending:
-            self.hub.counters["direct_partial"] += 1
-            await self.conn.write(_flush, direct)
+            await self.conn.write_leftover(direct.flush)
 
     def on_wake(self, key: str) -> None:
         """The hub's wakeup for this stream's key. While the task runs it
@@ -231,14 +229,9 @@ class _Stream:
                 conn.hand_back()
             return
         conn.last_write = trio.current_time()
-        conn.wrote(taken[1])
-        self.hub.counters["direct_writes"] += 1
+        conn.wrote(taken[1], direct=True)
         if not direct.write(taken[0]) or self.reader.done:
             conn.hand_back()
-
-
-async def _flush(direct: DirectSocket) -> None:
-    await direct.flush()
 
 
 async def _stream(
@@ -261,8 +254,7 @@ async def _stream(
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
     st = _Stream(hub, reader, conn, send)
-    hub.watch(key)
-    hub.listen(key, st, st.on_wake)
+    hub.listen(key, st, st.on_wake, subscriber=True)
     try:
         try:
             await st.open(int(cfg.retry_ms), cfg.direct_writes)  # retry_ms is a float (config "nonneg")
@@ -295,7 +287,6 @@ async def _stream(
             return
         finally:
             hub.unlisten(key, st)
-            hub.unwatch(key)
         # A normal end closes the chunked body (after an error Hypercorn
         # closes the connection instead). The connection is counted until
         # then, so a drain waits for this last chunk too.

@@ -57,7 +57,6 @@ from ..core.reader import MultiReader, WorkflowReader
 from ..core.subscribe import NEW_WORKFLOW, Opened, Subscription
 from .asgi import ScopeInfo
 from .hub import Connection, Hub
-from .identity import principal_of
 
 log = logging.getLogger("broker.ws")
 
@@ -321,8 +320,7 @@ class WsSession:
         sub.key = opened.key
         sub.multi = model.scope.multi
         self._add(sub)
-        self.hub.watch(sub.key)
-        self.hub.listen(sub.key, sub, self._notify)
+        self.hub.listen(sub.key, sub, self._notify, subscriber=True)
         sub.live = True
         self.due.add(sub.key)  # its first write (snapshot or backlog) goes out next round
 
@@ -354,7 +352,6 @@ class WsSession:
         if sub.live:
             sub.live = False
             self.hub.unlisten(sub.key, sub)
-            self.hub.unwatch(sub.key)
         if sub.pending is not None:
             sub.pending = None
             self.pending -= 1
@@ -417,7 +414,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> No
         try:
             # The request's headers and arguments are needed only here.
             req = ScopeInfo(scope)
-            principal = principal_of(hub.config, req.headers, req.args)
+            principal = hub.principal_of(req.headers, req.args)
             hub.check_capacity(principal)
             # Admitted before accept(), with no checkpoint in between, so two
             # connections racing for the last place cannot both get it.

@@ -49,12 +49,13 @@ async def serve_zmq_ingest(
     sock: zmq.Socket, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     fd = sock.getsockopt(zmq.FD)
+    assert isinstance(fd, int)
     recv = sock.recv_multipart
     ingest_batch = hub.ingest_batch
     task_status.started()
     try:
         while True:
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 await trio.lowlevel.wait_readable(fd)
                 continue
             frames: list[bytes] = []

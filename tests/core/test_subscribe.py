@@ -116,7 +116,9 @@ SAME: list[tuple[str, tuple[str | None, str], dict[str, Any], Subscription]] = [
 
 
 @pytest.mark.parametrize(("name", "query", "message", "expected"), SAME, ids=[s[0] for s in SAME])
-def test_sse_and_ws_give_the_same_model(name: str, query: tuple[str | None, str], message: dict[str, Any], expected: Subscription) -> None:
+def test_sse_and_ws_give_the_same_model(
+    name: str, query: tuple[str | None, str], message: dict[str, Any], expected: Subscription
+) -> None:
     assert sse(*query) == expected
     assert ws(**message) == expected
 
