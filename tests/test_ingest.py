@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -402,7 +403,7 @@ async def test_engine_seq_older_than_first_is_stale_and_first_event_waits_for_lo
     assert [r["reason"] for r in recent] == ["stale_seq"] and by_reason == Counter({"stale_seq": 1})
 
 
-# ------------------------------------------------------------- deep payloads, frame size (a daemon with 64 KiB frames)
+# ----------------------------------------- deep payloads, frame size (daemon_64k)
 
 
 def proc_memory(pid: int) -> dict[str, int]:
@@ -618,8 +619,11 @@ async def test_connection_still_usable_after_oversized_post(daemon, how):
 
     async with client_for(daemon) as client:
         for attempt in range(10):
-            with trio.fail_after(5):
-                r = await client.post("/v1/events", content=body if how.startswith("content") else chunks())
+            # The server answers before reading the body through: the chunks
+            # left unsent are closed here, not by the GC.
+            async with aclosing(chunks()) as streamed:
+                with trio.fail_after(5):
+                    r = await client.post("/v1/events", content=body if how.startswith("content") else streamed)
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_argument"
             with trio.fail_after(3):  # TooSlowError here: the next request on the connection got no answer
                 r = await client.get("/healthz")

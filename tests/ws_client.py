@@ -116,5 +116,16 @@ class WsClient:
 @asynccontextmanager
 async def ws_client(url: str, **kwargs: Any) -> AsyncIterator[WsClient]:
     answer = kwargs.pop("answer_pings", True)
-    async with open_websocket_url(url, **kwargs) as ws:
-        yield WsClient(ws, answer_pings=answer)
+    stream = None
+    try:
+        async with open_websocket_url(url, **kwargs) as ws:
+            stream = ws._stream
+            yield WsClient(ws, answer_pings=answer)
+    finally:
+        # trio-websocket 0.12 leaves the TCP socket open when the server
+        # closes first (its aclose() returns at once when a close reason is
+        # already set, and a client waits for the server's TCP close without
+        # closing its own side), so the socket is left to the GC. Closing it
+        # again is harmless when the library did.
+        if stream is not None:
+            stream.socket.close()

@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -199,7 +199,7 @@ def _last_meaningful_line(text: str) -> str:
 def _apt_candidate(package: str, env: Mapping[str, str]) -> bool:
     proc = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, env=env, timeout=60)
     match = re.search(r"Candidate:\s*(\S+)", proc.stdout)
-    return bool(match) and match.group(1) != "(none)"
+    return match is not None and match.group(1) != "(none)"
 
 
 class _NoServiceStarts:
@@ -332,7 +332,7 @@ def _stop_all_at_exit() -> None:
         server.stop()
 
 
-def _parent_death_hook() -> object:
+def _parent_death_hook() -> Callable[[], object] | None:
     """A preexec_fn that asks Linux to SIGTERM nginx when we die.
 
     Prepared in the parent so the child only makes one libc call. Linux ties
@@ -567,7 +567,7 @@ http {{
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,  # own process group: stop() can kill master + workers
-                preexec_fn=_parent_death_hook(),  # type: ignore[arg-type]
+                preexec_fn=_parent_death_hook(),
                 close_fds=True,
             )
             with _live_lock:

@@ -10,16 +10,17 @@ the number of writes a second is what this schedule decides, in two ways:
   seconds: with five subscribers that is 0.1 ms (no batching at all); with
   1,000 it is 20 ms, and the events of those 20 ms go out in one write
   per subscriber.
-- **Load.** When the ingest runs behind (a turn drained a full batch, so
-  more is queued), wakes are not sent one by one as events come in: the
-  keys touched are collected and woken together in one *write pass* when
-  the ingest has caught up, or at the latest `max_delay` after the
-  previous pass ended — and never before the ingest has had at least as
-  long as that pass took. Under overload each subscriber is written at
-  most once per pass however many events its key got, so writes a second
-  fall to what the CPU can do, the ingest is drained first, and an
-  event's delay stays bounded by about two passes instead of growing
-  with the backlog.
+- **Load.** When the ingest runs behind — a turn drained a full batch (more
+  is queued), or began `lag_behind` after the previous one with input
+  waiting all along (the loop is busy) — wakes are not sent one by one as
+  events come in: the keys touched are collected and woken together in
+  one *write pass*, when the ingest has caught up or `max_delay` after the
+  first of them, whichever is first; and never sooner after the previous
+  pass than `max_delay` or as long as that pass took. Under overload each
+  subscriber is written at most once per pass however many events its key
+  got, so writes a second fall to what the CPU can do, the ingest is
+  drained first, and an event's delay stays bounded by about two passes
+  instead of growing with the backlog.
 
 The adapter (server/hub.py) calls `touched()` with the keys an ingest
 turn gave new entries, `ingest_turn()` after every turn of the ZMQ drain,
@@ -37,8 +38,12 @@ from dataclasses import dataclass
 # Seconds of broker CPU one subscriber write costs, with headroom (a direct
 # write measured ≈ 8 µs on the 2-core bench machine on a good day).
 WRITE_COST = 20e-6
-# Under load, the longest an event's wake waits for the ingest to catch up.
+# Under load, the longest an event's wake waits for the ingest to catch up,
+# and the least time between two write passes.
 MAX_DELAY = 0.05
+# A loop turn this late (seconds since the previous turn, with input
+# waiting all along) means the broker runs behind.
+LAG_BEHIND = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +57,21 @@ class WakeStatistics:
 
 
 class WakeSchedule:
-    def __init__(self, *, write_cost: float = WRITE_COST, max_delay: float = MAX_DELAY) -> None:
+    def __init__(
+        self, *, write_cost: float = WRITE_COST, max_delay: float = MAX_DELAY, lag_behind: float = LAG_BEHIND
+    ) -> None:
         self.write_cost = write_cost
         self.max_delay = max_delay
+        self.lag_behind = lag_behind
         self.watchers: Counter[str] = Counter()  # subscribers per key
         self._last: dict[str, float] = {}  # when each watched key was last woken
         self._due: dict[str, float] = {}  # fan-out: key → when its deferred wake is due
         self._dirty: set[str] = set()  # load: keys waiting for the next write pass
-        self.behind = False
+        self._dirty_since = 0.0  # when the first of them went dirty
+        self.behind = False  # the ingest runs behind: wakes wait for write passes
+        self._caught_up = False  # behind, but the ingest has caught up: pass when spacing allows
         self._pass_not_before = 0.0  # the ingest's share after a pass
         self._pass_started: float | None = None
-        self._behind_since = 0.0
         self.passes = 0
         self.deferred_by_load = 0
 
@@ -95,9 +104,7 @@ class WakeSchedule:
             if not n:
                 continue
             if self.behind:
-                if key not in self._dirty:
-                    self._dirty.add(key)
-                    self.deferred_by_load += 1
+                self._defer(key, now)
                 continue
             last = self._last.get(key)
             if last is None or now - last >= n * self.write_cost:
@@ -107,26 +114,42 @@ class WakeSchedule:
                 self._due[key] = last + n * self.write_cost
         return out
 
-    def ingest_turn(self, now: float, backlog: bool) -> list[str]:
-        """After a turn of the ingest drain; `backlog`: it drained a full
-        batch (more is queued). The keys to wake now: a write pass when
-        the ingest caught up, or when one is due while it is behind."""
-        if backlog:
+    def _defer(self, key: str, now: float) -> None:
+        if key not in self._dirty:
+            if not self._dirty:
+                self._dirty_since = now
+            self._dirty.add(key)
+            self.deferred_by_load += 1
+
+    def ingest_turn(self, now: float, backlog: bool, lag: float = 0.0) -> list[str]:
+        """After a turn of the ingest drain. `backlog`: the turn drained a
+        full batch (more is queued); `lag`: how long since the previous
+        turn began, when the ingest did not wait for input in between (a
+        loop turn running behind). The keys to wake now: a write pass,
+        when one is due."""
+        if backlog or lag > self.lag_behind:
+            self._caught_up = False
             if not self.behind:
                 self.behind = True
-                self._behind_since = now
-                self._pass_not_before = now + self.max_delay
-                # Fan-out wakes already deferred join the next pass.
-                self._dirty.update(self._due)
+                # Fan-out wakes already deferred join the pass.
+                for key in self._due:
+                    self._defer(key, now)
                 self._due.clear()
                 return []
-            if self._dirty and now >= self._pass_not_before:
-                return self.begin_pass(now)
-            return []
-        if self.behind:
-            self.behind = False
+        elif self.behind:
+            # Caught up: the pass goes now, or once the ingest has had its
+            # share after the previous one (the timer, `expire()`).
+            self._caught_up = True
+        if self.behind and self._dirty and now >= self._pass_due():
             return self.begin_pass(now)
+        if self.behind and not self._dirty and self._caught_up:
+            self.behind = self._caught_up = False
         return []
+
+    def _pass_due(self) -> float:
+        if self._caught_up:
+            return self._pass_not_before
+        return max(self._pass_not_before, self._dirty_since + self.max_delay)
 
     def begin_pass(self, now: float) -> list[str]:
         """Every key waiting for a write pass, to wake now; call
@@ -135,6 +158,8 @@ class WakeSchedule:
         self._dirty.clear()
         for key in keys:
             self._last[key] = now
+        if self._caught_up:
+            self.behind = self._caught_up = False
         if keys:
             self.passes += 1
             self._pass_started = now
@@ -153,14 +178,16 @@ class WakeSchedule:
     def next_due(self) -> float | None:
         """When `expire()` has keys to wake, or None."""
         due = min(self._due.values()) if self._due else None
-        if self._dirty and (due is None or self._pass_not_before < due):
-            due = self._pass_not_before
+        if self._dirty:
+            at = self._pass_due()
+            if due is None or at < due:
+                due = at
         return due
 
     def expire(self, now: float) -> list[str]:
-        """The deferred wakes due by `now`. A write pass falls due here
-        when the ingest stopped reporting turns while behind (its queue
-        emptied between turns), so nothing waits longer than `max_delay`."""
+        """The deferred wakes due by `now`: fan-out intervals that ran out,
+        and the write pass when it is due (the ingest may be waiting for
+        input, or still busy: either way nothing waits longer)."""
         out: list[str] = []
         if self._due:
             for key, at in list(self._due.items()):
@@ -168,8 +195,7 @@ class WakeSchedule:
                     del self._due[key]
                     self._last[key] = now
                     out.append(key)
-        if self._dirty and now >= self._pass_not_before:
-            self.behind = False
+        if self._dirty and now >= self._pass_due():
             out += self.begin_pass(now)
         return out
 

@@ -326,10 +326,11 @@ class Hub:
         self._wake(result.touched, result.created, now)
         return result
 
-    def ingest_batch(self, frames: list[bytes], source: str, backlog: bool = False) -> None:
+    def ingest_batch(self, frames: list[bytes], source: str, backlog: bool = False, lag: float = 0.0) -> None:
         """Frames drained together: one clock read, one round of wakeups.
-        `backlog`: the drain stopped at its batch limit (more is queued),
-        which is what moves wakes into write passes (core/wake.py)."""
+        `backlog` (the drain stopped at its batch limit: more is queued)
+        and `lag` (how late this turn began) say whether the broker runs
+        behind, which moves wakes into write passes (core/wake.py)."""
         now, wall = trio.current_time(), time.time()
         touched: set[str] = set()
         created = False
@@ -341,7 +342,7 @@ class Hub:
             touched |= result.touched
             created = created or result.created
         self._wake(touched, created, now)
-        self._wake_pass(self.schedule.ingest_turn(now, backlog))
+        self._wake_pass(self.schedule.ingest_turn(now, backlog, lag))
 
     def _log_rejects(self, result: IngestResult, source: str, now: float) -> None:
         for index, rej in result.rejected:

@@ -53,11 +53,18 @@ async def serve_zmq_ingest(
     recv = sock.recv_multipart
     ingest_batch = hub.ingest_batch
     task_status.started()
+    turn_began: float | None = None  # None: the ingest waited for input since
     try:
         while True:
             if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 await trio.lowlevel.wait_readable(fd)
+                turn_began = None
                 continue
+            # How late this turn is: the time since the previous one began,
+            # while input was waiting all along (the loop was busy).
+            now = trio.current_time()
+            lag = 0.0 if turn_began is None else now - turn_began
+            turn_began = now
             frames: list[bytes] = []
             backlog = True  # the batch limit was reached: more is queued
             for _ in range(BATCH):
@@ -67,9 +74,9 @@ async def serve_zmq_ingest(
                     backlog = False
                     break
             if frames:
-                # A backlog moves subscriber wakes into write passes, so the
-                # queue is drained first (core/wake.py).
-                ingest_batch(frames, "zmq", backlog)
+                # Running behind moves subscriber wakes into write passes, so
+                # the queue is drained first (core/wake.py).
+                ingest_batch(frames, "zmq", backlog, lag)
             # The socket may still be readable: let other tasks run, then
             # re-check EVENTS at the top (no busy loop: EVENTS gates the sleep).
             await trio.lowlevel.checkpoint()

@@ -10,6 +10,8 @@ from broker.core.wake import WakeSchedule
 
 
 def schedule(*keys: str, watchers: int = 1, **kw: float) -> WakeSchedule:
+    """(Tests of write passes give times in milliseconds, with max_delay and
+    lag_behind to match: whole numbers, no float rounding.)"""
     s = WakeSchedule(**kw)
     for key in keys:
         for _ in range(watchers):
@@ -40,50 +42,75 @@ def test_fan_out_interval_defers_and_batches() -> None:
 
 
 def test_backlog_moves_wakes_into_a_write_pass_when_the_ingest_catches_up() -> None:
-    s = schedule("a", "b", "c", max_delay=0.05)
+    s = schedule("a", "b", "c", max_delay=50.0)
     assert s.ingest_turn(0.0, backlog=True) == []
     assert s.behind
     # While behind, nothing is woken as events come in.
-    assert s.touched(["a", "b"], 0.001) == []
-    assert s.touched(["a", "c"], 0.002) == []
-    assert s.ingest_turn(0.003, backlog=True) == []
+    assert s.touched(["a", "b"], 1.0) == []
+    assert s.touched(["a", "c"], 2.0) == []
+    assert s.ingest_turn(3.0, backlog=True) == []
     # Caught up: every touched key once, in one pass.
-    assert sorted(s.ingest_turn(0.004, backlog=False)) == ["a", "b", "c"]
+    assert sorted(s.ingest_turn(4.0, backlog=False)) == ["a", "b", "c"]
     assert not s.behind
-    s.end_pass(0.005)
-    assert s.touched(["a"], 0.006) == ["a"]  # back to waking at once
+    s.end_pass(5.0)
+    assert s.touched(["a"], 6.0) == ["a"]  # back to waking at once
     st = s.statistics()
     assert st.passes == 1 and st.deferred_by_load == 3
 
 
 def test_a_pass_comes_after_max_delay_even_if_the_ingest_never_catches_up() -> None:
-    s = schedule("a", max_delay=0.05)
+    s = schedule("a", max_delay=50.0)
     s.ingest_turn(0.0, backlog=True)
-    s.touched(["a"], 0.01)
-    assert s.ingest_turn(0.04, backlog=True) == []
-    assert s.ingest_turn(0.05, backlog=True) == ["a"]
+    s.touched(["a"], 10.0)
+    assert s.ingest_turn(50.0, backlog=True) == []
+    assert s.ingest_turn(60.0, backlog=True) == ["a"]  # 50 ms after it went dirty
     assert s.behind  # still behind: later touches wait for the next pass
 
 
-def test_after_a_long_pass_the_ingest_gets_as_long_before_the_next() -> None:
-    s = schedule("a", "b", max_delay=0.05)
+def test_a_late_turn_means_behind_too() -> None:
+    s = schedule("a", lag_behind=20.0)
+    assert s.ingest_turn(0.0, backlog=False, lag=19.0) == []
+    assert not s.behind
+    assert s.ingest_turn(100.0, backlog=False, lag=30.0) == []
+    assert s.behind
+    assert s.touched(["a"], 101.0) == []
+    assert s.ingest_turn(102.0, backlog=False, lag=1.0) == ["a"]  # caught up
+    assert not s.behind
+
+
+def test_after_a_pass_the_next_waits_for_the_ingest_share() -> None:
+    s = schedule("a", "b", max_delay=50.0)
     s.ingest_turn(0.0, backlog=True)
-    s.touched(["a"], 0.01)
-    assert s.ingest_turn(0.06, backlog=True) == ["a"]
-    s.end_pass(0.26)  # the pass's writes took 200 ms
-    s.touched(["a", "b"], 0.27)
-    assert s.ingest_turn(0.30, backlog=True) == []
-    assert s.ingest_turn(0.45, backlog=True) == []
-    assert sorted(s.ingest_turn(0.46, backlog=True)) == ["a", "b"]  # 200 ms after the pass ended
+    s.touched(["a"], 10.0)
+    assert s.ingest_turn(60.0, backlog=True) == ["a"]
+    s.end_pass(260.0)  # the pass's writes took 200 ms
+    assert s.ingest_turn(265.0, backlog=False, lag=205.0) == []  # still behind: the pass made it late
+    s.touched(["a", "b"], 270.0)
+    assert s.ingest_turn(300.0, backlog=True) == []
+    assert s.ingest_turn(450.0, backlog=True) == []
+    assert sorted(s.ingest_turn(460.0, backlog=True)) == ["a", "b"]  # 200 ms after the pass ended
+
+
+def test_caught_up_soon_after_a_pass_waits_for_the_spacing() -> None:
+    s = schedule("a", max_delay=50.0)
+    s.ingest_turn(0.0, backlog=True)
+    s.touched(["a"], 1.0)
+    assert s.ingest_turn(2.0, backlog=False) == ["a"]  # the first pass: at once
+    s.end_pass(3.0)
+    s.ingest_turn(4.0, backlog=True)
+    s.touched(["a"], 5.0)
+    assert s.ingest_turn(6.0, backlog=False) == []  # caught up, but only 3 ms after the pass
+    assert s.next_due() == 53.0
+    assert s.expire(53.0) == ["a"]
+    assert not s.behind
 
 
 def test_the_timer_runs_a_pass_when_the_ingest_went_quiet_while_behind() -> None:
-    s = schedule("a", max_delay=0.05)
+    s = schedule("a", max_delay=50.0)
     s.ingest_turn(0.0, backlog=True)  # the last turn was full, then the queue emptied
-    s.touched(["a"], 0.001)
-    assert s.next_due() == 0.05
-    assert s.expire(0.05) == ["a"]
-    assert not s.behind
+    s.touched(["a"], 1.0)
+    assert s.next_due() == 51.0
+    assert s.expire(51.0) == ["a"]
 
 
 def test_deferred_fan_out_wakes_join_the_pass() -> None:
