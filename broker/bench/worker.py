@@ -508,28 +508,35 @@ def role_ovl_push(args: argparse.Namespace) -> None:
     deadline = start + args.deadline
     start_wall = time.time()
     dumps, now_mono, now_wall, sleep = orjson.dumps, time.monotonic, time.time, time.sleep
-    for k, (fields, i) in enumerate(script):
-        seq = k + 2  # seq 1 is the setup `workflow.created`
-        for wid in wids:
-            pause = start + sent / rate - now_mono()
-            if pause > 0:
-                sleep(pause)
-            t = now_wall()
-            ev = {"workflow_id": wid, "seq": seq, "ts": int(t * 1000), **fields}
-            ev["data"] = {"t": t} if i < 0 else {"t": t, "i": i}
-            frame = dumps(ev)
-            try:
-                sock.send(frame, zmq.NOBLOCK)
-            except zmq.Again:
-                blocked += 1
-                left = deadline - now_mono()
-                if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
-                    timed_out = True
-                    break
-                sock.send(frame)
-            sent += 1
-        if timed_out or now_mono() > deadline:
-            timed_out = timed_out or sent < total
+    # Workflows start staggered over half the script's length, so they run
+    # at different phases and end spread over the step's second half (as
+    # real ones do), not all in the same last round.
+    n = len(script)
+    order = sorted(
+        ((k + (w * n // 2) // len(wids), w, k) for w in range(len(wids)) for k in range(n)),
+    )
+    for _, w, k in order:
+        fields, i = script[k]
+        pause = start + sent / rate - now_mono()
+        if pause > 0:
+            sleep(pause)
+        t = now_wall()
+        # seq 1 is the setup `workflow.created`.
+        ev = {"workflow_id": wids[w], "seq": k + 2, "ts": int(t * 1000), **fields}
+        ev["data"] = {"t": t} if i < 0 else {"t": t, "i": i}
+        frame = dumps(ev)
+        try:
+            sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            blocked += 1
+            left = deadline - now_mono()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLOUT):
+                timed_out = True
+                break
+            sock.send(frame)
+        sent += 1
+        if now_mono() > deadline:
+            timed_out = sent < total
             break
     elapsed = now_mono() - start
     cpu = _cpu_s() - cpu0

@@ -165,13 +165,14 @@ class WakeSchedule:
             self._pass_started = now
         return keys
 
-    def end_pass(self, now: float) -> None:
-        """The writes of the pass begun last are done: the ingest gets at
-        least as long as they took (and `max_delay` at least) before the
-        next pass."""
+    def end_pass(self, now: float, took: float | None = None) -> None:
+        """The writes of the pass begun last are done (`took`: the seconds
+        they took, if not all the time since it began): the ingest gets at
+        least as long (and `max_delay` at least) before the next pass."""
         if self._pass_started is None:
             return
-        took = now - self._pass_started
+        if took is None:
+            took = now - self._pass_started
         self._pass_started = None
         self._pass_not_before = now + max(self.max_delay, took)
 

@@ -120,8 +120,9 @@ class FullCollections:
     A collection falls due once `min_closed` connections — or a quarter of
     those still open, if more — have closed since the last one, or `every`
     seconds have passed. A due collection waits for a quiet second (no
-    event ingested since the previous check), so the pause does not land
-    on live traffic, but never longer than `max_wait` seconds."""
+    event ingested or written since the previous check: the caller's
+    `activity` count did not move), so the pause does not land on live
+    traffic, but never longer than `max_wait` seconds."""
 
     def __init__(
         self,

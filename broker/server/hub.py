@@ -51,6 +51,9 @@ log = logging.getLogger("broker.hub")
 
 T = TypeVar("T")
 
+# Seconds of wakes a write pass makes before it lets the ingest run again.
+PASS_SLICE = 0.005
+
 __all__ = ["JOURNAL", "NEW_WORKFLOW", "Connection", "Hub", "HubStatistics", "limits_from_config"]
 
 
@@ -68,6 +71,10 @@ def limits_from_config(config: Config) -> Limits:
         dedup_window=config.order.dedup_window,
         max_frame_bytes=config.ingest.max_frame_bytes,
     )
+
+
+async def _call(fn: Callable[[], Awaitable[None]]) -> None:
+    await fn()
 
 
 class Connection:
@@ -153,14 +160,7 @@ class Connection:
     async def write_leftover(self, flush: Callable[[], Awaitable[None]]) -> None:
         """Send what a direct write left over, the blocking way."""
         self._hub.counters["direct_partial"] += 1
-        self.write_started = trio.current_time()
-        try:
-            await flush()
-        finally:
-            self.write_started = None
-        self.last_write = trio.current_time()
-        if self.slow:
-            raise SlowConsumer("slow consumer: writes made no progress")
+        await self.write(_call, flush)
 
     # ---------------------------------------------------------------- waits
 
@@ -284,6 +284,7 @@ class Hub:
         self._watching: set[tuple[str, int]] = set()  # (key, token id) of listeners that are subscribers
         self._schedule_changed = trio.Event()
         self._flusher_due: float | None = None  # when the flusher wakes by itself
+        self._pass: list[str] = []  # keys of the write pass the flusher is running
         self.connections: dict[int, Connection] = {}
         lim = config.limits
         self.table = ConnectionTable(global_limit=lim.global_, per_user=lim.per_user, per_tenant=lim.per_tenant)
@@ -384,13 +385,11 @@ class Hub:
             self._schedule_changed.set()
 
     def _wake_pass(self, keys: list[str]) -> None:
-        """Wake the keys of a write pass, then tell the schedule it is done."""
-        if not keys:
-            return
-        for key in keys:
-            self._call_listeners(key)
-        self.schedule.end_pass(trio.current_time())
-        self._flusher_check()
+        """Hand the keys of a write pass to the flusher, which wakes them in
+        slices with the ingest running in between (it is drained first)."""
+        if keys:
+            self._pass.extend(keys)
+            self._schedule_changed.set()
 
     def _call_listeners(self, key: str) -> None:
         listeners = self._listeners.get(key)
@@ -403,10 +402,17 @@ class Hub:
                 log.exception("listener of %r failed", key)
 
     async def serve_flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver the wakes the schedule deferred, when they fall due."""
+        """Deliver the wakes the schedule deferred, when they fall due, and
+        the write passes: `PASS_SLICE` seconds of wakes (their direct writes
+        included) at a time, the ingest and the other tasks running between
+        slices, so a pass of thousands of writes never holds the loop."""
         task_status.started()
         schedule = self.schedule
         while True:
+            if self._pass:
+                took = await self._run_pass()
+                schedule.end_pass(trio.current_time(), took)
+                continue
             due = self._flusher_due = schedule.next_due()
             self._schedule_changed = trio.Event()
             if due is None:
@@ -415,12 +421,23 @@ class Hub:
             with trio.move_on_at(due):
                 await self._schedule_changed.wait()
             self._flusher_due = None
-            now = trio.current_time()
-            keys = schedule.expire(now)
-            if keys:
-                for key in keys:
-                    self._call_listeners(key)
-                schedule.end_pass(trio.current_time())
+            self._pass.extend(schedule.expire(trio.current_time()))
+
+    async def _run_pass(self) -> float:
+        """Wake the pass's keys; the seconds its slices took (without the
+        time the ingest ran in between)."""
+        keys = self._pass
+        took = 0.0
+        while keys:
+            began = trio.current_time()
+            until = began + PASS_SLICE
+            while keys:
+                self._call_listeners(keys.pop())
+                if len(keys) % 32 == 0 and trio.current_time() >= until:
+                    break
+            took += trio.current_time() - began
+            await trio.lowlevel.checkpoint()
+        return took
 
     def listen(self, key: str, token: object, callback: Callable[[str], None], *, subscriber: bool = False) -> None:
         """Call `callback(key)` on every wakeup of `key` (and once when the

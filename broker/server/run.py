@@ -144,7 +144,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                     gc_policy.serve_full_collections,
                     hub.full_collections,
                     lambda: len(hub.connections),
-                    lambda: hub.state.counters["ingested"],
+                    # Quiet = nothing ingested *or delivered*: a collection
+                    # must not land on the tail of a burst's deliveries.
+                    lambda: hub.state.counters["ingested"] + hub.counters["writes"],
                 )
                 info = {"http": http_addr, "zmq": endpoint, "node": config.node.id, "node_epoch": hub.state.node_epoch}
                 log.info("ready http=%s zmq=%s node=%s", http_addr, endpoint, config.node.id)
