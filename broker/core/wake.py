@@ -20,7 +20,9 @@ the number of writes a second is what this schedule decides, in two ways:
   subscriber is written at most once per pass however many events its key
   got, so writes a second fall to what the CPU can do, the ingest is
   drained first, and an event's delay stays bounded by about two passes
-  instead of growing with the backlog.
+  instead of growing with the backlog. Keys with so many subscribers that
+  their fan-out interval is `max_delay / 10` or more (250 at the default
+  cost) keep that interval: they are batched already.
 
 The adapter (server/hub.py) calls `touched()` with the keys an ingest
 turn gave new entries, `ingest_turn()` after every turn of the ZMQ drain,
@@ -43,7 +45,7 @@ WRITE_COST = 20e-6
 MAX_DELAY = 0.05
 # A loop turn this late (seconds since the previous turn, with input
 # waiting all along) means the broker runs behind.
-LAG_BEHIND = 0.02
+LAG_BEHIND = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,10 @@ class WakeSchedule:
         self.write_cost = write_cost
         self.max_delay = max_delay
         self.lag_behind = lag_behind
+        # A key whose own fan-out interval is this long keeps it while the
+        # ingest runs behind: its writes are batched already, and waiting
+        # for write passes would only make each one larger and later.
+        self.fan_out_interval = max_delay / 10
         self.watchers: Counter[str] = Counter()  # subscribers per key
         self._last: dict[str, float] = {}  # when each watched key was last woken
         self._due: dict[str, float] = {}  # fan-out: key → when its deferred wake is due
@@ -103,15 +109,16 @@ class WakeSchedule:
             n = watchers.get(key)
             if not n:
                 continue
-            if self.behind:
+            interval = n * self.write_cost
+            if self.behind and interval < self.fan_out_interval:
                 self._defer(key, now)
                 continue
             last = self._last.get(key)
-            if last is None or now - last >= n * self.write_cost:
+            if last is None or now - last >= interval:
                 self._last[key] = now
                 out.append(key)
             elif key not in self._due:
-                self._due[key] = last + n * self.write_cost
+                self._due[key] = last + interval
         return out
 
     def _defer(self, key: str, now: float) -> None:
@@ -131,10 +138,10 @@ class WakeSchedule:
             self._caught_up = False
             if not self.behind:
                 self.behind = True
-                # Fan-out wakes already deferred join the pass.
-                for key in self._due:
+                # Deferred wakes of keys with few subscribers join the pass.
+                for key in [k for k in self._due if self.watchers[k] * self.write_cost < self.fan_out_interval]:
+                    del self._due[key]
                     self._defer(key, now)
-                self._due.clear()
                 return []
         elif self.behind:
             # Caught up: the pass goes now, or once the ingest has had its

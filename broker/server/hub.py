@@ -14,10 +14,8 @@ life (the callback writes directly, or hands the connection back to its
 task); `wait()` is a listener that sets an event. Listeners leave with
 their stream, so connect/disconnect cycles leave nothing behind.
 
-A `Connection` is one open stream; its transitions are its own methods:
-`write()` (slow-consumer bookkeeping, counting), `park()` (wait for the
-client until woken or a deadline), `hand_back()` (end a park: the task has
-work), `close_soon()` (an admin close or the drain).
+A `Connection` (server/connection.py) is one open stream; its transitions
+are its own methods (write, park, hand back, close).
 
 One clock: `trio.current_time()` for every duration, handed to the core as
 `now`; wall time (`server_ts`, admin display) read once per ingest batch or
@@ -30,31 +28,30 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 from werkzeug.datastructures import Headers
 
 from ..config import Config
-from ..core.errors import ShuttingDown, SlowConsumer
+from ..core.errors import ShuttingDown
 from ..core.limits import ANONYMOUS, ConnectionTable, Principal
 from ..core.state import BrokerState, IngestResult, Limits
 from ..core.subscribe import JOURNAL, NEW_WORKFLOW, Opened, Subscription, open_subscription, workflow_not_found
 from ..core.wake import WakeSchedule
+from .connection import Connection, ConnectionCounters
 from .gc_policy import FullCollections, GcStats
 from .identity import principal_of
 
 log = logging.getLogger("broker.hub")
 
-T = TypeVar("T")
-
 # Seconds of wakes a write pass makes before it lets the ingest run again.
 PASS_SLICE = 0.005
 
-__all__ = ["JOURNAL", "NEW_WORKFLOW", "Connection", "Hub", "HubStatistics", "limits_from_config"]
+__all__ = ["JOURNAL", "NEW_WORKFLOW", "Hub", "HubStatistics", "limits_from_config"]
 
 
 def limits_from_config(config: Config) -> Limits:
@@ -71,163 +68,6 @@ def limits_from_config(config: Config) -> Limits:
         dedup_window=config.order.dedup_window,
         max_frame_bytes=config.ingest.max_frame_bytes,
     )
-
-
-async def _call(fn: Callable[[], Awaitable[None]]) -> None:
-    await fn()
-
-
-class Connection:
-    """One open stream (an SSE response or a WebSocket)."""
-
-    # One per open stream: no per-instance dict.
-    __slots__ = (
-        "id",
-        "transport",
-        "remote",
-        "path",
-        "opened",
-        "principal",
-        "delivered",
-        "subscriptions",
-        "closing",
-        "write_started",
-        "slow",
-        "rate",
-        "tokens",
-        "refilled",
-        "wake",
-        "woken",
-        "last_write",
-        "_hub",
-    )
-
-    def __init__(self, hub: Hub, conn_id: int, transport: str, remote: str, path: str, principal: Principal) -> None:
-        self._hub = hub
-        self.id = conn_id
-        self.transport = transport  # "sse" or "ws"
-        self.remote = remote
-        self.path = path
-        self.opened = time.time()
-        self.principal = principal
-        self.delivered = 0
-        self.subscriptions = 0
-        # An admin's DELETE or the drain: the stream flushes and closes (SSE
-        # without `end`, so the client reconnects with its cursor; WS 1000
-        # or 1001).
-        self.closing = False
-        # Slow consumers (DESIGN §6): when the current write started (trio
-        # clock), None between writes; `slow` once a write made no progress
-        # for stream.slow_consumer_timeout (set by the hub's watchdog).
-        self.write_started: float | None = None
-        self.slow = False
-        # limits.events_per_second: a token bucket (rate 0 = unlimited).
-        self.rate = 0.0
-        self.tokens = 0.0
-        self.refilled = 0.0
-        # While parked: the scope `hand_back()` cancels, and whether it did.
-        self.wake: trio.CancelScope | None = None
-        self.woken = False
-        self.last_write = trio.current_time()  # keepalive timing
-
-    # --------------------------------------------------------------- writes
-
-    async def write(self, send: Callable[[T], Awaitable[None]], message: T, events: int = 0) -> None:
-        """One write of `events` messages through `send`. Raises
-        SlowConsumer if it made no progress for stream.slow_consumer_timeout
-        but went through after all (the stream then says why it closes)."""
-        self.write_started = trio.current_time()
-        try:
-            await send(message)
-        finally:
-            self.write_started = None
-        self.last_write = trio.current_time()
-        self.wrote(events)
-        if self.slow:
-            raise SlowConsumer("slow consumer: writes made no progress")
-
-    def wrote(self, events: int, *, direct: bool = False) -> None:
-        """Count a write of `events` messages (`direct`: made by the hub
-        straight to the socket, server/direct.py)."""
-        hub = self._hub
-        if events:
-            self.delivered += events
-            hub.delivered[self.transport] += events
-            hub.counters["writes"] += 1
-        if direct:
-            hub.counters["direct_writes"] += 1
-
-    async def write_leftover(self, flush: Callable[[], Awaitable[None]]) -> None:
-        """Send what a direct write left over, the blocking way."""
-        self._hub.counters["direct_partial"] += 1
-        await self.write(_call, flush)
-
-    # ---------------------------------------------------------------- waits
-
-    async def park(self, deadline: float, receive: Callable[[], Awaitable[T]]) -> T | None:
-        """Wait for the client's next message until `deadline` or until
-        `hand_back()`: the message, or None (then `woken` says which)."""
-        self.woken = False
-        if self.closing:
-            self.woken = True
-            return None
-        scope = self.wake = trio.CancelScope(deadline=deadline)
-        try:
-            with scope:
-                return await receive()
-        finally:
-            self.wake = None
-        return None
-
-    def hand_back(self) -> None:
-        """End a `park()` of this connection: its task has work to do."""
-        if self.wake is not None:
-            self.woken = True
-            self.wake.cancel()
-
-    def close_soon(self) -> None:
-        """An admin close or the drain: the stream flushes what it has and ends."""
-        self.closing = True
-        self.hand_back()
-
-    @property
-    def parked(self) -> bool:
-        return self.wake is not None
-
-    # --------------------------------------------------------------- pacing
-
-    async def pace(self, sent: int) -> None:
-        """After a write of `sent` events, wait as limits.events_per_second
-        requires. The reader keeps its place meanwhile: what piles up is
-        coalesced (or becomes a resync) on the next write, never queued."""
-        pause = self.pace_delay(sent)
-        if pause:
-            await trio.sleep(pause)
-
-    def pace_delay(self, sent: int) -> float:
-        """Take `sent` events from the token bucket; the seconds to wait
-        before the next write (0.0: none)."""
-        if not self.rate:
-            return 0.0
-        now = trio.current_time()
-        self.tokens = min(self.rate, self.tokens + (now - self.refilled) * self.rate) - sent
-        self.refilled = now
-        if self.tokens < 0:
-            self.tokens = max(self.tokens, -self.rate)  # at most a second of debt
-            return -self.tokens / self.rate
-        return 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "transport": self.transport,
-            "remote": self.remote,
-            "path": self.path,
-            "opened": int(self.opened * 1000),
-            "delivered": self.delivered,
-            "subscriptions": self.subscriptions,
-            "slow": self.slow,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,10 +129,11 @@ class Hub:
         lim = config.limits
         self.table = ConnectionTable(global_limit=lim.global_, per_user=lim.per_user, per_tenant=lim.per_tenant)
         self._conn_ids = itertools.count(1)
-        self.delivered: Counter[str] = Counter()  # events written, by transport
+        self.counts = ConnectionCounters()
+        self.delivered = self.counts.delivered  # events written, by transport
         # Stream-side counters (shared with the readers: coalesced, resyncs,
         # gaps), plus writes, direct_writes, slow_consumer_closed, …
-        self.counters: Counter[str] = Counter()
+        self.counters = self.counts.streams
         self._draining = False
         self._no_connections = trio.Event()
         self._reject_log = _RateLimitedLog()
@@ -550,7 +391,7 @@ class Hub:
         self.table.check(principal)
 
     def open_connection(self, transport: str, remote: str, path: str, principal: Principal = ANONYMOUS) -> Connection:
-        conn = Connection(self, next(self._conn_ids), transport, remote, path, principal)
+        conn = Connection(self.counts, next(self._conn_ids), transport, remote, path, principal)
         rate = self.config.limits.events_per_second
         if rate:
             conn.rate, conn.tokens, conn.refilled = float(rate), float(rate), trio.current_time()

@@ -43,9 +43,10 @@ from ..core.errors import BrokerError, DeadlineExceeded, InvalidArgument, Method
 from ..core.messages import error_body
 from ..core.reader import MultiReader, WorkflowReader
 from .asgi import ScopeInfo, path_segments
+from .connection import Connection
 from .cors import cors_headers, encode_headers
 from .direct import DirectSocket
-from .hub import Connection, Hub
+from .hub import Hub
 
 log = logging.getLogger("broker.sse")
 

@@ -56,7 +56,8 @@ from ..core.messages import error_body
 from ..core.reader import MultiReader, WorkflowReader
 from ..core.subscribe import NEW_WORKFLOW, Opened, Subscription
 from .asgi import ScopeInfo
-from .hub import Connection, Hub
+from .connection import Connection
+from .hub import Hub
 
 log = logging.getLogger("broker.ws")
 

@@ -113,13 +113,28 @@ def test_the_timer_runs_a_pass_when_the_ingest_went_quiet_while_behind() -> None
     assert s.expire(51.0) == ["a"]
 
 
-def test_deferred_fan_out_wakes_join_the_pass() -> None:
-    s = schedule("fan", watchers=1000, write_cost=20e-6)
+def test_deferred_wakes_of_few_subscribers_join_the_pass() -> None:
+    s = schedule("few", watchers=4, write_cost=0.0005)  # interval 2 ms: below max_delay / 10
+    s.touched(["few"], 0.0)
+    s.touched(["few"], 0.001)  # deferred to 0.002
+    s.ingest_turn(0.0015, backlog=True)
+    assert s.expire(0.002) == []  # now part of the pass, not its own timer
+    assert s.ingest_turn(0.003, backlog=False) == ["few"]
+
+
+def test_a_fan_out_key_keeps_its_interval_while_behind() -> None:
+    """1,000 subscribers: woken every 20 ms, behind or not (waiting for
+    passes would only make each write larger and later)."""
+    s = schedule("fan", "few", write_cost=20e-6)
+    for _ in range(999):
+        s.watch("fan")
     s.touched(["fan"], 0.0)
-    s.touched(["fan"], 0.001)  # deferred to 0.020
-    s.ingest_turn(0.002, backlog=True)
-    assert s.expire(0.02) == []  # now part of the pass, not its own timer
-    assert s.ingest_turn(0.003, backlog=False) == ["fan"]
+    s.ingest_turn(0.001, backlog=True)
+    assert s.behind
+    assert s.touched(["fan", "few"], 0.002) == []
+    assert s.next_due() == 0.02
+    assert s.expire(0.02) == ["fan"]  # its own timer; "few" waits for the pass
+    assert s.touched(["fan"], 0.05) == ["fan"]
 
 
 def test_unwatch_forgets_the_key_everywhere() -> None:
