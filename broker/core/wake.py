@@ -147,7 +147,7 @@ class WakeSchedule:
             # Caught up: the pass goes now, or once the ingest has had its
             # share after the previous one (the timer, `expire()`).
             self._caught_up = True
-        if self.behind and self._dirty and now >= self._pass_due():
+        if self.behind and self._dirty and self._pass_started is None and now >= self._pass_due():
             return self.begin_pass(now)
         if self.behind and not self._dirty and self._caught_up:
             self.behind = self._caught_up = False
@@ -160,7 +160,10 @@ class WakeSchedule:
 
     def begin_pass(self, now: float) -> list[str]:
         """Every key waiting for a write pass, to wake now; call
-        `end_pass()` once their writes are done."""
+        `end_pass()` once their writes are done. Nothing while a pass is
+        still running: keys touched meanwhile wait for the next one."""
+        if self._pass_started is not None:
+            return []
         keys = list(self._dirty)
         self._dirty.clear()
         for key in keys:
@@ -186,7 +189,7 @@ class WakeSchedule:
     def next_due(self) -> float | None:
         """When `expire()` has keys to wake, or None."""
         due = min(self._due.values()) if self._due else None
-        if self._dirty:
+        if self._dirty and self._pass_started is None:
             at = self._pass_due()
             if due is None or at < due:
                 due = at
@@ -203,9 +206,13 @@ class WakeSchedule:
                     del self._due[key]
                     self._last[key] = now
                     out.append(key)
-        if self._dirty and now >= self._pass_due():
+        if self._dirty and self._pass_started is None and now >= self._pass_due():
             out += self.begin_pass(now)
         return out
+
+    @property
+    def pass_running(self) -> bool:
+        return self._pass_started is not None
 
     def statistics(self) -> WakeStatistics:
         return WakeStatistics(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -124,7 +124,7 @@ class Hub:
         self._watching: set[tuple[str, int]] = set()  # (key, token id) of listeners that are subscribers
         self._schedule_changed = trio.Event()
         self._flusher_due: float | None = None  # when the flusher wakes by itself
-        self._pass: list[str] = []  # keys of the write pass the flusher is running
+        self._pass: deque[str] = deque()  # keys of the write pass the flusher is running
         self.connections: dict[int, Connection] = {}
         lim = config.limits
         self.table = ConnectionTable(global_limit=lim.global_, per_user=lim.per_user, per_tenant=lim.per_tenant)
@@ -185,6 +185,13 @@ class Hub:
             created = created or result.created
         self._wake(touched, created, now)
         self._wake_pass(self.schedule.ingest_turn(now, backlog, lag))
+        self._flusher_check()  # catching up may have moved a pass earlier
+
+    def ingest_idle(self) -> None:
+        """The ZMQ ingest has drained its queue and waits for input: if it
+        was behind, it has caught up."""
+        self._wake_pass(self.schedule.ingest_turn(trio.current_time(), False))
+        self._flusher_check()
 
     def _log_rejects(self, result: IngestResult, source: str, now: float) -> None:
         for index, rej in result.rejected:
@@ -254,6 +261,8 @@ class Hub:
                 took = await self._run_pass()
                 schedule.end_pass(trio.current_time(), took)
                 continue
+            if schedule.pass_running:  # a pass that woke nothing
+                schedule.end_pass(trio.current_time(), 0.0)
             due = self._flusher_due = schedule.next_due()
             self._schedule_changed = trio.Event()
             if due is None:
@@ -265,19 +274,21 @@ class Hub:
             self._pass.extend(schedule.expire(trio.current_time()))
 
     async def _run_pass(self) -> float:
-        """Wake the pass's keys; the seconds its slices took (without the
-        time the ingest ran in between)."""
+        """Wake the pass's keys, oldest first; the seconds its slices took
+        (without the time the ingest ran in between). Fan-out wakes that
+        fall due meanwhile go out between slices."""
         keys = self._pass
         took = 0.0
         while keys:
-            began = trio.current_time()
+            began = now = trio.current_time()
             until = began + PASS_SLICE
-            while keys:
-                self._call_listeners(keys.pop())
-                if len(keys) % 32 == 0 and trio.current_time() >= until:
-                    break
-            took += trio.current_time() - began
+            while keys and now < until:
+                self._call_listeners(keys.popleft())
+                now = trio.current_time()
+            took += now - began
             await trio.lowlevel.checkpoint()
+            for key in self.schedule.expire(trio.current_time()):
+                self._call_listeners(key)  # a pass is running: only fan-out keys come back
         return took
 
     def listen(self, key: str, token: object, callback: Callable[[str], None], *, subscriber: bool = False) -> None:
@@ -315,7 +326,8 @@ class Hub:
             return True
         woken = trio.Event()
         token = object()
-        self.listen(key, token, lambda _key: woken.set())
+        # A subscriber: an unwatched key is never woken (core/wake.py).
+        self.listen(key, token, lambda _key: woken.set(), subscriber=True)
         try:
             with trio.move_on_after(timeout):
                 await woken.wait()
@@ -392,6 +404,10 @@ class Hub:
 
     def open_connection(self, transport: str, remote: str, path: str, principal: Principal = ANONYMOUS) -> Connection:
         conn = Connection(self.counts, next(self._conn_ids), transport, remote, path, principal)
+        if self._draining:
+            # The drain began while this stream was being set up (after
+            # check_capacity): it must flush and end like the others.
+            conn.closing = True
         rate = self.config.limits.events_per_second
         if rate:
             conn.rate, conn.tokens, conn.refilled = float(rate), float(rate), trio.current_time()

@@ -57,6 +57,8 @@ async def serve_zmq_ingest(
     try:
         while True:
             if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                if turn_began is not None:
+                    hub.ingest_idle()  # drained: no longer behind
                 await trio.lowlevel.wait_readable(fd)
                 turn_began = None
                 continue

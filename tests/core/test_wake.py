@@ -194,3 +194,18 @@ def test_every_touched_key_is_woken_in_the_end(steps: list[tuple[str, frozenset[
         s.end_pass(now)
     for k, t in last_touch.items():
         assert last_wake.get(k, -1.0) >= t, (k, t, last_wake)
+
+
+def test_no_pass_begins_while_one_is_running() -> None:
+    s = schedule("a", "b", max_delay=50.0)
+    s.ingest_turn(0.0, backlog=True)
+    s.touched(["a"], 1.0)
+    assert s.ingest_turn(2.0, backlog=False) == ["a"]  # caught up: the pass starts
+    assert s.pass_running
+    s.ingest_turn(3.0, backlog=True)
+    s.touched(["b"], 4.0)
+    assert s.ingest_turn(60.0, backlog=True) == []  # due by time, but the first still runs
+    assert s.expire(60.0) == [] and s.next_due() is None
+    s.end_pass(100.0, took=10.0)
+    assert s.next_due() == 150.0  # max_delay after the pass ended
+    assert s.ingest_turn(150.0, backlog=True) == ["b"]

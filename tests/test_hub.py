@@ -1,0 +1,182 @@
+"""The hub's wake path under load, in-process on trio's MockClock
+(broker/server/hub.py with core/wake.py): write passes never overlap or
+starve a key, fan-out wakes still go out during a pass, the ingest going
+idle ends `behind`, and a stream opened as the drain starts still ends.
+These windows cannot be hit reliably over real sockets; the end-to-end
+behaviour is in test_sse.py, test_ws.py and the bench's `overload`."""
+
+from __future__ import annotations
+
+import collections
+
+import orjson
+import trio
+import trio.testing
+
+from broker.config import from_mapping
+from broker.server import sse
+from broker.server.hub import Hub
+
+from .builders import ev
+
+
+def frame(*events: dict) -> bytes:
+    return orjson.dumps(list(events))
+
+
+def test_sustained_overload_wakes_every_key_and_the_pass_list_stays_bounded() -> None:
+    n_keys, cost, fan_subs = 200, 0.001, 300
+
+    async def main(clock: trio.testing.MockClock) -> None:
+        hub = Hub(from_mapping({}))
+        keys = [f"wf-{i}" for i in range(n_keys)]
+        hub.ingest(frame(*(ev(k, "workflow.running") for k in [*keys, "fan"])), "test")
+        wakes: collections.Counter[str] = collections.Counter()
+        tokens = []
+
+        def small(key: str) -> None:
+            wakes[key] += 1
+            clock.jump(cost)  # a write costs time
+
+        for k in keys:
+            tokens.append(t := object())
+            hub.listen(k, t, small, subscriber=True)
+        fan_times: list[float] = []
+        for i in range(fan_subs):
+            tokens.append(t := object())
+            hub.listen(
+                "fan",
+                t,
+                (lambda _k: fan_times.append(trio.current_time())) if i == 0 else (lambda _k: None),
+                subscriber=True,
+            )
+        frames = [orjson.dumps(ev(k, "tick")) for k in keys]
+        longest_pass_list = 0
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                n.start_soon(hub.serve_flusher)
+
+                async def ingest() -> None:
+                    nonlocal longest_pass_list
+                    while True:  # always a full batch: behind all along
+                        hub.ingest_batch(frames, "zmq", backlog=True)
+                        longest_pass_list = max(longest_pass_list, len(hub._pass))
+                        clock.jump(0.001)
+                        await trio.lowlevel.checkpoint()
+
+                n.start_soon(ingest)
+                await trio.sleep(1.0)
+                # The fan-out workflow's last two events, 1 ms apart: the
+                # second lands inside its interval and waits on a timer.
+                hub.ingest_batch([orjson.dumps(ev("fan", "tick"))], "zmq", backlog=True)
+                clock.jump(0.001)
+                hub.ingest_batch([orjson.dumps(ev("fan", "workflow.completed"))], "zmq", backlog=True)
+                last = trio.current_time()
+                wakes.clear()
+                await trio.sleep(2.0)
+                assert [t for t in fan_times if t > last], "the fan-out wake due during a pass never went out"
+                assert all(wakes[k] for k in keys), sum(1 for k in keys if not wakes[k])
+                assert longest_pass_list <= n_keys + 1, longest_pass_list
+                n.cancel_scope.cancel()
+
+    clock = trio.testing.MockClock()
+    trio.run(main, clock, clock=clock)
+
+
+def test_the_ingest_going_idle_ends_behind() -> None:
+    async def main() -> None:
+        hub = Hub(from_mapping({}))
+        hub.ingest(frame(ev("wf", "workflow.running")), "test")
+        woken: list[float] = []
+        token = object()
+        hub.listen("wf", token, lambda _k: woken.append(trio.current_time()), subscriber=True)
+        async with trio.open_nursery() as n:
+            n.start_soon(hub.serve_flusher)
+            # The last turn of a burst was late, then the queue was empty.
+            hub.ingest_batch([orjson.dumps(ev("wf", "tick"))], "zmq", lag=0.5)
+            assert hub.statistics().behind
+            hub.ingest_idle()
+            await trio.sleep(1.0)
+            assert not hub.statistics().behind
+            woken.clear()
+            t = trio.current_time()
+            hub.ingest(frame(ev("wf", "tick")), "http")
+            assert woken == [t], "an HTTP event once idle must wake at once"
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_pass_slice_stops_after_pass_slice_even_with_many_subscribers_per_key() -> None:
+    async def main(clock: trio.testing.MockClock) -> None:
+        hub = Hub(from_mapping({}))
+        keys = [f"wf-{i}" for i in range(64)]
+        hub.ingest(frame(*(ev(k, "workflow.running") for k in keys)), "test")
+        tokens = []
+        for k in keys:
+            for _ in range(200):  # below the fan-out exemption: these go in passes
+                tokens.append(t := object())
+                hub.listen(k, t, lambda _k: clock.jump(20e-6), subscriber=True)
+        gaps: list[float] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(hub.serve_flusher)
+            hub.ingest_batch([], "zmq", backlog=True)  # behind from here on
+            hub.ingest_batch([orjson.dumps(ev(k, "tick")) for k in keys], "zmq", backlog=True)
+            hub.ingest_batch([], "zmq", backlog=False)  # caught up: the pass starts
+            last = trio.current_time()
+            for _ in range(200):
+                await trio.lowlevel.checkpoint()
+                now = trio.current_time()
+                gaps.append(now - last)
+                last = now
+            n.cancel_scope.cancel()
+        # A slice ends at most one key (200 writes of 20 µs = 4 ms) past its
+        # 5 ms; trio may run two slices between two turns of this task.
+        assert sum(gaps) >= 64 * 0.004 * 0.99, sum(gaps)  # the pass ran meanwhile
+        assert max(gaps) <= 2 * 0.0095, max(gaps)
+
+    clock = trio.testing.MockClock()
+    trio.run(main, clock, clock=clock)
+
+
+def test_an_sse_stream_opened_as_the_drain_starts_still_ends() -> None:
+    async def main() -> None:
+        hub = Hub(from_mapping({}))
+        hub.ingest(frame(ev("wf", "workflow.running")), "test")
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/v1/workflows/wf/stream",
+            "headers": [],
+            "query_string": b"",
+            "client": ("127.0.0.1", 1),
+        }
+        asked = False
+        never = trio.Event()
+
+        async def receive() -> dict:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await never.wait()
+            raise AssertionError
+
+        bodies: list[bytes] = []
+
+        async def send(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                hub.begin_drain()  # SIGTERM lands while the headers go out
+            elif msg["type"] == "http.response.body":
+                bodies.append(msg["body"])
+            await trio.lowlevel.checkpoint()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                n.start_soon(hub.serve_flusher)
+                await sse.handle(hub, scope, receive, send, sse.stream_target(scope))
+                n.cancel_scope.cancel()
+        assert not hub.connections
+        assert bodies[-1] == b"" and b"event: snapshot" in bodies[0]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
