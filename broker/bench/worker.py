@@ -196,6 +196,14 @@ def _split_url(url: str) -> tuple[str, int, str]:
 # -------------------------------------------------------------- subscribers
 
 
+def index_jump(last_i: int, n: int, li: int) -> tuple[int, int]:
+    """(lost, duplicated) for a read of `n` indexed events ending at index
+    `li`, after one that ended at `last_i`: a jump that differs from the
+    count in between is a loss (or a repeat)."""
+    expected = last_i + n
+    return max(0, li - expected), max(0, expected - li)
+
+
 class SubResult:
     __slots__ = ("got", "last_i", "dups", "lost", "ended", "status", "first_i", "last_rx", "first_delay")
 
@@ -272,11 +280,9 @@ async def _sse_client(
                     res.first_i = int(data[fpos : data.index(b",", fpos)])
                     res.last_i = res.first_i - 1
                     res.first_delay = now - asked
-                expected = res.last_i + n
-                if li > expected:
-                    res.lost += li - expected
-                elif li < expected:
-                    res.dups += expected - li
+                lost, dups = index_jump(res.last_i, n, li)
+                res.lost += lost
+                res.dups += dups
                 res.got += n
                 res.last_i = li
                 res.last_rx = now
@@ -683,11 +689,9 @@ class OvlConn:
             if self.last_i == UNKNOWN:
                 fpos = seg.find(b'"i":') + 4
                 self.last_i = int(seg[fpos : _num_end(seg, fpos)]) - 1
-            expected = self.last_i + n
-            if li > expected:
-                self.lost += li - expected
-            elif li < expected:
-                self.dups += expected - li
+            lost, dups = index_jump(self.last_i, n, li)
+            self.lost += lost
+            self.dups += dups
             self.got += n
             self.last_i = li
         tpos = seg.rfind(b'"t":')

@@ -81,19 +81,3 @@ class Scope:
         if not isinstance(value, (str, frozenset)):
             raise InvalidArgument(f"'{kind}' must be a non-empty string")
         return cls(kind, value)
-
-    @classmethod
-    def of(
-        cls,
-        *,
-        workflow: str | None = None,
-        workflows: frozenset[str] | None = None,
-        tenant: str | None = None,
-        parent: str | None = None,
-    ) -> Scope:
-        given = {
-            k: v
-            for k, v in ((WORKFLOW, workflow), (WORKFLOWS, workflows), (TENANT, tenant), (PARENT, parent))
-            if v is not None
-        }
-        return cls.pick(given)

@@ -163,12 +163,12 @@ def open_subscription(
             return None
         start = plan_workflow_start(wf, last_event_id=cursor.resume, since=cursor.since)
         if start.mode == NO_CONTENT:
-            return Opened(None, wf.id, workflow_end(wf))
+            return Opened(None, sub.key, workflow_end(wf))
         reader: WorkflowReader | MultiReader = WorkflowReader(
             wf, sub.filter, start, coalesce_after=coalesce_after, counters=counters
         )
-        return Opened(reader, wf.id)
+        return Opened(reader, sub.key)
     since = None if cursor.since is None else str(cursor.since)
     start = plan_multi_start(state, last_event_id=cursor.resume, since=since)
     multi = MultiReader(state, sub.filter, start, scope=scope, coalesce_after=coalesce_after, counters=counters)
-    return Opened(None if multi.done else multi, JOURNAL)
+    return Opened(None if multi.done else multi, sub.key)

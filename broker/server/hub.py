@@ -150,7 +150,7 @@ class Hub:
         return self.state.node_epoch
 
     @property
-    def cors_origins(self) -> tuple[str, ...] | list[str]:
+    def cors_origins(self) -> tuple[str, ...]:
         return self.config.http.cors_origins
 
     def principal_of(self, headers: Headers | Mapping[str, str], args: Mapping[str, str]) -> Principal:
