@@ -5,7 +5,8 @@ Against the daemon as a subprocess, with real sockets:
 
 - delivery through the direct path is complete and ordered, and the bytes on
   the wire are strictly valid chunked encoding (checked by a raw-socket
-  HTTP/1.1 client), ending with the last chunk when the workflow ends;
+  HTTP/1.1 client), ending with the last chunk when the workflow ends, after
+  which the broker closes the connection (announced by `Connection: close`);
 - `stream.direct_writes = false` delivers the same, without direct writes;
 - an HTTP/1.0 client gets a close-delimited body through the ordinary path;
 - a direct write that cannot complete (the client stopped reading) is
@@ -196,6 +197,8 @@ async def deliver_one_by_one(broker: Daemon, count: int) -> tuple[list[SseEvent]
             assert headers["transfer-encoding"] == "chunked"
             assert headers["content-type"].startswith("text/event-stream")
             assert "content-length" not in headers
+            # The stream's connection closes when it ends: said up front.
+            assert headers["connection"] == "close"
             raw = ChunkedSse(resp)
             nursery.start_soon(raw.run)
             await raw.started.wait()
@@ -206,9 +209,11 @@ async def deliver_one_by_one(broker: Daemon, count: int) -> tuple[list[SseEvent]
                 assert got.json["data"]["i"] == i, got
             broker.push(ev(wid, "workflow.completed"))
             rest = await s.rest()
-    # The nursery waited for the raw reader: it read the last chunk.
-    resp.sock.close()
+    # The nursery waited for the raw reader: it read the last chunk. Then
+    # the broker closes the connection (nothing follows the last chunk).
     assert raw.ended and not resp.buf, bytes(resp.buf)
+    assert await resp.sock.recv(1) == b"", "the connection stayed open after the stream ended"
+    resp.sock.close()
     assert [e.event for e in rest] == ["state", "end"]
     events = s.events[1 : 1 + count]
     assert_in_order(events, 2, count)

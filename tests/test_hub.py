@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from broker.config import from_mapping
+from broker.server import hub as hub_module
 from broker.server import sse
 from broker.server.hub import Hub
 
@@ -59,8 +60,9 @@ def test_sustained_overload_wakes_every_key_and_the_pass_list_stays_bounded() ->
                 async def ingest() -> None:
                     nonlocal longest_pass_list
                     while True:  # always a full batch: behind all along
-                        hub.ingest_batch(frames, "zmq", backlog=True)
-                        longest_pass_list = max(longest_pass_list, len(hub._pass))
+                        hub.ingest_batch(frames, "zmq")
+                        hub.ingest_turn(True, 0.0)
+                        longest_pass_list = max(longest_pass_list, len(hub._queue))
                         clock.jump(0.001)
                         await trio.lowlevel.checkpoint()
 
@@ -68,9 +70,11 @@ def test_sustained_overload_wakes_every_key_and_the_pass_list_stays_bounded() ->
                 await trio.sleep(1.0)
                 # The fan-out workflow's last two events, 1 ms apart: the
                 # second lands inside its interval and waits on a timer.
-                hub.ingest_batch([orjson.dumps(ev("fan", "tick"))], "zmq", backlog=True)
+                hub.ingest_batch([orjson.dumps(ev("fan", "tick"))], "zmq")
+                hub.ingest_turn(True, 0.0)
                 clock.jump(0.001)
-                hub.ingest_batch([orjson.dumps(ev("fan", "workflow.completed"))], "zmq", backlog=True)
+                hub.ingest_batch([orjson.dumps(ev("fan", "workflow.completed"))], "zmq")
+                hub.ingest_turn(True, 0.0)
                 last = trio.current_time()
                 wakes.clear()
                 await trio.sleep(2.0)
@@ -93,7 +97,8 @@ def test_the_ingest_going_idle_ends_behind() -> None:
         async with trio.open_nursery() as n:
             n.start_soon(hub.serve_flusher)
             # The last turn of a burst was late, then the queue was empty.
-            hub.ingest_batch([orjson.dumps(ev("wf", "tick"))], "zmq", lag=0.5)
+            hub.ingest_batch([orjson.dumps(ev("wf", "tick"))], "zmq")
+            hub.ingest_turn(False, 0.5)
             assert hub.statistics().behind
             hub.ingest_idle()
             await trio.sleep(1.0)
@@ -101,6 +106,8 @@ def test_the_ingest_going_idle_ends_behind() -> None:
             woken.clear()
             t = trio.current_time()
             hub.ingest(frame(ev("wf", "tick")), "http")
+            for _ in range(3):  # the flusher's turn: no time passes
+                await trio.lowlevel.checkpoint()
             assert woken == [t], "an HTTP event once idle must wake at once"
             n.cancel_scope.cancel()
 
@@ -120,9 +127,10 @@ def test_a_pass_slice_stops_after_pass_slice_even_with_many_subscribers_per_key(
         gaps: list[float] = []
         async with trio.open_nursery() as n:
             n.start_soon(hub.serve_flusher)
-            hub.ingest_batch([], "zmq", backlog=True)  # behind from here on
-            hub.ingest_batch([orjson.dumps(ev(k, "tick")) for k in keys], "zmq", backlog=True)
-            hub.ingest_batch([], "zmq", backlog=False)  # caught up: the pass starts
+            hub.ingest_turn(True, 0.0)  # behind from here on
+            hub.ingest_batch([orjson.dumps(ev(k, "tick")) for k in keys], "zmq")
+            hub.ingest_turn(True, 0.0)
+            hub.ingest_turn(False, 0.0)  # caught up: the pass starts
             last = trio.current_time()
             for _ in range(200):
                 await trio.lowlevel.checkpoint()
@@ -180,3 +188,112 @@ def test_an_sse_stream_opened_as_the_drain_starts_still_ends() -> None:
         assert bodies[-1] == b"" and b"event: snapshot" in bodies[0]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_ended_streams_wait_their_turn_while_wakes_are_queued() -> None:
+    """Teardowns are let through at ENDS_BUSY_RATE while the flusher has
+    wakes queued, ENDS_IDLE a round once it is quiet, and all at once when
+    the drain begins."""
+
+    async def main(clock: trio.testing.MockClock) -> None:
+        hub = Hub(from_mapping({}))
+        keys = [f"wf-{i}" for i in range(50)]
+        hub.ingest(frame(*(ev(k, "workflow.running") for k in keys)), "test")
+        tokens = []
+        for k in keys:
+            tokens.append(t := object())
+            hub.listen(k, t, lambda _k: clock.jump(0.001), subscriber=True)  # a 1 ms write
+        released: list[float] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(hub.serve_flusher)
+
+            async def busy() -> None:  # events for every key, all the time
+                while True:
+                    hub.ingest(frame(*(ev(k, "tick") for k in keys)), "test")
+                    await trio.sleep(0.01)
+
+            busy_scope = trio.CancelScope()
+
+            async def run_busy() -> None:
+                with busy_scope:
+                    await busy()
+
+            n.start_soon(run_busy)
+            await trio.sleep(0.1)
+            for _ in range(400):
+                hub.end_later(lambda: released.append(trio.current_time()))
+            began = trio.current_time()
+            await trio.sleep(0.5)
+            busy_released = len(released)
+            # At the busy rate (with its bucket's one round of slack).
+            assert 0 < busy_released <= hub_module.ENDS_BUSY_RATE * 0.5 + hub_module.ENDS_IDLE, busy_released
+            busy_scope.cancel()
+            await trio.sleep(0.5)  # quiet: the rest go a round at a time
+            assert len(released) == 400, len(released)
+            for _ in range(10):
+                hub.end_later(lambda: released.append(trio.current_time()))
+            hub.begin_drain()
+            assert len(released) == 410, "the drain lets every ended stream go at once"
+            hub.end_later(lambda: released.append(trio.current_time()))
+            assert len(released) == 411, "while draining, at once"
+            assert released[0] >= began
+            n.cancel_scope.cancel()
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    trio.run(main, clock, clock=clock)
+
+
+def test_the_zmq_ingest_yields_to_the_loop_every_turn_slice() -> None:
+    """However much input is queued, a turn of the ZMQ drain stops after
+    TURN_SLICE of work (or TURN_BATCH messages) and lets the other tasks
+    run; nothing queued is lost."""
+    import zmq
+
+    from broker.server import zmq_ingest
+
+    async def main(clock: trio.testing.MockClock) -> None:
+        hub = Hub(from_mapping({}))
+        ctx = zmq.Context()
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 0)  # no limit: all of it is queued up front
+        pull.bind("inproc://slices")
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.connect("inproc://slices")
+        total = 3000
+        for i in range(total):
+            push.send(orjson.dumps(ev("wf", "tick", seq=i + 1)), zmq.NOBLOCK)
+        got = 0
+        real_batch = hub.ingest_batch
+
+        def slow_batch(frames: list[bytes], source: str) -> None:
+            nonlocal got
+            got += len(frames)
+            real_batch(frames, source)
+            clock.jump(0.001 * len(frames) / zmq_ingest.CHUNK)  # 1 ms a chunk of work
+
+        hub.ingest_batch = slow_batch  # type: ignore[method-assign]
+        gaps: list[float] = []
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    n.start_soon(hub.serve_flusher)
+                    n.start_soon(zmq_ingest.serve_zmq_ingest, pull, hub)
+                    last = trio.current_time()
+                    while got < total:
+                        await trio.lowlevel.checkpoint()
+                        now = trio.current_time()
+                        gaps.append(now - last)
+                        last = now
+                    n.cancel_scope.cancel()
+        finally:
+            push.close(0)
+            ctx.destroy(linger=0)
+        assert got == total
+        # A turn is TURN_SLICE of work, at most one chunk past it; trio may
+        # run two turns between two of this task's (its order in a round varies).
+        assert max(gaps) <= 2 * (zmq_ingest.TURN_SLICE + 0.001) + 1e-9, max(gaps)
+        assert hub.state.counters["ingested"] == total
+
+    clock = trio.testing.MockClock()
+    trio.run(main, clock, clock=clock)

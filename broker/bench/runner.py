@@ -763,6 +763,8 @@ def _step_stats(broker: Broker, before: dict[str, Any]) -> dict[str, Any]:
         "coalesced": a_streams.get("coalesced", 0) - b_streams.get("coalesced", 0),
         "resyncs": a_streams.get("resyncs", 0) - b_streams.get("resyncs", 0),
         "slow_consumer_closed": a_streams.get("slow_consumer_closed", 0) - b_streams.get("slow_consumer_closed", 0),
+        # Direct writes the socket did not take whole: finished by the stream's task.
+        "direct_partial": a_streams.get("direct_partial", 0) - b_streams.get("direct_partial", 0),
         "ingested": after["counters"].get("ingested", 0) - before["counters"].get("ingested", 0),
         "gc_during_step": _gc_delta(before.get("gc", {}), after.get("gc", {})),
     }

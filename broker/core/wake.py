@@ -78,6 +78,7 @@ class WakeSchedule:
         self._caught_up = False  # behind, but the ingest has caught up: pass when spacing allows
         self._pass_not_before = 0.0  # the ingest's share after a pass
         self._pass_started: float | None = None
+        self.pass_keys: tuple[str, ...] = ()  # the keys of the pass begun last
         self.passes = 0
         self.deferred_by_load = 0
 
@@ -173,6 +174,7 @@ class WakeSchedule:
         if keys:
             self.passes += 1
             self._pass_started = now
+            self.pass_keys = tuple(keys)
         return keys
 
     def end_pass(self, now: float, took: float | None = None) -> None:
@@ -184,6 +186,7 @@ class WakeSchedule:
         if took is None:
             took = now - self._pass_started
         self._pass_started = None
+        self.pass_keys = ()
         self._pass_not_before = now + max(self.max_delay, took)
 
     def next_due(self) -> float | None:

@@ -6,8 +6,9 @@ algorithm of pyzmq's own `_future.py`:
 
 1. read `EVENTS`; while it lacks POLLIN, sleep on `wait_readable(FD)` and
    read `EVENTS` again (never sleep first: the edge may already be gone);
-2. drain with NOBLOCK until `zmq.Again` (or a batch limit, to stay fair to
-   the other tasks), hand the frames to the hub, checkpoint, repeat.
+2. drain with NOBLOCK until `zmq.Again` (or a time or batch limit, to
+   stay fair to the other tasks), handing the frames to the hub a chunk at
+   a time, checkpoint, repeat.
 
 No other task may touch the socket (even `getsockopt(EVENTS)` steals the
 edge). The socket is bound synchronously by `bind_pull()` before anything
@@ -25,7 +26,19 @@ from .hub import Hub
 
 log = logging.getLogger("broker.ingest")
 
-BATCH = 1024  # messages per drain before yielding to other tasks
+# A turn of the drain: messages are received and ingested CHUNK at a time
+# until the queue is empty, TURN_BATCH messages were taken, or TURN_SLICE
+# seconds of work are done; then the other tasks run (the flusher's writes
+# among them). A turn stopped by a limit leaves input queued: the broker
+# runs behind (core/wake.py).
+# A turn that follows one stopped by a limit takes as long as the other
+# tasks took in between (at most MAX_TURN_SLICE): with input queued, the
+# ingest has half the loop however many tasks share it (trio runs every
+# ready task once a round).
+CHUNK = 32
+TURN_BATCH = 4096
+TURN_SLICE = 0.004
+MAX_TURN_SLICE = 0.025
 
 
 def bind_pull(ctx: zmq.Context, endpoint: str, rcvhwm: int, max_frame_bytes: int) -> tuple[zmq.Socket, str]:
@@ -51,9 +64,10 @@ async def serve_zmq_ingest(
     fd = sock.getsockopt(zmq.FD)
     assert isinstance(fd, int)
     recv = sock.recv_multipart
-    ingest_batch = hub.ingest_batch
+    ingest_batch, turn = hub.ingest_batch, hub.ingest_turn
     task_status.started()
     turn_began: float | None = None  # None: the ingest waited for input since
+    turn_ended: float | None = None  # when the last turn stopped at a limit
     try:
         while True:
             if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
@@ -67,18 +81,27 @@ async def serve_zmq_ingest(
             now = trio.current_time()
             lag = 0.0 if turn_began is None else now - turn_began
             turn_began = now
-            frames: list[bytes] = []
-            backlog = True  # the batch limit was reached: more is queued
-            for _ in range(BATCH):
-                try:
-                    frames += recv(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    backlog = False
+            away = 0.0 if turn_ended is None else now - turn_ended
+            until = now + min(max(TURN_SLICE, away), MAX_TURN_SLICE)
+            taken = 0
+            backlog = True  # a limit ended the turn: more is queued
+            while backlog:
+                frames: list[bytes] = []
+                for _ in range(CHUNK):
+                    try:
+                        frames += recv(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        backlog = False
+                        break
+                if frames:
+                    ingest_batch(frames, "zmq")
+                taken += CHUNK
+                if taken >= TURN_BATCH or trio.current_time() >= until:
                     break
-            if frames:
-                # Running behind moves subscriber wakes into write passes, so
-                # the queue is drained first (core/wake.py).
-                ingest_batch(frames, "zmq", backlog, lag)
+            # Running behind moves subscriber wakes into write passes, so
+            # the queue is drained first (core/wake.py).
+            turn(backlog, lag)
+            turn_ended = trio.current_time() if backlog else None
             # The socket may still be readable: let other tasks run, then
             # re-check EVENTS at the top (no busy loop: EVENTS gates the sleep).
             await trio.lowlevel.checkpoint()
