@@ -92,6 +92,7 @@ class NodeConfig(_Section):
 class IngestConfig(_Section):
     zmq_bind: str = _key("tcp://127.0.0.1:5557", "zmq_bind")
     max_frame_bytes: int = _key(1048576, "count")
+    max_parts: int = _key(1000, "count")  # parts of one ZMQ multipart message; the rest: too_large
     rcvhwm: int = _key(10000, "count")
 
 
@@ -100,12 +101,19 @@ class HttpConfig(_Section):
     bind: str = _key("127.0.0.1:8080", "http_bind")
     cors_origins: tuple[str, ...] = _key((), "strlist")
     backlog: int = _key(1024, "count")
+    # A connection with no request in progress (and one still sending its
+    # request's head) is closed after this long.
+    idle_timeout: float = _key(10.0, "positive")
+    body_timeout: float = _key(30.0, "positive")  # a request body, from its head to its last byte
+    body_idle_timeout: float = _key(10.0, "positive")  # a request body that sends nothing for this long
+    max_pending_body_bytes: int = _key(64 * 1048576, "count")  # bodies being read, all requests together
 
 
 @dataclass(frozen=True, slots=True)
 class BufferConfig(_Section):
     ring_events: int = _key(1024, "count")
     ring_bytes: int = _key(1048576, "count")
+    total_bytes: int = _key(512 * 1048576, "count")  # every ring together (DESIGN §13)
     journal_events: int = _key(100000, "count")
     journal_bytes: int = _key(64 * 1048576, "count")
     max_tasks: int = _key(10000, "count")

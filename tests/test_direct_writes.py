@@ -331,8 +331,9 @@ async def _error_reply(resp: RawResponse) -> tuple[int, dict[str, Any]]:
 async def test_stream_request_body_is_bounded_in_size_and_time(broker_factory):
     """A stream request's body is read and ignored, but a client cannot hold
     a handler with one: over 64 KiB → 400, no progress for
-    stream.slow_consumer_timeout → 408."""
-    broker = broker_factory(stream={"slow_consumer_timeout": 1})
+    http.body_idle_timeout → 408 (a body that keeps dripping meets
+    http.body_timeout: tests/test_hardening.py)."""
+    broker = broker_factory(http={"body_idle_timeout": 1})
     wid = uid("bodybound")
     broker.push(ev(wid, "workflow.running"))
     with trio.fail_after(15):

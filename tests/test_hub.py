@@ -266,11 +266,12 @@ def test_the_zmq_ingest_yields_to_the_loop_every_turn_slice() -> None:
         got = 0
         real_batch = hub.ingest_batch
 
-        def slow_batch(frames: list[bytes], source: str) -> None:
+        def slow_batch(frames: list[bytes], source: str, until: float | None = None) -> collections.deque:
             nonlocal got
             got += len(frames)
-            real_batch(frames, source)
+            left = real_batch(frames, source, until)
             clock.jump(0.001 * len(frames) / zmq_ingest.CHUNK)  # 1 ms a chunk of work
+            return left
 
         hub.ingest_batch = slow_batch  # type: ignore[method-assign]
         gaps: list[float] = []

@@ -202,22 +202,34 @@ def validate(obj: Any) -> dict[str, Any]:
     return ev
 
 
+def parse_frame(frame: bytes, max_bytes: int) -> list[Any] | Reject:
+    """The events of one frame, not yet validated (a JSON array is a
+    batch), or the Reject of a frame that fails as a whole (too large, not
+    JSON, an empty or oversized batch). Validating each item is the
+    caller's step, so a large batch can be applied a slice at a time."""
+    if len(frame) > max_bytes:
+        return Reject("too_large", f"frame of {len(frame)} bytes exceeds {max_bytes}")
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        return Reject("invalid_json", f"not UTF-8 JSON: {str(exc)[:120]}")
+    if not isinstance(obj, list):
+        return [obj]
+    if not obj:
+        return Reject("not_object", "empty batch")
+    if len(obj) > MAX_BATCH:
+        return Reject("too_large", f"batch of {len(obj)} events exceeds {MAX_BATCH}")
+    return obj
+
+
 def decode_frame(frame: bytes, max_bytes: int) -> list[dict[str, Any] | Reject]:
     """Decode one frame into events (a JSON array is a batch) or rejects.
 
     A frame that fails as a whole (too large, not JSON) yields one Reject.
     """
-    if len(frame) > max_bytes:
-        return [Reject("too_large", f"frame of {len(frame)} bytes exceeds {max_bytes}")]
-    try:
-        obj = orjson.loads(frame)
-    except orjson.JSONDecodeError as exc:
-        return [Reject("invalid_json", f"not UTF-8 JSON: {str(exc)[:120]}")]
-    items = obj if isinstance(obj, list) else [obj]
-    if isinstance(obj, list) and not obj:
-        return [Reject("not_object", "empty batch")]
-    if len(items) > MAX_BATCH:
-        return [Reject("too_large", f"batch of {len(items)} events exceeds {MAX_BATCH}")]
+    items = parse_frame(frame, max_bytes)
+    if isinstance(items, Reject):
+        return [items]
     out: list[dict[str, Any] | Reject] = []
     for item in items:
         try:

@@ -11,7 +11,8 @@ counted by reason and never reach subscribers.
     BrokerError                      base: code + message, never raised bare
     ├── InvalidArgument   400        a request the client can fix
     │   ├── MethodNotAllowed 405
-    │   └── PayloadTooLarge  413
+    │   ├── PayloadTooLarge  413
+    │   └── HeadersTooLarge  431  request headers over the parser's limit
     ├── Unauthenticated   401  4001
     ├── PermissionDenied  403  4003
     ├── NotFound          404
@@ -57,6 +58,10 @@ class MethodNotAllowed(InvalidArgument):
 
 class PayloadTooLarge(InvalidArgument):
     status = 413
+
+
+class HeadersTooLarge(InvalidArgument):
+    status = 431
 
 
 class Unauthenticated(BrokerError):
@@ -108,7 +113,16 @@ class LimitReached(Unavailable):
 # The class a bare HTTP status stands for (errors raised by the HTTP
 # framework itself: an unknown route, a wrong method, a body too large).
 _BY_STATUS: dict[int, type[BrokerError]] = {
-    cls.status: cls for cls in (InvalidArgument, MethodNotAllowed, PayloadTooLarge, NotFound, DeadlineExceeded)
+    cls.status: cls
+    for cls in (
+        InvalidArgument,
+        MethodNotAllowed,
+        PayloadTooLarge,
+        HeadersTooLarge,
+        NotFound,
+        DeadlineExceeded,
+        Unavailable,
+    )
 }
 
 

@@ -14,7 +14,12 @@ server's `principal_of(request)`.
   who opens a new tab keeps working).
 
 Anonymous principals have no user or tenant identity: only the global limit
-applies to them. Pure bookkeeping: no I/O, no clock.
+applies to them.
+
+`SocketBudget` counts every accepted socket (streams, plain requests, idle
+keep-alive connections, connections that never send a request) against a
+budget below the process's open-file limit; `budget_for()` sizes it and
+checks `limits.global` against it. Pure bookkeeping: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -97,3 +102,49 @@ class ConnectionTable:
             "users": {u: len(c) for u, c in self._by_user.items()},
             "tenants": dict(self._by_tenant),
         }
+
+
+# File descriptors kept out of the socket budget: the ZMQ context and its
+# sockets, the listening sockets, epoll, logs, the store's connections.
+FD_RESERVE = 64
+# Sockets kept for plain requests (health checks, admin, ingest) even when
+# `limits.global` streams are open.
+PLAIN_HEADROOM = 32
+
+
+class SocketBudget:
+    """Open accepted sockets against a limit: accept only while `has_room()`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.peak = 0
+
+    def has_room(self) -> bool:
+        return self.open < self.limit
+
+    def opened(self) -> None:
+        self.open += 1
+        if self.open > self.peak:
+            self.peak = self.open
+
+    def closed(self) -> None:
+        self.open -= 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    sockets: int  # accepted sockets at most (SocketBudget's limit)
+    global_limit: int  # limits.global as it can be honoured
+    lowered: bool  # global_limit is below the configured one
+
+
+def budget_for(nofile: int, global_limit: int) -> Budget:
+    """The socket budget an open-file limit of `nofile` allows, and the
+    `limits.global` (streams) it can honour: every stream is a socket, and
+    plain requests keep PLAIN_HEADROOM of their own."""
+    sockets = max(1, nofile - FD_RESERVE)
+    honoured = max(1, sockets - PLAIN_HEADROOM)
+    if global_limit <= honoured:
+        return Budget(sockets, global_limit, False)
+    return Budget(sockets, honoured, True)

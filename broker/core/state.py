@@ -28,7 +28,7 @@ from typing import Any
 
 from .dedup import IdWindow
 from .entry import NO_LOGS, Entry, level_slot
-from .envelope import TERMINAL_STATES, decode_frame
+from .envelope import TERMINAL_STATES, parse_frame, validate
 from .errors import Reject
 from .messages import gap_body
 from .ring import Ring
@@ -69,6 +69,33 @@ class IngestResult:
     rejected: list[tuple[int, Reject]] = field(default_factory=list)  # (index in frame, reject)
     touched: set[str] = field(default_factory=set)  # workflows with new entries
     created: bool = False  # a workflow became visible
+
+
+class FrameIngest:
+    """One frame (a ZMQ frame or an HTTP body) being applied, possibly in
+    several steps (`BrokerState.ingest_step`): a batch of thousands of
+    events must not hold the caller's loop. `result` accumulates;
+    `touched` holds the workflows with new entries since the caller last
+    took them."""
+
+    __slots__ = ("frame", "source", "items", "next", "kept", "result")
+
+    def __init__(self, frame: bytes, source: str, items: list[Any] | Reject) -> None:
+        self.frame = frame
+        self.source = source
+        self.items = items
+        self.next = 0  # index of the next item to apply
+        self.kept = 0  # rejects of this frame listed in the recent rejects
+        self.result = IngestResult()
+
+    @property
+    def size(self) -> int:
+        """Events (items) in the frame: 1 for a frame refused whole."""
+        return 1 if isinstance(self.items, Reject) else len(self.items)
+
+    @property
+    def done(self) -> bool:
+        return self.next >= self.size
 
 
 class Workflow:
@@ -160,23 +187,41 @@ class BrokerState:
     # ---------------------------------------------------------------- ingest
 
     def ingest_frame(self, frame: bytes, now: float, source: str = "zmq", wall: float | None = None) -> IngestResult:
+        """Apply a whole frame at once."""
+        work = self.begin_frame(frame, source)
+        self.ingest_step(work, now, wall)
+        return work.result
+
+    def begin_frame(self, frame: bytes, source: str = "zmq") -> FrameIngest:
+        """Parse a frame, to apply with `ingest_step` (its events are
+        validated as they are applied)."""
+        return FrameIngest(frame, source, parse_frame(frame, self.limits.max_frame_bytes))
+
+    def ingest_step(self, work: FrameIngest, now: float, wall: float | None = None, max_events: int = 0) -> bool:
+        """Apply the next `max_events` events of `work` (0: all the rest);
+        True once the frame is done."""
         self._wall = now if wall is None else wall
-        result = IngestResult()
-        kept = 0
-        for index, item in enumerate(decode_frame(frame, self.limits.max_frame_bytes)):
-            if isinstance(item, Reject):
-                self._reject(result, index, item, kept < REJECTS_KEPT_PER_FRAME, source, frame)
-                kept += 1
-                continue
+        result = work.result
+        items = work.items
+        if isinstance(items, Reject):
+            if not work.next:
+                work.next = 1
+                self._reject(result, 0, items, True, work.source, work.frame)
+            return True
+        index = work.next
+        stop = len(items) if max_events <= 0 else min(len(items), index + max_events)
+        while index < stop:
             try:
-                self._ingest_event(item, now, result)
+                self._ingest_event(validate(items[index]), now, result)
             except Reject as rej:
-                self._reject(result, index, rej, kept < REJECTS_KEPT_PER_FRAME, source, frame)
-                kept += 1
+                self._reject(result, index, rej, work.kept < REJECTS_KEPT_PER_FRAME, work.source, work.frame)
+                work.kept += 1
             except Duplicate:
                 result.duplicates += 1
                 self.counters["duplicates"] += 1
-        return result
+            index += 1
+        work.next = index
+        return index >= len(items)
 
     def _reject(self, result: IngestResult, index: int, rej: Reject, keep: bool, source: str, frame: bytes) -> None:
         result.rejected.append((index, rej))

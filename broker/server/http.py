@@ -11,11 +11,21 @@ import time
 from typing import Any
 
 import orjson
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..core.errors import BrokerError, InvalidArgument, NotFound, Reject, ShuttingDown, error_for_status
+from ..core.errors import (
+    BrokerError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Reject,
+    ShuttingDown,
+    Unavailable,
+    error_for_status,
+)
 from .cors import cors_headers
 from .hub import Hub
 
@@ -26,6 +36,54 @@ def json_response(obj: Any, status: int = 200) -> Response:
 
 def error_response(err: BrokerError) -> Response:
     return json_response(err.to_json(), err.status)
+
+
+class _BodyRefused(Exception):
+    """The request body was not read to its end: answer `err` and close."""
+
+    def __init__(self, err: BrokerError) -> None:
+        super().__init__(err.message)
+        self.err = err
+
+
+async def read_body(hub: Hub, limit: int) -> bytes:
+    """The request body, within bounds (DESIGN §13, docs/protocol.md
+    "Limits and timeouts"): at most `limit` bytes (else 400), all of it
+    within `http.body_timeout` of the request's head and with no pause
+    longer than `http.body_idle_timeout` (else 408), and the bodies of all
+    requests in progress together within `http.max_pending_body_bytes`
+    (else 503). Raises _BodyRefused: the rest is never read, so the
+    connection must close."""
+    cfg = hub.config.http
+    deadline = trio.current_time() + cfg.body_timeout
+    chunks: list[bytes] = []
+    size = 0
+    body = request.body.__aiter__()
+    try:
+        while True:
+            with trio.move_on_at(min(deadline, trio.current_time() + cfg.body_idle_timeout)) as waited:
+                try:
+                    chunk = await body.__anext__()
+                except StopAsyncIteration:
+                    return b"".join(chunks)
+            if waited.cancelled_caught:
+                if trio.current_time() >= deadline:
+                    raise _BodyRefused(DeadlineExceeded(f"the request body took longer than {cfg.body_timeout:g} s"))
+                raise _BodyRefused(
+                    DeadlineExceeded(f"the request body made no progress for {cfg.body_idle_timeout:g} s")
+                )
+            size += len(chunk)
+            if size > limit:
+                # Count it like an oversized ZMQ frame, without reading the rest.
+                hub.state.record_reject(
+                    Reject("too_large", f"body over {limit} bytes"), time.time(), "http", b"".join(chunks)
+                )
+                raise _BodyRefused(InvalidArgument(f"body exceeds ingest.max_frame_bytes ({limit} bytes)"))
+            if not hub.hold_body_bytes(len(chunk)):
+                raise _BodyRefused(Unavailable("too many request bodies in progress: retry later"))
+            chunks.append(chunk)
+    finally:
+        hub.release_body_bytes(sum(len(c) for c in chunks))
 
 
 def create_app(hub: Hub) -> QuartTrio:
@@ -67,24 +125,15 @@ def create_app(hub: Hub) -> QuartTrio:
         if hub.draining:
             # Ingest has stopped: accepting now would lose the events.
             raise ShuttingDown("the broker is shutting down")
-        limit = hub.state.limits.max_frame_bytes
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.body:
-            size += len(chunk)
-            if size > limit:
-                # Count it like an oversized ZMQ frame, without reading the rest.
-                hub.state.record_reject(
-                    Reject("too_large", f"body over {limit} bytes"), time.time(), "http", b"".join(chunks)
-                )
-                response = error_response(InvalidArgument(f"body exceeds ingest.max_frame_bytes ({limit} bytes)"))
-                # The rest of the body is never read, so this connection can't
-                # carry another request: close it.
-                response.headers["Connection"] = "close"
-                return response
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        result = hub.ingest(body, "http")
+        try:
+            body = await read_body(hub, hub.state.limits.max_frame_bytes)
+        except _BodyRefused as refused:
+            response = error_response(refused.err)
+            # The rest of the body is never read, so this connection can't
+            # carry another request: close it.
+            response.headers["Connection"] = "close"
+            return response
+        result = await hub.ingest_sliced(body, "http")
         rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]
         whole_body = len(result.rejected) == 1 and result.rejected[0][1].reason in ("invalid_json", "too_large")
         if whole_body:

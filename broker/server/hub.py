@@ -41,9 +41,9 @@ import trio
 from werkzeug.datastructures import Headers
 
 from ..config import Config
-from ..core.errors import ShuttingDown
-from ..core.limits import ANONYMOUS, ConnectionTable, Principal
-from ..core.state import BrokerState, IngestResult, Limits
+from ..core.errors import Reject, ShuttingDown
+from ..core.limits import ANONYMOUS, ConnectionTable, Principal, SocketBudget
+from ..core.state import BrokerState, FrameIngest, IngestResult, Limits
 from ..core.subscribe import JOURNAL, NEW_WORKFLOW, Opened, Subscription, open_subscription, workflow_not_found
 from ..core.wake import WakeSchedule
 from .connection import Connection, ConnectionCounters
@@ -51,6 +51,9 @@ from .gc_policy import FullCollections, GcStats
 from .identity import principal_of
 
 log = logging.getLogger("broker.hub")
+
+# Events of a large batch applied between two looks at the clock.
+SLICE_EVENTS = 64
 
 # Seconds of wakes the flusher makes before it lets the other tasks run:
 # PASS_SLICE, or while wakes stay queued as long as the others took since
@@ -167,6 +170,9 @@ class Hub:
         self._no_connections = trio.Event()
         self._reject_log = _RateLimitedLog()
         self.ingest_endpoint = ""
+        self.sockets: SocketBudget | None = None  # accepted sockets (set by run.serve: server/listen.py)
+        self.body_bytes = 0  # request bodies being read, all requests together (http.py)
+        self.body_bytes_peak = 0
         self.gc_stats: GcStats | None = None  # set by run.serve (gc_policy)
         self.full_collections: FullCollections | None = None  # ditto: counts ended stream requests
 
@@ -197,20 +203,54 @@ class Hub:
         self._wake(result.touched, result.created, now)
         return result
 
-    def ingest_batch(self, frames: list[bytes], source: str) -> None:
+    def ingest_batch(self, frames: list[bytes], source: str, until: float | None = None) -> deque[FrameIngest]:
         """Frames drained together: one clock read, one round of wakeups.
-        The ZMQ ingest then reports the turn (`ingest_turn()`)."""
+        With `until`, a frame holding a large batch is applied SLICE_EVENTS
+        events at a time and the work stops once the clock passes `until`:
+        what is left (that frame, partly applied, and the ones after it)
+        comes back, to `resume()` on the next turn. The ZMQ ingest then
+        reports the turn (`ingest_turn()`)."""
+        begin = self.state.begin_frame
+        return self.resume(deque([begin(frame, source) for frame in frames]), until)
+
+    def resume(self, works: deque[FrameIngest], until: float | None = None) -> deque[FrameIngest]:
+        """Apply `works` in order (see `ingest_batch`); returns what is left."""
         now, wall = trio.current_time(), time.time()
         touched: set[str] = set()
         created = False
-        ingest = self.state.ingest_frame
-        for frame in frames:
-            result = ingest(frame, now, source, wall)
-            if result.rejected:
-                self._log_rejects(result, source, now)
-            touched |= result.touched
-            created = created or result.created
+        step = self.state.ingest_step
+        while works:
+            work = works[0]
+            if until is None or work.size <= SLICE_EVENTS:
+                done = step(work, now, wall)
+            else:
+                done = step(work, now, wall, SLICE_EVENTS)
+            result = work.result
+            if result.touched:
+                touched |= result.touched
+                result.touched.clear()  # taken: woken below
+            if result.created:
+                created, result.created = True, False
+            if done:
+                works.popleft()
+                if result.rejected:
+                    self._log_rejects(result, work.source, now)
+            elif trio.current_time() >= until:  # type: ignore[operator]  # not done: until is set
+                break
         self._wake(touched, created, now)
+        return works
+
+    async def ingest_sliced(self, frame: bytes, source: str) -> IngestResult:
+        """`ingest()` for a body that may hold a large batch: applied in
+        slices of PASS_SLICE seconds with the loop running in between."""
+        work = self.state.begin_frame(frame, source)
+        works = deque([work])
+        result = work.result
+        while True:
+            self.resume(works, trio.current_time() + PASS_SLICE)
+            if not works:
+                return result
+            await trio.lowlevel.checkpoint()
 
     def ingest_turn(self, backlog: bool, lag: float) -> None:
         """A turn of the ZMQ ingest is over. `backlog` (it stopped at its
@@ -235,6 +275,26 @@ class Hub:
             self._pass_left = set(self.schedule.pass_keys)
             self._pass_took = 0.0
         self._enqueue(keys)
+
+    def hold_body_bytes(self, n: int) -> bool:
+        """Count `n` more bytes of request bodies being read; False (and
+        nothing counted) if that would pass `http.max_pending_body_bytes`."""
+        if self.body_bytes + n > self.config.http.max_pending_body_bytes:
+            return False
+        self.body_bytes += n
+        self.body_bytes_peak = max(self.body_bytes_peak, self.body_bytes)
+        return True
+
+    def release_body_bytes(self, n: int) -> None:
+        self.body_bytes -= n
+
+    def reject_message(self, detail: str, source: str) -> None:
+        """Count and log (rate-limited) a message refused before any frame
+        of it was parsed (too many parts: server/zmq_ingest.py)."""
+        rej = Reject("too_large", detail)
+        self.state.record_reject(rej, time.time(), source, b"")
+        if self._reject_log.allow(trio.current_time()):
+            log.warning("ingest reject (%s): %s: %s", source, rej.reason, rej.detail)
 
     def _log_rejects(self, result: IngestResult, source: str, now: float) -> None:
         for index, rej in result.rejected:
@@ -580,6 +640,9 @@ class Hub:
         out["delivered"] = dict(st.delivered)
         out["streams"] = dict(st.streams)
         out["draining"] = st.draining
+        if self.sockets is not None:
+            out["sockets"] = {"open": self.sockets.open, "peak": self.sockets.peak, "budget": self.sockets.limit}
+        out["request_bodies"] = {"bytes": self.body_bytes, "peak_bytes": self.body_bytes_peak}
         if self.gc_stats is not None:
             out["gc"] = self.gc_stats.to_json()
         return out

@@ -13,6 +13,7 @@ what is left. The process then exits 0.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import signal
@@ -22,14 +23,14 @@ from typing import Any
 import trio
 import zmq
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from ..config import Config, parse_http_bind
+from ..config import Config, LimitsConfig, parse_http_bind
+from ..core.limits import SocketBudget, budget_for
 from . import gc_policy
 from .http import create_app
 from .hub import Hub
+from .listen import serve_http
 from .zmq_ingest import bind_pull, serve_zmq_ingest
 
 log = logging.getLogger("broker")
@@ -70,7 +71,9 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc = HypercornConfig()
     hc.accesslog = None
     hc.errorlog = None
-    hc.keep_alive_timeout = 75
+    # Idle keep-alive connections, and the head of a request, get this long
+    # (server/listen.py); bodies have their own deadlines (http.py, sse.py).
+    hc.keep_alive_timeout = config.http.idle_timeout
     hc.read_timeout = None
     hc.graceful_timeout = config.shutdown_timeout
     hc.websocket_max_message_size = 64 * 1024
@@ -78,20 +81,45 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     return hc
 
 
-def raise_nofile_limit() -> None:
+def raise_nofile_limit() -> int:
     """Use the hard limit of open files (systemd's LimitNOFILE sets it): every
-    connection is a file descriptor, and the soft default is often 1024."""
+    connection is a file descriptor, and the soft default is often 1024.
+    Returns the limit in force."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    if soft < hard and hard != resource.RLIM_INFINITY:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def socket_budget(config: Config, nofile: int) -> tuple[Config, SocketBudget]:
+    """The accepted-socket budget below the open-file limit, and the config
+    with `limits.global` lowered (with a warning) if that limit cannot
+    honour it: every stream is a file descriptor."""
+    budget = budget_for(nofile, config.limits.global_)
+    if budget.lowered:
+        # A warning when the operator asked for it; the default is only
+        # "as many as the machine allows" (at INFO, so it is seen).
+        default = config.limits.global_ == LimitsConfig().global_
+        (log.info if default else log.warning)(
+            "limits.global = %d%s needs more open files than the limit of %d allows: using %d "
+            "(raise LimitNOFILE / ulimit -n to allow more)",
+            config.limits.global_,
+            " (the default)" if default else "",
+            nofile,
+            budget.global_limit,
+        )
+        config = dataclasses.replace(config, limits=dataclasses.replace(config.limits, global_=budget.global_limit))
+    return config, SocketBudget(budget.sockets)
 
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT (or cancellation)."""
-    raise_nofile_limit()
+    config, budget = socket_budget(config, raise_nofile_limit())
     hub = Hub(config)
+    hub.sockets = budget
     ctx = zmq.Context()
     try:
         try:
@@ -115,7 +143,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
 
                 async def ingest() -> None:
                     with ingest_scope:
-                        await serve_zmq_ingest(pull, hub)
+                        await serve_zmq_ingest(pull, hub, max_parts=config.ingest.max_parts)
 
                 nursery.start_soon(ingest)
                 nursery.start_soon(hub.serve_ticker)
@@ -126,12 +154,13 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
 
                 async def http(task_status: trio.TaskStatus[Any]) -> None:
                     try:
-                        await worker_serve(
+                        await serve_http(
                             # The dispatcher itself (http.py): streams skip Quart.__call__.
                             wrap_app(app.asgi_app, hc.wsgi_max_body_size, None),
                             hc,
-                            sockets=Sockets([], [http_sock], []),
-                            shutdown_trigger=stop_http.wait,
+                            http_sock,
+                            budget,
+                            stop_http.wait,
                             task_status=task_status,
                         )
                     finally:

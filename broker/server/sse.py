@@ -119,40 +119,54 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         # it, `receive()` returns only when the client disconnects. A body
         # is read and ignored, within bounds: a client must not hold a
         # handler by sending one slowly or endlessly.
-        if await _skip_body(receive, hub.stream.slow_consumer_timeout):
+        http = hub.config.http
+        if await _skip_body(receive, http.body_timeout, http.body_idle_timeout):
             return  # gone before its request body ended
         wid, view = target
         sub = subscribe.from_query(req.args, workflow=wid, view=view, last_event_id=req.headers.get("Last-Event-ID"))
-        opened = await hub.open_when_known(sub)
         principal = hub.principal_of(req.headers, req.args)
-        hub.check_capacity(principal)
+        # Admitted now, with no checkpoint since the check, so streams
+        # opened at the same instant never exceed the limit; a wait for a
+        # workflow not known yet holds its place too.
+        conn = hub.open_connection("sse", req.remote, req.path, principal)
     except BrokerError as err:
         headers = [JSON, ALLOW, *cors] if isinstance(err, MethodNotAllowed) else [JSON, *cors]
         await _respond(send, err.status, orjson.dumps(err.to_json()), headers)
         return
-    if opened.reader is None:
-        # Resumed at the end, or everything in scope ended already: 204
-        # stops EventSource from reconnecting forever.
-        await _respond(send, 204, b"", cors)
-        return
-    remote, path = req.remote, req.path
-    del req  # headers and arguments are not needed while streaming
-    headers = [*SSE_HEADERS, CLOSE, *cors] if scope.get("http_version") in ("1.0", "1.1") else [*SSE_HEADERS, *cors]
-    await _stream(hub, opened.reader, opened.key, remote, path, principal, receive, send, headers)
+    try:
+        try:
+            opened = await hub.open_when_known(sub)
+        except BrokerError as err:
+            await _respond(send, err.status, orjson.dumps(err.to_json()), [JSON, *cors])
+            return
+        if opened.reader is None:
+            # Resumed at the end, or everything in scope ended already: 204
+            # stops EventSource from reconnecting forever.
+            await _respond(send, 204, b"", cors)
+            return
+        del req  # headers and arguments are not needed while streaming
+        close = [CLOSE] if scope.get("http_version") in ("1.0", "1.1") else []
+        await _stream(hub, opened.reader, opened.key, conn, receive, send, [*SSE_HEADERS, *close, *cors])
+    finally:
+        hub.close_connection(conn)
 
 
-async def _skip_body(receive: Receive, timeout: float) -> bool:
+async def _skip_body(receive: Receive, timeout: float, idle_timeout: float) -> bool:
     """Read the request body to its end and drop it; True if the client
     disconnected. A body larger than MAX_IGNORED_BODY is an
-    InvalidArgument; one that makes no progress for `timeout` seconds (the
-    slow-consumer timeout) a DeadlineExceeded."""
+    InvalidArgument; one not complete within `timeout` seconds, or that
+    makes no progress for `idle_timeout`, a DeadlineExceeded
+    (`http.body_timeout`, `http.body_idle_timeout`)."""
     size = 0
+    deadline = trio.current_time() + timeout
     while True:
         message: dict[str, Any] | None = None
-        with trio.move_on_after(timeout):
+        with trio.move_on_at(min(deadline, trio.current_time() + idle_timeout)):
             message = await receive()
         if message is None:
-            raise DeadlineExceeded(f"the request body made no progress for {timeout:g} s")
+            if trio.current_time() >= deadline:
+                raise DeadlineExceeded(f"the request body took longer than {timeout:g} s")
+            raise DeadlineExceeded(f"the request body made no progress for {idle_timeout:g} s")
         if message["type"] == "http.disconnect":
             return True
         size += len(message.get("body", b""))
@@ -295,21 +309,13 @@ async def _stream(
     hub: Hub,
     reader: WorkflowReader | MultiReader,
     key: str,
-    remote: str,
-    path: str,
-    principal: Any,
+    conn: Connection,
     receive: Receive,
     send: Send,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
     cfg = hub.stream
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    try:
-        conn = hub.open_connection("sse", remote, path, principal)
-    except BrokerError as err:  # the limit filled up since check_capacity()
-        await _body(send, sse_error(err))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return
     st = _Stream(hub, reader, conn, send)
     hub.listen(key, st, st.on_wake, subscriber=True)
     slow = False

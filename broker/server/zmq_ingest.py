@@ -18,10 +18,12 @@ starts, so a bad endpoint or a port in use fails startup cleanly.
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 import trio
 import zmq
 
+from ..core.state import FrameIngest
 from .hub import Hub
 
 log = logging.getLogger("broker.ingest")
@@ -58,19 +60,70 @@ def bind_pull(ctx: zmq.Context, endpoint: str, rcvhwm: int, max_frame_bytes: int
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+class _Parts:
+    """Reads messages part by part, at most `max_parts` kept per message.
+
+    A message's parts all arrive together (ZeroMQ delivers a multipart
+    message whole), so a part after the first never raises Again. The
+    parts of a message past the limit are received and dropped, spread
+    over as many turns as they take, and the message counts as one
+    `too_large` reject: a message of a million empty parts costs the loop
+    a few milliseconds a turn, not seconds."""
+
+    __slots__ = ("sock", "max_parts", "in_message", "kept", "skipped", "dropped")
+
+    def __init__(self, sock: zmq.Socket, max_parts: int) -> None:
+        self.sock = sock
+        self.max_parts = max_parts
+        self.in_message = False  # the last part read had more after it
+        self.kept = 0  # parts of the current message kept so far
+        self.skipped = 0  # parts of the current message dropped so far
+        self.dropped: list[int] = []  # messages that ended over the limit: parts dropped of each
+
+    def read(self, out: list[bytes], n: int) -> bool:
+        """Append up to `n` parts to `out` (dropping those past the limit);
+        False once the socket has nothing more (zmq.Again)."""
+        sock = self.sock
+        recv = sock.recv
+        for _ in range(n):
+            try:
+                part = recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return False
+            if self.kept < self.max_parts:
+                out.append(part)
+                self.kept += 1
+            else:
+                self.skipped += 1
+            if sock.getsockopt(zmq.RCVMORE):
+                self.in_message = True
+            else:
+                self.in_message = False
+                self.kept = 0
+                if self.skipped:
+                    self.dropped.append(self.skipped)
+                    self.skipped = 0
+        return True
+
+
 async def serve_zmq_ingest(
-    sock: zmq.Socket, hub: Hub, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    sock: zmq.Socket,
+    hub: Hub,
+    *,
+    max_parts: int = 1000,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     fd = sock.getsockopt(zmq.FD)
     assert isinstance(fd, int)
-    recv = sock.recv_multipart
-    ingest_batch, turn = hub.ingest_batch, hub.ingest_turn
+    parts = _Parts(sock, max_parts)
+    ingest_batch, resume, turn = hub.ingest_batch, hub.resume, hub.ingest_turn
     task_status.started()
     turn_began: float | None = None  # None: the ingest waited for input since
     turn_ended: float | None = None  # when the last turn stopped at a limit
+    carry: deque[FrameIngest] = deque()  # frames begun in an earlier turn, not yet applied
     try:
         while True:
-            if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if not carry and not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 if turn_began is not None:
                     hub.ingest_idle()  # drained: no longer behind
                 await trio.lowlevel.wait_readable(fd)
@@ -85,17 +138,22 @@ async def serve_zmq_ingest(
             until = now + min(max(TURN_SLICE, away), MAX_TURN_SLICE)
             taken = 0
             backlog = True  # a limit ended the turn: more is queued
-            while backlog:
+            if carry:
+                carry = resume(carry, until)
+            while not carry:
                 frames: list[bytes] = []
-                for _ in range(CHUNK):
-                    try:
-                        frames += recv(zmq.NOBLOCK, copy=True)
-                    except zmq.Again:
-                        backlog = False
-                        break
+                more = parts.read(frames, CHUNK)
+                for dropped in parts.dropped:
+                    hub.reject_message(
+                        f"message of {max_parts + dropped} parts exceeds ingest.max_parts ({max_parts})", "zmq"
+                    )
+                parts.dropped.clear()
                 if frames:
-                    ingest_batch(frames, "zmq")
+                    carry = ingest_batch(frames, "zmq", until)
                 taken += CHUNK
+                if not more:
+                    backlog = bool(carry)
+                    break
                 if taken >= TURN_BATCH or trio.current_time() >= until:
                     break
             # Running behind moves subscriber wakes into write passes, so

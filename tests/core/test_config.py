@@ -36,14 +36,24 @@ from broker.config import (
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# What check-config printed before the sections were typed (same keys, same values).
+# What check-config printed before the sections were typed (same keys, same
+# values), with the hardening keys since (docs/protocol.md "Limits and timeouts").
 DEFAULTS: dict[str, Any] = {
     "shutdown_timeout": 5,
-    "ingest": {"zmq_bind": "tcp://127.0.0.1:5557", "max_frame_bytes": 1048576, "rcvhwm": 10000},
-    "http": {"bind": "127.0.0.1:8080", "cors_origins": [], "backlog": 1024},
+    "ingest": {"zmq_bind": "tcp://127.0.0.1:5557", "max_frame_bytes": 1048576, "max_parts": 1000, "rcvhwm": 10000},
+    "http": {
+        "bind": "127.0.0.1:8080",
+        "cors_origins": [],
+        "backlog": 1024,
+        "idle_timeout": 10,
+        "body_timeout": 30,
+        "body_idle_timeout": 10,
+        "max_pending_body_bytes": 64 * 1048576,
+    },
     "buffer": {
         "ring_events": 1024,
         "ring_bytes": 1048576,
+        "total_bytes": 512 * 1048576,
         "journal_events": 100000,
         "journal_bytes": 64 * 1048576,
         "max_tasks": 10000,
@@ -86,6 +96,9 @@ SECTION_TYPES = {
 
 DURATIONS = [
     ("buffer", "terminal_ttl"),
+    ("http", "idle_timeout"),
+    ("http", "body_timeout"),
+    ("http", "body_idle_timeout"),
     ("stream", "keepalive"),
     ("stream", "unknown_workflow_wait"),
     ("stream", "slow_consumer_timeout"),

@@ -1,0 +1,189 @@
+"""The HTTP listener: accept, a socket budget, and Hypercorn per connection.
+
+Hypercorn's own `worker_serve` accepts through trio's `serve_listeners`,
+which on EMFILE logs a traceback per attempt and retries every 100 ms, and
+holds no count of open sockets. Here the broker runs the accept loop
+itself and hands each socket to Hypercorn's `TCPServer`:
+
+- Every accepted socket counts toward a budget (`SocketBudget`, sized from
+  RLIMIT_NOFILE at start: run.py). At the budget, accepting pauses until a
+  socket closes: new connections wait in the kernel's backlog instead of
+  the process running out of file descriptors. If accept fails anyway
+  (EMFILE/ENFILE, other processes), it pauses and logs once per interval.
+- `BrokerTCPServer` fixes two ways Hypercorn 0.18 (pinned) keeps a socket
+  it is done with: its close after a response that ends the connection
+  (`Connection: close`, HTTP/1.0) runs in the request's task, which Quart
+  cancels as the response completes, so the close never happens and the
+  socket stays open until the client leaves; and a client's EOF on an idle
+  connection waits for the keep-alive timer to expire (CLOSE-WAIT for
+  `keep_alive_timeout`). Its close is shielded, and EOF stops the timer.
+- Errors Hypercorn answers itself (a malformed request: 400; headers too
+  large: 431) carry the JSON body of DESIGN.md §5 like every other error.
+
+The keep-alive timer (`http.idle_timeout`) is also the header deadline: it
+runs from accept until a request's head is complete, so a client that
+sends its headers a byte at a time is closed when it expires.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h11
+import orjson
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+
+from ..core.errors import error_for_status
+from ..core.limits import SocketBudget
+
+log = logging.getLogger("broker.http")
+
+# accept() errors that mean "no file descriptor (or memory) right now".
+_CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE = 0.1  # seconds accept waits after a capacity error
+ACCEPT_LOG_EVERY = 10.0  # seconds between log lines about failing accepts
+
+
+class BrokerTCPServer(TCPServer):
+    """Hypercorn's connection server, closing what it is done with at once."""
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            # The client closed (or the socket did): the keep-alive timer
+            # must not hold the connection open until it expires.
+            with trio.CancelScope(shield=True):
+                await self.idle_task.stop()
+
+    async def _close(self) -> None:
+        # Called from the request's task too, which may be cancelled right
+        # then (Quart ends its handler tasks as the response completes).
+        with trio.CancelScope(shield=True):
+            await super()._close()
+
+
+async def _json_error_response(self: H11Protocol, status_code: int) -> None:
+    """Hypercorn's answer to a request h11 could not parse, with our JSON."""
+    err = error_for_status(status_code, h11_reason(status_code))
+    body = orjson.dumps(err.to_json())
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *self.config.response_headers("h11"),
+    ]
+    await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
+def h11_reason(status_code: int) -> str:
+    if status_code == 431:
+        return "request headers too large"
+    if status_code == 400:
+        return "malformed HTTP request"
+    return f"HTTP error {status_code}"
+
+
+# Module state of Hypercorn's, replaced once on import (checked by
+# tests/test_hardening.py against the pinned version).
+H11Protocol._send_error_response = _json_error_response  # type: ignore[method-assign]
+
+
+class _AcceptLog:
+    """At most one line per ACCEPT_LOG_EVERY about failing accepts."""
+
+    def __init__(self) -> None:
+        self.last = -ACCEPT_LOG_EVERY
+        self.failed = 0
+
+    def failure(self, exc: OSError, now: float) -> None:
+        self.failed += 1
+        if now - self.last >= ACCEPT_LOG_EVERY:
+            log.warning(
+                "accept failed %d time(s) in the last %.0fs (%s): pausing accept",
+                self.failed,
+                now - self.last if self.last > 0 else 0,
+                errno.errorcode.get(exc.errno or 0, exc.strerror),
+            )
+            self.last, self.failed = now, 0
+
+
+async def serve_http(
+    app: Any,
+    hc: HypercornConfig,
+    sock: socket.socket,
+    budget: SocketBudget,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on the bound, listening `sock` until `shutdown_trigger`
+    returns; then stop accepting and give open connections
+    `hc.graceful_timeout` seconds."""
+    context = WorkerContext(None)
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(app, hc, lifespan_state)
+    listener = trio.socket.from_stdlib_socket(sock)
+    room = trio.Event()
+    accept_log = _AcceptLog()
+
+    async def one(conn: trio.socket.SocketType) -> None:
+        stream = trio.SocketStream(conn)
+        try:
+            # (Typed for TLS streams; a plain SocketStream is what it serves here.)
+            server = BrokerTCPServer(app, hc, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]
+            await server
+        finally:
+            budget.closed()
+            room.set()
+            await trio.aclose_forcefully(stream)
+
+    async def accept(handlers: trio.Nursery) -> None:
+        nonlocal room
+        while True:
+            while not budget.has_room():
+                room = trio.Event()
+                await room.wait()
+            try:
+                conn, _ = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _CAPACITY:
+                    accept_log.failure(exc, trio.current_time())
+                    with trio.move_on_after(ACCEPT_PAUSE):
+                        room = trio.Event()
+                        await room.wait()  # a socket closing ends the pause early
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client went away before we took it
+                raise
+            budget.opened()
+            handlers.start_soon(one, conn)
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptor:
+                acceptor.start_soon(accept, handlers)
+                task_status.started()
+                await shutdown_trigger()
+                acceptor.cancel_scope.cancel()
+            # Idle keep-alive connections close when they see this; requests
+            # in progress get the graceful timeout.
+            await context.terminated.set()
+            handlers.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+    listener.close()
