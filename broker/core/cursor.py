@@ -14,23 +14,25 @@ import re
 
 from .errors import InvalidArgument
 
-_WF_RE = re.compile(r"^([A-Za-z0-9_-]{1,32}):(\d{1,19})$")
-_JOURNAL_RE = re.compile(r"^([A-Za-z0-9_-]{1,32})\.(\d{1,19})$")
-_SINCE_RE = re.compile(r"^\d{1,19}$")
+# ASCII digits only: `\d` would take any Unicode digit (an Arabic-Indic
+# "٣" is not a sequence number); fullmatch, as `$` allows a final newline.
+_WF_RE = re.compile(r"([A-Za-z0-9_-]{1,32}):([0-9]{1,19})")
+_JOURNAL_RE = re.compile(r"([A-Za-z0-9_-]{1,32})\.([0-9]{1,19})")
+_SINCE_RE = re.compile(r"[0-9]{1,19}")
 
 
 def parse_workflow_cursor(text: str) -> tuple[str, int] | None:
-    m = _WF_RE.match(text.strip())
+    m = _WF_RE.fullmatch(text.strip())
     return (m.group(1), int(m.group(2))) if m else None
 
 
 def parse_journal_cursor(text: str) -> tuple[str, int] | None:
-    m = _JOURNAL_RE.match(text.strip())
+    m = _JOURNAL_RE.fullmatch(text.strip())
     return (m.group(1), int(m.group(2))) if m else None
 
 
 def parse_since(text: str) -> int | None:
-    return int(text) if _SINCE_RE.match(text.strip()) else None
+    return int(text) if _SINCE_RE.fullmatch(text.strip()) else None
 
 
 SINCE_MESSAGE = "'since' must be a non-negative integer sequence number"
@@ -42,7 +44,7 @@ def since_seq(value: object, *, from_query: bool) -> int:
     or a query argument's decimal digits, nothing else (no sign, no
     spaces). Raises InvalidArgument otherwise."""
     if from_query:
-        if isinstance(value, str) and _SINCE_RE.match(value) and value == value.strip():
+        if isinstance(value, str) and _SINCE_RE.fullmatch(value):
             return int(value)
     elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**19:
         return value

@@ -58,8 +58,9 @@ KNOWN_FIELDS = frozenset(
     }
 )
 
-_TYPE_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-_STATE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# Matched whole (fullmatch: `$` would let a final newline through).
+_TYPE_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_STATE_RE = re.compile(r"[a-z][a-z0-9_]*")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_SEQ = 2**63 - 1
 # orjson decodes 1024 levels but encodes only ~254, and snapshots nest
@@ -68,8 +69,27 @@ MAX_DEPTH = 64
 MAX_BATCH = 10000  # events in one frame: bounds the work one frame can cause
 
 
-def _depth_within(value: Any, limit: int) -> bool:
-    """True if the JSON value nests at most `limit` containers deep."""
+# orjson reads an integer beyond 64 bits as a float (1e29 for
+# 123456789012345678901234567890): streamed, it would have changed. Such a
+# float is integral and this large; only then is the frame read again
+# exactly (`exact_items`) to tell a float literal from an integer.
+BIG = float(2**63)
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what orjson reads (and writes) as an integer
+
+
+class MaybeBigInt(Exception):
+    """A payload holds a float that may have been an integer beyond 64 bits."""
+
+
+def _suspect(value: Any) -> bool:
+    return type(value) is float and abs(value) >= BIG and value.is_integer()
+
+
+def _depth_within(value: Any, limit: int, exact: bool = False) -> bool:
+    """True if the JSON value nests at most `limit` containers deep. Raises
+    MaybeBigInt on a float that may have been a large integer; with
+    `exact` (the value comes from `exact_items`), Reject on an integer
+    beyond 64 bits."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -79,7 +99,28 @@ def _depth_within(value: Any, limit: int) -> bool:
         for child in children:
             if isinstance(child, (dict, list)):
                 stack.append((child, depth + 1))
+            elif exact:
+                _check_int(child)
+            elif _suspect(child):
+                raise MaybeBigInt()
     return True
+
+
+def _check_int(value: Any) -> None:
+    if type(value) is int and not INT_MIN <= value <= INT_MAX:
+        raise Reject(
+            "invalid_field",
+            f"an integer beyond 64 bits ({str(value)[:40]}) would not stream exactly: send it as a string",
+        )
+
+
+def exact_items(frame: bytes) -> list[Any]:
+    """The frame's items read with Python's own JSON parser, which keeps
+    every integer exact (slow; only for a frame `MaybeBigInt` flagged)."""
+    import json
+
+    obj = json.loads(frame)
+    return obj if isinstance(obj, list) else [obj]
 
 
 def _name(obj: dict[str, Any], key: str, max_len: int, *, required: bool = False) -> str | None:
@@ -124,8 +165,10 @@ _OPTIONAL_NAMES = (("id", 128), ("tenant", 128), ("task_id", 256), ("parent_id",
 _OPTIONAL_INTS = (("seq", 1), ("ts", 0))
 
 
-def validate(obj: Any) -> dict[str, Any]:
-    """Validate one event object; return its normalised dict or raise Reject."""
+def validate(obj: Any, exact: bool = False) -> dict[str, Any]:
+    """Validate one event object; return its normalised dict or raise
+    Reject (or MaybeBigInt: then validate the item of `exact_items` with
+    `exact`)."""
     if not isinstance(obj, dict):
         raise Reject("not_object", "an event must be a JSON object")
     if not KNOWN_FIELDS.issuperset(obj):  # one C-level check on the hot path
@@ -138,7 +181,7 @@ def validate(obj: Any) -> dict[str, Any]:
     etype = obj.get("type")
     if etype is None:
         raise Reject("missing_field", "'type' is required")
-    if not isinstance(etype, str) or len(etype) > 128 or not _TYPE_RE.match(etype):
+    if not isinstance(etype, str) or len(etype) > 128 or not _TYPE_RE.fullmatch(etype):
         raise Reject("invalid_field", "'type' must be a dotted name of letters, digits, '_' or '-'")
     ev["type"] = etype
     kind = kind_of(etype)
@@ -156,11 +199,11 @@ def validate(obj: Any) -> dict[str, Any]:
 
     state = obj.get("state")
     if state is not None:
-        if not isinstance(state, str) or not _STATE_RE.match(state) or len(state) > 64:
+        if not isinstance(state, str) or not _STATE_RE.fullmatch(state) or len(state) > 64:
             raise Reject("invalid_field", "'state' must be a lower-case word")
     elif kind == "state":
         state = etype.split(".", 1)[1]
-        if not _STATE_RE.match(state):
+        if not _STATE_RE.fullmatch(state):
             raise Reject("invalid_field", f"'{etype}' does not name a state")
     if state is not None:
         ev["state"] = state
@@ -195,8 +238,13 @@ def validate(obj: Any) -> dict[str, Any]:
     for key in ("result", "error", "data"):
         if key in obj:
             value = obj[key]
-            if isinstance(value, (dict, list)) and not _depth_within(value, MAX_DEPTH):
-                raise Reject("invalid_field", f"'{key}' nests deeper than {MAX_DEPTH} levels")
+            if isinstance(value, (dict, list)):
+                if not _depth_within(value, MAX_DEPTH, exact):
+                    raise Reject("invalid_field", f"'{key}' nests deeper than {MAX_DEPTH} levels")
+            elif exact:
+                _check_int(value)
+            elif _suspect(value):
+                raise MaybeBigInt()
             ev[key] = value
     ev["kind"] = kind
     return ev
@@ -231,9 +279,14 @@ def decode_frame(frame: bytes, max_bytes: int) -> list[dict[str, Any] | Reject]:
     if isinstance(items, Reject):
         return [items]
     out: list[dict[str, Any] | Reject] = []
-    for item in items:
+    exact: list[Any] | None = None
+    for index, item in enumerate(items):
         try:
-            out.append(validate(item))
+            try:
+                out.append(validate(item))
+            except MaybeBigInt:
+                exact = exact_items(frame) if exact is None else exact
+                out.append(validate(exact[index], exact=True))
         except Reject as rej:
             out.append(rej)
     return out

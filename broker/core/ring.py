@@ -26,7 +26,7 @@ _COMPACT_AT = 1024
 
 
 class Ring(Generic[T]):
-    __slots__ = ("max_events", "max_bytes", "_items", "_head", "first_index", "next_index", "bytes")
+    __slots__ = ("max_events", "max_bytes", "_items", "_head", "first_index", "next_index", "bytes", "dropped_seq")
 
     def __init__(self, max_events: int, max_bytes: int | None = None) -> None:
         self.max_events = max_events
@@ -38,6 +38,7 @@ class Ring(Generic[T]):
         self.first_index = 0
         self.next_index = 0
         self.bytes = 0
+        self.dropped_seq = 0  # the seq of the last entry dropped (0: none)
 
     def __len__(self) -> int:
         return len(self._items) - self._head
@@ -63,9 +64,15 @@ class Ring(Generic[T]):
             self._drop_oldest()
         return index
 
+    def drop_oldest(self) -> None:
+        """Drop the oldest entry (there must be one): the memory budget's
+        trim (BrokerState), beyond the ring's own bounds."""
+        self._drop_oldest()
+
     def _drop_oldest(self) -> None:
         old = self._items[self._head]
         self.bytes -= old.size
+        self.dropped_seq = old.seq
         self._items[self._head] = None  # type: ignore[call-overload]  # release it now, not at compaction
         self._head += 1
         self.first_index += 1

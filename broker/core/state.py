@@ -28,7 +28,7 @@ from typing import Any
 
 from .dedup import IdWindow
 from .entry import NO_LOGS, Entry, level_slot
-from .envelope import TERMINAL_STATES, parse_frame, validate
+from .envelope import TERMINAL_STATES, MaybeBigInt, exact_items, parse_frame, validate
 from .errors import Reject
 from .messages import gap_body
 from .ring import Ring
@@ -51,6 +51,7 @@ def random_epoch() -> str:
 class Limits:
     ring_events: int = 1024
     ring_bytes: int = 1048576
+    total_bytes: int = 512 * 1048576  # every ring together
     journal_events: int = 100000
     journal_bytes: int = 64 * 1048576
     max_tasks: int = 10000
@@ -78,7 +79,7 @@ class FrameIngest:
     `touched` holds the workflows with new entries since the caller last
     took them."""
 
-    __slots__ = ("frame", "source", "items", "next", "kept", "result")
+    __slots__ = ("frame", "source", "items", "next", "kept", "result", "exact")
 
     def __init__(self, frame: bytes, source: str, items: list[Any] | Reject) -> None:
         self.frame = frame
@@ -87,6 +88,16 @@ class FrameIngest:
         self.next = 0  # index of the next item to apply
         self.kept = 0  # rejects of this frame listed in the recent rejects
         self.result = IngestResult()
+        self.exact: list[Any] | None = None  # the items read exactly, once needed (envelope.MaybeBigInt)
+
+    def validated(self, index: int) -> dict[str, Any]:
+        assert not isinstance(self.items, Reject)
+        try:
+            return validate(self.items[index])
+        except MaybeBigInt:
+            if self.exact is None:
+                self.exact = exact_items(self.frame)
+            return validate(self.exact[index], exact=True)
 
     @property
     def size(self) -> int:
@@ -149,7 +160,9 @@ class Workflow:
     def oldest_cursor_seq(self) -> int:
         """The smallest `since` that still resumes without loss."""
         first = self.ring.first()
-        return 0 if first is None else first.seq_from - 1
+        if first is None:  # nothing held: everything up to the last dropped is gone
+            return self.ring.dropped_seq
+        return first.seq_from - 1
 
 
 class BrokerState:
@@ -177,6 +190,10 @@ class BrokerState:
         # Workflows with events waiting in their reorder buffer.
         self.reordering: set[str] = set()
         self.journal: Ring[Entry] = Ring(self.limits.journal_events, self.limits.journal_bytes)
+        # buffer.total_bytes: the bytes of every ring together, and the
+        # workflows holding any, least recently updated first (trimmed first).
+        self.ring_bytes = 0
+        self.holding: OrderedDict[str, None] = OrderedDict()
         self.ids = IdWindow(self.limits.dedup_window)
         self.rejects: deque[dict[str, Any]] = deque(maxlen=self.limits.rejects_kept)
         self.counters: Counter[str] = Counter()
@@ -212,7 +229,11 @@ class BrokerState:
         stop = len(items) if max_events <= 0 else min(len(items), index + max_events)
         while index < stop:
             try:
-                self._ingest_event(validate(items[index]), now, result)
+                try:
+                    ev = validate(items[index])
+                except MaybeBigInt:
+                    ev = work.validated(index)
+                self._ingest_event(ev, now, result)
             except Reject as rej:
                 self._reject(result, index, rej, work.kept < REJECTS_KEPT_PER_FRAME, work.source, work.frame)
                 work.kept += 1
@@ -342,7 +363,10 @@ class BrokerState:
                 counts[level_slot(entry.level)] += 1
                 wf.log_counts = tuple(counts)
             entry.log_counts = wf.log_counts
-            wf.ring.append(entry)
+            ring = wf.ring
+            held = ring.bytes
+            ring.append(entry)
+            self.ring_bytes += ring.bytes - held
             self.journal.append(entry)
             entry.offset = self.journal.next_index  # offsets start at 1
             if not wf.first_offset:
@@ -350,6 +374,11 @@ class BrokerState:
             if entry.terminal:
                 wf.terminal_offset = entry.offset
         wf.updated_at = now
+        holding = self.holding
+        holding[wf.id] = None
+        holding.move_to_end(wf.id)
+        if self.ring_bytes > self.limits.total_bytes:
+            self._trim()
         if wf.terminal:
             self.terminal.setdefault(wf.id, None)
             self.terminal_lru[wf.id] = None
@@ -357,6 +386,27 @@ class BrokerState:
         result.touched.add(wf.id)
         if not was_visible and wf.visible:
             result.created = True
+
+    def _trim(self) -> None:
+        """buffer.total_bytes: drop the oldest entries of the least recently
+        updated workflows until every ring together fits. Their readers
+        fall off the ring: `resync` (state streams; the snapshot is never
+        dropped) or `gap` (log streams), as when a ring's own bound drops
+        entries. Counted: `trimmed_events`, `trimmed_bytes`."""
+        budget = self.limits.total_bytes
+        holding = self.holding
+        while self.ring_bytes > budget and holding:
+            wid = next(iter(holding))
+            ring = self.workflows[wid].ring
+            while len(ring) and self.ring_bytes > budget:
+                held = ring.bytes
+                ring.drop_oldest()
+                freed = held - ring.bytes
+                self.ring_bytes -= freed
+                self.counters["trimmed_events"] += 1
+                self.counters["trimmed_bytes"] += freed
+            if not len(ring):
+                del holding[wid]
 
     # ------------------------------------------------------------------ time
 
@@ -394,6 +444,8 @@ class BrokerState:
 
     def _evict(self, wid: str) -> None:
         wf = self.workflows.pop(wid)
+        self.ring_bytes -= wf.ring.bytes
+        self.holding.pop(wid, None)
         self.terminal.pop(wid, None)
         self.terminal_lru.pop(wid, None)
         self.reordering.discard(wid)
@@ -455,6 +507,7 @@ class BrokerState:
             "workflows": len(self.workflows),
             "terminal_workflows": len(self.terminal),
             "journal": {"first": self.journal.first_index + 1, "head": self.journal.next_index},
+            "buffer": {"ring_bytes": self.ring_bytes, "total_bytes": self.limits.total_bytes},
             "counters": dict(self.counters),
             "rejected_by_reason": dict(self.rejected_by_reason),
         }

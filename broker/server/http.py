@@ -90,6 +90,10 @@ def create_app(hub: Hub) -> QuartTrio:
     from . import sse, ws  # the streams, served as plain ASGI
 
     app = QuartTrio("broker")
+    # No redirects: `//` in a path is a 404 like any unknown path (werkzeug
+    # would answer 308 with an HTML body), every error the JSON of §5.
+    app.url_map.merge_slashes = False
+    app.url_map.redirect_defaults = False
     app.config["MAX_CONTENT_LENGTH"] = None  # ingest enforces its own limit while reading
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["BODY_TIMEOUT"] = 30

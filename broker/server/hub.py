@@ -80,6 +80,7 @@ def limits_from_config(config: Config) -> Limits:
     return Limits(
         ring_events=b.ring_events,
         ring_bytes=b.ring_bytes,
+        total_bytes=b.total_bytes,
         journal_events=b.journal_events,
         journal_bytes=b.journal_bytes,
         max_tasks=b.max_tasks,

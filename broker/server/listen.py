@@ -19,6 +19,9 @@ itself and hands each socket to Hypercorn's `TCPServer`:
   `keep_alive_timeout`). Its close is shielded, and EOF stops the timer.
 - Errors Hypercorn answers itself (a malformed request: 400; headers too
   large: 431) carry the JSON body of DESIGN.md §5 like every other error.
+- HTTP/1.1 only: no cleartext HTTP/2 (`_http11_only`).
+- A WebSocket message over the size limit closes the connection at once
+  (`_ws_events_then_close`).
 
 The keep-alive timer (`http.idle_timeout`) is also the header deadline: it
 runs from accept until a request's head is complete, so a client that
@@ -37,11 +40,14 @@ import h11
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
+from wsproto.connection import ConnectionState as WsState
 
 from ..core.errors import error_for_status
 from ..core.limits import SocketBudget
@@ -96,9 +102,33 @@ def h11_reason(status_code: int) -> str:
     return f"HTTP error {status_code}"
 
 
+async def _http11_only(self: H11Protocol, event: h11.Request) -> None:
+    """The broker speaks HTTP/1.1 (behind a proxy, h2 ends at the proxy):
+    no switch to cleartext HTTP/2, by `Upgrade: h2c` or by the h2
+    preface. Hypercorn's HTTP/2 connection would have no idle timer (a
+    preface followed by silence stayed open for good) and no stream
+    limits of ours; the request is answered in HTTP/1.1 instead (the
+    preface as an unknown path, then a malformed request: 404, close)."""
+
+
+_ws_handle_events = WSStream._handle_events
+
+
+async def _ws_events_then_close(self: WSStream) -> None:
+    """After a close Hypercorn sent itself (1009: a message over
+    `websocket_max_message_size`), end the stream now: Hypercorn would
+    wait for the client's close frame, and neither the socket nor the
+    session would end until the session's ping timeout (40 s)."""
+    await _ws_handle_events(self)
+    if not self.closed and self.connection.state is WsState.LOCAL_CLOSING:
+        await self.send(StreamClosed(stream_id=self.stream_id))
+
+
 # Module state of Hypercorn's, replaced once on import (checked by
 # tests/test_hardening.py against the pinned version).
 H11Protocol._send_error_response = _json_error_response  # type: ignore[method-assign]
+H11Protocol._check_protocol = _http11_only  # type: ignore[method-assign]
+WSStream._handle_events = _ws_events_then_close  # type: ignore[method-assign]
 
 
 class _AcceptLog:

@@ -480,7 +480,10 @@ def test_stats() -> None:
         log("a", id="dup"),
     )
     st.ingest_frame(b"nope", 0.0)
-    assert st.stats() == {
+    stats = st.stats()
+    held = sum(wf.ring.bytes for wf in st.workflows.values())
+    assert stats.pop("buffer") == {"ring_bytes": held, "total_bytes": st.limits.total_bytes}
+    assert stats == {
         "node_id": "n1",
         "node_epoch": "abc",
         "workflows": 2,
