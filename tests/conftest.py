@@ -49,8 +49,18 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+def _limit_open_files(n: int) -> Any:
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    return apply
+
+
 class Daemon:
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None, nofile: int | None = None) -> None:
+        """`nofile`: the daemon's open-file limit (soft and hard)."""
         self.config_path = config_path
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -61,6 +71,7 @@ class Daemon:
             text=True,
             cwd=ROOT,
             env={**os.environ, **(env or {})},
+            preexec_fn=_limit_open_files(nofile) if nofile else None,
         )
         self.http = ""
         self.zmq = ""
@@ -127,12 +138,12 @@ BASE_SECTIONS: dict[str, dict[str, Any]] = {
 def broker_factory(tmp_path: Path):
     daemons: list[Daemon] = []
 
-    def start(**sections: dict[str, Any]) -> Daemon:
+    def start(nofile: int | None = None, **sections: dict[str, Any]) -> Daemon:
         merged = {name: dict(values) for name, values in BASE_SECTIONS.items()}
         for name, values in sections.items():
             merged.setdefault(name, {}).update(values)
         cfg = write_config(tmp_path / f"broker-{len(daemons)}.toml", merged)
-        d = Daemon(cfg)
+        d = Daemon(cfg, nofile=nofile)
         daemons.append(d)
         return d
 
