@@ -85,6 +85,32 @@ def test_busy_broker_collects_after_max_wait():
     assert p.check(0, 130.0, ingested=130)
 
 
+def due(p: FullCollections, now: float) -> bool:
+    """Checked twice, the second a quiet second later (no ingest between)."""
+    p.check(0, now - 0.5, ingested=0)
+    return p.check(0, now, ingested=0)
+
+
+def test_long_lived_streams_ended_bring_a_complete_collection_forward_at_most_once_a_floor():
+    p = FullCollections(0.0, min_closed=10, every=600, max_wait=30, freeze_every=5, complete_floor=60)
+    for _ in range(10):
+        p.ended(lived=1.0)  # short-lived: their garbage was never frozen
+    assert due(p, 70.0) and not p.complete
+    p.done(70.0)
+    for _ in range(10):
+        p.ended(lived=8.0)  # lived past a freeze
+    assert due(p, 71.0) and p.complete  # 71 s since the last complete one (the start)
+    p.done(71.0)
+    for _ in range(10):
+        p.ended(lived=8.0)
+    assert due(p, 80.0) and not p.complete  # within the floor: a full one only
+    p.done(80.0)
+    assert p.closed_frozen == 10
+    for _ in range(10):
+        p.ended(lived=1.0)
+    assert due(p, 132.0) and p.complete  # the floor has passed
+
+
 def test_due_every_so_often_even_without_closes():
     p = FullCollections(0.0, min_closed=10, every=600, max_wait=30)
     assert not p.check(0, 599.0, ingested=0)

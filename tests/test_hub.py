@@ -298,3 +298,51 @@ def test_the_zmq_ingest_yields_to_the_loop_every_turn_slice() -> None:
 
     clock = trio.testing.MockClock()
     trio.run(main, clock, clock=clock)
+
+
+def test_accept_pauses_on_emfile_logs_once_an_interval_and_keeps_the_budget(caplog) -> None:
+    """server/listen.py `Acceptor`: a listener failing with EMFILE is
+    retried after a pause with one log line per ACCEPT_LOG_EVERY, never a
+    traceback; at the socket budget it waits for a socket to close."""
+    import errno
+    import logging
+
+    from broker.core.limits import SocketBudget
+    from broker.server import listen
+
+    class Listener:
+        def __init__(self) -> None:
+            self.failures = 0
+            self.accepted = 0
+
+        async def accept(self) -> tuple[object, None]:
+            await trio.lowlevel.checkpoint()
+            if self.failures < 500:  # 50 s of EMFILE at one attempt per 0.1 s
+                self.failures += 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            self.accepted += 1
+            return object(), None
+
+    async def main() -> None:
+        listener = Listener()
+        budget = SocketBudget(3)
+        taken: list[object] = []
+        acceptor = listen.Acceptor(listener, budget, taken.append)
+        with caplog.at_level(logging.WARNING, logger="broker.http"):
+            async with trio.open_nursery() as n:
+                n.start_soon(acceptor.run)
+                await trio.sleep(60)
+                assert listener.failures == 500
+                assert len(taken) == 3 and budget.open == 3  # then it waits at the budget
+                accepted = listener.accepted
+                await trio.sleep(5)
+                assert listener.accepted == accepted
+                acceptor.closed()  # one socket ends: one more is taken
+                await trio.sleep(0.1)
+                assert len(taken) == 4 and budget.open == 3
+                n.cancel_scope.cancel()
+        lines = [r for r in caplog.records if "accept failed" in r.getMessage()]
+        assert 5 <= len(lines) <= 6, [r.getMessage() for r in lines]  # 50 s at one line per 10 s
+        assert not any(r.exc_info for r in caplog.records)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -183,13 +183,14 @@ def create_app(hub: Hub) -> QuartTrio:
         if target is None and not (scope["type"] == "websocket" and scope["path"] == "/v1/ws"):
             await quart_asgi(scope, receive, send)
             return
+        began = trio.current_time()
         try:
             if target is not None:
                 await sse.handle(hub, scope, receive, send, target)
             else:
                 await ws.handle(hub, scope, receive, send)
         finally:
-            hub.stream_request_ended()
+            hub.stream_request_ended(trio.current_time() - began)
 
     app.asgi_app = asgi_app  # type: ignore[method-assign]
     return app

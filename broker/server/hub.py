@@ -575,11 +575,12 @@ class Hub:
         self.connections[conn.id] = conn
         return conn
 
-    def stream_request_ended(self) -> None:
+    def stream_request_ended(self, lived: float = 0.0) -> None:
         """A request to a stream endpoint (SSE or WebSocket, served or
-        refused) has ended: its objects may be cyclic garbage now."""
+        refused) has ended after `lived` seconds: its objects may be cyclic
+        garbage now (gc_policy.py)."""
         if self.full_collections is not None:
-            self.full_collections.closed += 1
+            self.full_collections.ended(lived)
 
     def close_connection(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)

@@ -150,6 +150,47 @@ class _AcceptLog:
             self.last, self.failed = now, 0
 
 
+class Acceptor:
+    """The accept loop over a listening socket (anything with an async
+    `accept()` returning `(socket, address)`): within `budget`, pausing on
+    capacity errors (logged by `_AcceptLog`), handing each socket to
+    `start(socket)`; `closed()` when one of them ends."""
+
+    def __init__(self, listener: Any, budget: SocketBudget, start: Callable[[Any], None]) -> None:
+        self.listener = listener
+        self.budget = budget
+        self.start = start
+        self.log = _AcceptLog()
+        self._room = trio.Event()
+
+    def closed(self) -> None:
+        self.budget.closed()
+        self._room.set()
+
+    async def _wait_room(self) -> None:
+        self._room = trio.Event()
+        await self._room.wait()
+
+    async def run(self) -> None:
+        budget = self.budget
+        while True:
+            while not budget.has_room():
+                await self._wait_room()
+            try:
+                conn, _ = await self.listener.accept()
+            except OSError as exc:
+                if exc.errno in _CAPACITY:
+                    self.log.failure(exc, trio.current_time())
+                    with trio.move_on_after(ACCEPT_PAUSE):
+                        await self._wait_room()  # a socket closing ends the pause early
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client went away before we took it
+                raise
+            budget.opened()
+            self.start(conn)
+
+
 async def serve_http(
     app: Any,
     hc: HypercornConfig,
@@ -166,8 +207,7 @@ async def serve_http(
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(app, hc, lifespan_state)
     listener = trio.socket.from_stdlib_socket(sock)
-    room = trio.Event()
-    accept_log = _AcceptLog()
+    acceptor: Acceptor
 
     async def one(conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)
@@ -176,40 +216,19 @@ async def serve_http(
             server = BrokerTCPServer(app, hc, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]
             await server
         finally:
-            budget.closed()
-            room.set()
+            acceptor.closed()
             await trio.aclose_forcefully(stream)
-
-    async def accept(handlers: trio.Nursery) -> None:
-        nonlocal room
-        while True:
-            while not budget.has_room():
-                room = trio.Event()
-                await room.wait()
-            try:
-                conn, _ = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _CAPACITY:
-                    accept_log.failure(exc, trio.current_time())
-                    with trio.move_on_after(ACCEPT_PAUSE):
-                        room = trio.Event()
-                        await room.wait()  # a socket closing ends the pause early
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue  # the client went away before we took it
-                raise
-            budget.opened()
-            handlers.start_soon(one, conn)
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as handlers:
-            async with trio.open_nursery() as acceptor:
-                acceptor.start_soon(accept, handlers)
+            acceptor = Acceptor(listener, budget, lambda conn: handlers.start_soon(one, conn))
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(acceptor.run)
                 task_status.started()
                 await shutdown_trigger()
-                acceptor.cancel_scope.cancel()
+                accepting.cancel_scope.cancel()
             # Idle keep-alive connections close when they see this; requests
             # in progress get the graceful timeout.
             await context.terminated.set()
