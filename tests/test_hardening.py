@@ -348,10 +348,16 @@ async def test_a_message_of_many_parts_never_holds_the_loop(broker_factory):
             try:
                 async with health_probe(d) as probe:
                     await trio.sleep(0.2)
-                    push.send_multipart([b""] * 300_000)
-                    # A batch of 10,000 valid events in one frame, too.
-                    push.send(orjson.dumps([log(wid, f"line {i}") for i in range(10_000)]))
-                    push.send(orjson.dumps(ev(wid, "workflow.completed")))
+                    # Sent from a thread: building 300,000 frames would hold
+                    # this process's loop, and the probe with it.
+                    batch = orjson.dumps([log(wid, f"line {i}") for i in range(10_000)])
+
+                    def send_all() -> None:
+                        push.send_multipart([b""] * 300_000)
+                        push.send(batch)  # a batch of 10,000 valid events in one frame, too
+                        push.send(orjson.dumps(ev(wid, "workflow.completed")))
+
+                    await trio.to_thread.run_sync(send_all)
                     async with open_sse(client, wf_path(wid)) as s:
                         assert s.status == 200
                         snap = await s.expect()
