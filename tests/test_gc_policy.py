@@ -93,21 +93,22 @@ def due(p: FullCollections, now: float) -> bool:
 
 def test_long_lived_streams_ended_bring_a_complete_collection_forward_at_most_once_a_floor():
     p = FullCollections(0.0, min_closed=10, every=600, max_wait=30, freeze_every=5, complete_floor=60)
+    p.froze(50.0)
     for _ in range(10):
-        p.ended(lived=1.0)  # short-lived: their garbage was never frozen
+        p.ended(began=60.0)  # began after the last freeze: its garbage was never frozen
     assert due(p, 70.0) and not p.complete
-    p.done(70.0)
+    p.done(70.0)  # (a freeze after it, at 70)
     for _ in range(10):
-        p.ended(lived=8.0)  # lived past a freeze
+        p.ended(began=65.0)  # began before a freeze
     assert due(p, 71.0) and p.complete  # 71 s since the last complete one (the start)
     p.done(71.0)
     for _ in range(10):
-        p.ended(lived=8.0)
+        p.ended(began=70.5)
     assert due(p, 80.0) and not p.complete  # within the floor: a full one only
     p.done(80.0)
     assert p.closed_frozen == 10
     for _ in range(10):
-        p.ended(lived=1.0)
+        p.ended(began=100.0)
     assert due(p, 132.0) and p.complete  # the floor has passed
 
 

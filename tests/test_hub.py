@@ -346,3 +346,56 @@ def test_accept_pauses_on_emfile_logs_once_an_interval_and_keeps_the_budget(capl
         assert not any(r.exc_info for r in caplog.records)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_stream_whose_workflow_ends_while_draining_still_ends() -> None:
+    """The stream takes its last events itself (not parked: the drain hands
+    every stream back), then waits for its turn to end: the drain must not
+    leave it waiting (found by review)."""
+
+    async def main() -> None:
+        hub = Hub(from_mapping({}))
+        hub.ingest(frame(ev("wf", "workflow.running")), "test")
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/v1/workflows/wf/stream",
+            "headers": [],
+            "query_string": b"",
+            "client": ("127.0.0.1", 1),
+            "http_version": "1.1",
+        }
+        asked = False
+        never = trio.Event()
+
+        async def receive() -> dict:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await never.wait()
+            raise AssertionError
+
+        bodies: list[bytes] = []
+        snapshot = trio.Event()
+
+        async def send(msg: dict) -> None:
+            if msg["type"] == "http.response.body":
+                bodies.append(msg["body"])
+                if b"snapshot" in msg["body"]:
+                    snapshot.set()
+            await trio.lowlevel.checkpoint()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                n.start_soon(hub.serve_flusher)
+                async with trio.open_nursery() as stream:
+                    stream.start_soon(sse.handle, hub, scope, receive, send, sse.stream_target(scope))
+                    await snapshot.wait()
+                    hub.ingest(frame(ev("wf", "workflow.completed")), "test")
+                    hub.begin_drain()
+                n.cancel_scope.cancel()
+        assert not hub.connections
+        assert bodies[-1] == b""
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

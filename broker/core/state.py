@@ -81,27 +81,30 @@ class FrameIngest:
 
     __slots__ = ("frame", "source", "items", "next", "kept", "result", "exact")
 
-    def __init__(self, frame: bytes, source: str, items: list[Any] | Reject) -> None:
+    def __init__(self, frame: bytes, source: str, items: list[Any] | Reject | None = None) -> None:
         self.frame = frame
         self.source = source
-        self.items = items
+        self.items = items  # None until parsed (by its first step)
         self.next = 0  # index of the next item to apply
         self.kept = 0  # rejects of this frame listed in the recent rejects
         self.result = IngestResult()
         self.exact: list[Any] | None = None  # the items read exactly, once needed (envelope.MaybeBigInt)
 
     def validated(self, index: int) -> dict[str, Any]:
-        assert not isinstance(self.items, Reject)
-        try:
-            return validate(self.items[index])
-        except MaybeBigInt:
-            if self.exact is None:
+        """Item `index` validated against the frame read exactly (a float
+        that may have been an integer beyond 64 bits: envelope.MaybeBigInt)."""
+        if self.exact is None:
+            try:
                 self.exact = exact_items(self.frame)
-            return validate(self.exact[index], exact=True)
+            except (ValueError, RecursionError):  # deeper than Python's parser goes
+                raise Reject("invalid_field", "a payload too deep to check its integers exactly") from None
+        return validate(self.exact[index], exact=True)
 
     @property
     def size(self) -> int:
-        """Events (items) in the frame: 1 for a frame refused whole."""
+        """Events (items) in the frame: 1 for a frame refused whole (0 until parsed)."""
+        if self.items is None:
+            return 0
         return 1 if isinstance(self.items, Reject) else len(self.items)
 
     @property
@@ -210,9 +213,9 @@ class BrokerState:
         return work.result
 
     def begin_frame(self, frame: bytes, source: str = "zmq") -> FrameIngest:
-        """Parse a frame, to apply with `ingest_step` (its events are
-        validated as they are applied)."""
-        return FrameIngest(frame, source, parse_frame(frame, self.limits.max_frame_bytes))
+        """A frame to apply with `ingest_step`: parsed by the first step,
+        its events validated as they are applied."""
+        return FrameIngest(frame, source)
 
     def ingest_step(self, work: FrameIngest, now: float, wall: float | None = None, max_events: int = 0) -> bool:
         """Apply the next `max_events` events of `work` (0: all the rest);
@@ -220,6 +223,8 @@ class BrokerState:
         self._wall = now if wall is None else wall
         result = work.result
         items = work.items
+        if items is None:
+            items = work.items = parse_frame(work.frame, self.limits.max_frame_bytes)
         if isinstance(items, Reject):
             if not work.next:
                 work.next = 1
@@ -234,6 +239,12 @@ class BrokerState:
                 except MaybeBigInt:
                     ev = work.validated(index)
                 self._ingest_event(ev, now, result)
+            except (RecursionError, TypeError, ValueError) as exc:
+                # An input the checks above did not foresee: refuse the
+                # event, never the ingest (a bug, so say what it was).
+                rej = Reject("invalid_field", f"could not be applied: {type(exc).__name__}")
+                self._reject(result, index, rej, work.kept < REJECTS_KEPT_PER_FRAME, work.source, work.frame)
+                work.kept += 1
             except Reject as rej:
                 self._reject(result, index, rej, work.kept < REJECTS_KEPT_PER_FRAME, work.source, work.frame)
                 work.kept += 1

@@ -194,10 +194,11 @@ class FullCollections:
         self.due_since = None
         self.complete = False
 
-    def ended(self, lived: float) -> None:
-        """A stream request ended after `lived` seconds."""
+    def ended(self, began: float) -> None:
+        """A stream request that began at `began` (the policy's clock) ended:
+        if a freeze came since, its garbage was frozen with it."""
         self.closed += 1
-        if lived >= self.freeze_every:
+        if began <= self.last_freeze:
             self.closed_frozen += 1
 
     def freeze_due(self, now: float) -> bool:

@@ -46,25 +46,29 @@ class _BodyRefused(Exception):
         self.err = err
 
 
-async def read_body(hub: Hub, limit: int) -> bytes:
+async def read_body(hub: Hub, limit: int) -> bytes:  # the caller releases len() of it
     """The request body, within bounds (DESIGN §13, docs/protocol.md
     "Limits and timeouts"): at most `limit` bytes (else 400), all of it
     within `http.body_timeout` of the request's head and with no pause
     longer than `http.body_idle_timeout` (else 408), and the bodies of all
     requests in progress together within `http.max_pending_body_bytes`
     (else 503). Raises _BodyRefused: the rest is never read, so the
-    connection must close."""
+    connection must close. The bytes of the body returned stay counted
+    until the caller `release_body_bytes()` them (ingest holds them and
+    more)."""
     cfg = hub.config.http
     deadline = trio.current_time() + cfg.body_timeout
     chunks: list[bytes] = []
     size = 0
     body = request.body.__aiter__()
+    complete = False
     try:
         while True:
             with trio.move_on_at(min(deadline, trio.current_time() + cfg.body_idle_timeout)) as waited:
                 try:
                     chunk = await body.__anext__()
                 except StopAsyncIteration:
+                    complete = True
                     return b"".join(chunks)
             if waited.cancelled_caught:
                 if trio.current_time() >= deadline:
@@ -83,7 +87,8 @@ async def read_body(hub: Hub, limit: int) -> bytes:
                 raise _BodyRefused(Unavailable("too many request bodies in progress: retry later"))
             chunks.append(chunk)
     finally:
-        hub.release_body_bytes(sum(len(c) for c in chunks))
+        if not complete:
+            hub.release_body_bytes(sum(len(c) for c in chunks))
 
 
 def create_app(hub: Hub) -> QuartTrio:
@@ -137,7 +142,10 @@ def create_app(hub: Hub) -> QuartTrio:
             # carry another request: close it.
             response.headers["Connection"] = "close"
             return response
-        result = await hub.ingest_sliced(body, "http")
+        try:
+            result = await hub.ingest_sliced(body, "http")
+        finally:
+            hub.release_body_bytes(len(body))
         rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]
         whole_body = len(result.rejected) == 1 and result.rejected[0][1].reason in ("invalid_json", "too_large")
         if whole_body:
@@ -190,7 +198,7 @@ def create_app(hub: Hub) -> QuartTrio:
             else:
                 await ws.handle(hub, scope, receive, send)
         finally:
-            hub.stream_request_ended(trio.current_time() - began)
+            hub.stream_request_ended(began)
 
     app.asgi_app = asgi_app  # type: ignore[method-assign]
     return app

@@ -221,11 +221,8 @@ class Hub:
         created = False
         step = self.state.ingest_step
         while works:
-            work = works[0]
-            if until is None or work.size <= SLICE_EVENTS:
-                done = step(work, now, wall)
-            else:
-                done = step(work, now, wall, SLICE_EVENTS)
+            work = works[0]  # parsed by its first step, not before
+            done = step(work, now, wall, 0 if until is None else SLICE_EVENTS)
             result = work.result
             if result.touched:
                 touched |= result.touched
@@ -236,7 +233,7 @@ class Hub:
                 works.popleft()
                 if result.rejected:
                     self._log_rejects(result, work.source, now)
-            elif trio.current_time() >= until:  # type: ignore[operator]  # not done: until is set
+            if until is not None and works and trio.current_time() >= until:
                 break
         self._wake(touched, created, now)
         return works
@@ -323,9 +320,13 @@ class Hub:
         schedule = self.schedule
         keys = schedule.touched(touched, now)
         keys += schedule.touched((JOURNAL,), now)
-        if created:
-            keys.append(NEW_WORKFLOW)  # rare, and waited on with a deadline: never deferred
         self._enqueue(keys)
+        if created:
+            # Rare, and waited on with a deadline: never deferred, first in line.
+            if NEW_WORKFLOW not in self._queued:
+                self._queued.add(NEW_WORKFLOW)
+                self._queue.appendleft(NEW_WORKFLOW)
+                self._schedule_changed.set()
         self._flusher_check()
 
     def _flusher_check(self) -> None:
@@ -376,8 +377,17 @@ class Hub:
                 await self._run_slice()
                 continue
             if self._ends:
+                # Deferred wakes fall due meanwhile too (the queue is empty).
+                self._enqueue_due(schedule.expire, trio.current_time())
+                if self._queue:
+                    continue
                 if not self._release_ends():
-                    await trio.sleep(1 / ENDS_BUSY_RATE)  # busy lately: at the busy rate
+                    # Busy lately: at the busy rate, unless wakes come first.
+                    self._schedule_changed = trio.Event()
+                    due = schedule.next_due()
+                    until = trio.current_time() + 1 / ENDS_BUSY_RATE
+                    with trio.move_on_at(until if due is None else min(due, until)):
+                        await self._schedule_changed.wait()
                     continue
                 await trio.lowlevel.checkpoint()  # they run; then the next ones
                 continue
@@ -575,12 +585,12 @@ class Hub:
         self.connections[conn.id] = conn
         return conn
 
-    def stream_request_ended(self, lived: float = 0.0) -> None:
+    def stream_request_ended(self, began: float) -> None:
         """A request to a stream endpoint (SSE or WebSocket, served or
-        refused) has ended after `lived` seconds: its objects may be cyclic
-        garbage now (gc_policy.py)."""
+        refused) that began at `began` (trio clock) has ended: its objects
+        may be cyclic garbage now (gc_policy.py)."""
         if self.full_collections is not None:
-            self.full_collections.ended(lived)
+            self.full_collections.ended(began)
 
     def close_connection(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)

@@ -56,6 +56,30 @@ log = logging.getLogger("broker.http")
 
 # accept() errors that mean "no file descriptor (or memory) right now".
 _CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() errors about one connection that went away or failed before it
+# was taken (accept(2): pending network errors are passed on): skipped.
+# The same set trio's own listener skips.
+_GONE = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "EPERM",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)
+)
 ACCEPT_PAUSE = 0.1  # seconds accept waits after a capacity error
 ACCEPT_LOG_EVERY = 10.0  # seconds between log lines about failing accepts
 
@@ -184,7 +208,7 @@ class Acceptor:
                     with trio.move_on_after(ACCEPT_PAUSE):
                         await self._wait_room()  # a socket closing ends the pause early
                     continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                if exc.errno in _GONE:
                     continue  # the client went away before we took it
                 raise
             budget.opened()
@@ -224,15 +248,19 @@ async def serve_http(
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as handlers:
             acceptor = Acceptor(listener, budget, lambda conn: handlers.start_soon(one, conn))
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(acceptor.run)
-                task_status.started()
-                await shutdown_trigger()
-                accepting.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(acceptor.run)
+                    task_status.started()
+                    await shutdown_trigger()
+                    accepting.cancel_scope.cancel()
+            finally:
+                # New clients get "connection refused" at once (a load
+                # balancer moves on) instead of waiting in the backlog.
+                listener.close()
             # Idle keep-alive connections close when they see this; requests
             # in progress get the graceful timeout.
             await context.terminated.set()
             handlers.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
-    listener.close()

@@ -32,6 +32,7 @@ with its cursor.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -125,9 +126,11 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         wid, view = target
         sub = subscribe.from_query(req.args, workflow=wid, view=view, last_event_id=req.headers.get("Last-Event-ID"))
         principal = hub.principal_of(req.headers, req.args)
-        # Admitted now, with no checkpoint since the check, so streams
-        # opened at the same instant never exceed the limit; a wait for a
-        # workflow not known yet holds its place too.
+        # Checked and admitted with no checkpoint in between, so streams
+        # opened at the same instant never exceed the limit (and none is
+        # admitted once draining); a wait for a workflow not known yet holds
+        # its place too.
+        hub.check_capacity(principal)
         conn = hub.open_connection("sse", req.remote, req.path, principal)
     except BrokerError as err:
         headers = [JSON, ALLOW, *cors] if isinstance(err, MethodNotAllowed) else [JSON, *cors]
@@ -198,9 +201,9 @@ class _Stream:
         # closes on it, so it goes out when the stream may tear down (see
         # `turn_to_end`), after the events before it.
         self.final = b""
-        # None: not ended; else a trio.Event the task waits on for its turn
-        # to end, or True once that turn has come (`release_end`).
-        self.end_state: trio.Event | bool | None = None
+        # None: not ended; False: waiting for its turn to end (`Hub.end_later`);
+        # True: its turn has come (`release_end`).
+        self.end_state: bool | None = None
 
     def take(self) -> tuple[bytes, int] | None:
         """Everything pending for this subscriber as one write (and how
@@ -271,23 +274,22 @@ class _Stream:
 
     def release_end(self) -> None:
         """The hub lets this stream end now (`Hub.end_later`)."""
-        waiting = self.end_state
         self.end_state = True
-        if isinstance(waiting, trio.Event):
-            waiting.set()
-        else:
-            self.conn.hand_back()
+        self.conn.hand_back()
 
-    async def turn_to_end(self) -> None:
-        """Wait for the hub to let this ended stream write its `end` and
-        tear down (≈ 0.3 ms of broker CPU: the streams still open get their
-        events first)."""
-        if self.end_state is True:
-            return
+    async def turn_to_end(self, receive: Receive) -> bool:
+        """Wait, parked, for the hub to let this ended stream write its
+        `end` and tear down (≈ 0.3 ms of broker CPU: the streams still
+        open get their events first). False if the client left meanwhile
+        (nothing more to write); an admin close or the drain ends the wait."""
         if self.end_state is None:
+            self.end_state = False
             self.hub.end_later(self.release_end)
-        waiting = self.end_state = trio.Event()
-        await waiting.wait()
+        while self.end_state is not True and not self.conn.closing:
+            message = await self.conn.park(math.inf, receive)
+            if message is not None and message["type"] == "http.disconnect":
+                return False
+        return True
 
     def end_directly(self, final: bytes) -> bool:
         """Write `final` (if any) and end the body on the direct socket
@@ -358,7 +360,8 @@ async def _stream(
         # a drain waits for this last chunk too.
         final = b""
         if reader.done and not slow:
-            await st.turn_to_end()
+            if not await st.turn_to_end(receive):
+                return  # the client left: nothing to end
             final = st.final
         if st.end_directly(final):
             conn.wrote(1 if final else 0, direct=True)
