@@ -369,6 +369,12 @@ def from_mapping(data: dict[str, Any], source: str = "<defaults>") -> Config:
         for f in _TOP_LEVEL
         if _toml_name(f) in data
     }
+    buffer = sections["buffer"]
+    if buffer.total_bytes < buffer.ring_bytes:
+        raise ConfigError(
+            f"config key 'buffer.total_bytes': {buffer.total_bytes} is less than buffer.ring_bytes "
+            f"({buffer.ring_bytes}): every ring together must hold at least one full ring"
+        )
     return Config(**sections, **top, source=source)
 
 

@@ -564,3 +564,21 @@ async def test_an_oversized_websocket_message_closes_the_connection_at_once(brok
         assert closed and trio.current_time() - began < 1.0
         async with client_for(d) as client:
             await poll(lambda: _connections(client, 0), 3)
+
+
+async def test_an_admin_close_ends_a_wait_for_an_unknown_workflow(broker_factory):
+    d = broker_factory(stream={"unknown_workflow_wait": 10})
+    with trio.fail_after(15):
+        sock = await connect(d)
+        await sock.send(f"GET {wf_path(uid('never'))} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        async with client_for(d) as client:
+            await poll(lambda: _connections(client, 1), 5)
+            (conn,) = (await client.get("/v1/admin/connections")).json()["connections"]
+            began = trio.current_time()
+            assert (await client.delete(f"/v1/admin/connections/{conn['id']}")).status_code == 202
+            raw = await sock.recv(65536)
+            took = trio.current_time() - began
+            sock.close()
+            assert raw.startswith(b"HTTP/1.1 503"), raw[:80]
+            assert took < 1.5, took
+            await poll(lambda: _connections(client, 0), 3)

@@ -417,6 +417,7 @@ def _fanout_broker(scale: Scale, workdir: Path, rate: int, count: int) -> dict[s
             "buffer": {
                 "ring_events": count + 16,
                 "ring_bytes": 1024 * 1048576,
+                "total_bytes": 1024 * 1048576,
                 "journal_events": count + 16,
                 "journal_bytes": 1024 * 1048576,
             },

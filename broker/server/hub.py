@@ -41,7 +41,7 @@ import trio
 from werkzeug.datastructures import Headers
 
 from ..config import Config
-from ..core.errors import Reject, ShuttingDown
+from ..core.errors import Reject, ShuttingDown, Unavailable
 from ..core.limits import ANONYMOUS, ConnectionTable, Principal, SocketBudget
 from ..core.state import BrokerState, FrameIngest, IngestResult, Limits
 from ..core.subscribe import JOURNAL, NEW_WORKFLOW, Opened, Subscription, open_subscription, workflow_not_found
@@ -509,16 +509,20 @@ class Hub:
         workflow is unknown."""
         return open_subscription(self.state, sub, coalesce_after=self.stream.coalesce_after, counters=self.counters)
 
-    async def open_when_known(self, sub: Subscription) -> Opened:
+    async def open_when_known(self, sub: Subscription, conn: Connection | None = None) -> Opened:
         """`open()`, waiting up to `stream.unknown_workflow_wait` for a
         single-workflow subscription's first event (clients subscribe right
         after starting a workflow). NotFound after that, ShuttingDown when
-        the drain starts meanwhile."""
+        the drain starts meanwhile, Unavailable if `conn` (admitted for the
+        wait) is closed meanwhile (an admin, `limits.per_user`)."""
         opened = self.open(sub)
         if opened is None:
             with trio.move_on_after(self.stream.unknown_workflow_wait):
                 while (opened := self.open(sub)) is None and not self._draining:
-                    await self.wait(NEW_WORKFLOW, 3600)
+                    if conn is not None and conn.closing:
+                        raise Unavailable("the connection was closed while it waited for its workflow")
+                    # A close does not wake this wait: look again every so often.
+                    await self.wait(NEW_WORKFLOW, 0.5)
         if opened is None:
             if self._draining:
                 raise ShuttingDown("the broker is shutting down")

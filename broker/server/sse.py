@@ -138,7 +138,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         return
     try:
         try:
-            opened = await hub.open_when_known(sub)
+            opened = await hub.open_when_known(sub, conn)
         except BrokerError as err:
             await _respond(send, err.status, orjson.dumps(err.to_json()), [JSON, *cors])
             return

@@ -511,3 +511,9 @@ def test_check_config_refuses_a_port_out_of_range(tmp_path: Path) -> None:
     lines = proc.stderr.strip("\n").splitlines()
     assert len(lines) == 1, proc.stderr
     assert "ingest.zmq_bind" in lines[0] and "port out of range" in lines[0], lines[0]
+
+
+def test_total_bytes_must_hold_at_least_one_full_ring() -> None:
+    text = error_of({"buffer": {"total_bytes": 1000, "ring_bytes": 2000}})
+    assert "buffer.total_bytes" in text and "buffer.ring_bytes" in text
+    assert from_mapping({"buffer": {"total_bytes": 2000, "ring_bytes": 2000}}).buffer.total_bytes == 2000
