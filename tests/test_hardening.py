@@ -389,7 +389,8 @@ async def test_cheap_bad_requests_cannot_set_off_a_long_collection(broker_factor
             d.push([{"workflow_id": f"gc-{w}", "type": "workflow.running"} for w in range(start, start + 1000)])
         async with client_for(d) as client:
             await poll(lambda: _workflows_at_least(client, n), 60, 0.2)
-            await trio.sleep(6.5)  # past a freeze (gc_policy.FREEZE_EVERY)
+            loaded = (await stats(client))["gc_freezes"]
+            await poll(lambda: _frozen_since(client, loaded), 15, 0.2)  # what is loaded is frozen
             gen2_before = (await stats(client))["gc"]["gen2"]
             async with health_probe(d) as probe:
                 for _ in range(1100):  # each a 400, each an ended stream request
@@ -403,6 +404,10 @@ async def test_cheap_bad_requests_cannot_set_off_a_long_collection(broker_factor
 
 async def _workflows_at_least(client: httpx.AsyncClient, n: int) -> bool:
     return (await stats(client))["workflows"] >= n
+
+
+async def _frozen_since(client: httpx.AsyncClient, freezes: int) -> bool:
+    return (await stats(client))["gc_freezes"] > freezes
 
 
 async def _gen2_after(client: httpx.AsyncClient, before: dict[str, Any]) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ behaviour is in test_sse.py, test_ws.py and the bench's `overload`."""
 from __future__ import annotations
 
 import collections
+from collections.abc import Awaitable, Callable
 
 import orjson
 import trio
@@ -147,29 +148,39 @@ def test_a_pass_slice_stops_after_pass_slice_even_with_many_subscribers_per_key(
     trio.run(main, clock, clock=clock)
 
 
+STREAM_SCOPE = {
+    "type": "http",
+    "method": "GET",
+    "path": "/v1/workflows/wf/stream",
+    "headers": [],
+    "query_string": b"",
+    "client": ("127.0.0.1", 1),
+    "http_version": "1.1",
+}
+
+
+def stream_request() -> Callable[[], Awaitable[dict]]:
+    """The ASGI `receive` of a GET to a stream: the request, then nothing
+    until the end of the test (the client never leaves)."""
+    asked = False
+    never = trio.Event()
+
+    async def receive() -> dict:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await never.wait()
+        raise AssertionError
+
+    return receive
+
+
 def test_an_sse_stream_opened_as_the_drain_starts_still_ends() -> None:
     async def main() -> None:
         hub = Hub(from_mapping({}))
         hub.ingest(frame(ev("wf", "workflow.running")), "test")
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": "/v1/workflows/wf/stream",
-            "headers": [],
-            "query_string": b"",
-            "client": ("127.0.0.1", 1),
-        }
-        asked = False
-        never = trio.Event()
-
-        async def receive() -> dict:
-            nonlocal asked
-            if not asked:
-                asked = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await never.wait()
-            raise AssertionError
-
+        scope, receive = STREAM_SCOPE, stream_request()
         bodies: list[bytes] = []
 
         async def send(msg: dict) -> None:
@@ -356,26 +367,7 @@ def test_a_stream_whose_workflow_ends_while_draining_still_ends() -> None:
     async def main() -> None:
         hub = Hub(from_mapping({}))
         hub.ingest(frame(ev("wf", "workflow.running")), "test")
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": "/v1/workflows/wf/stream",
-            "headers": [],
-            "query_string": b"",
-            "client": ("127.0.0.1", 1),
-            "http_version": "1.1",
-        }
-        asked = False
-        never = trio.Event()
-
-        async def receive() -> dict:
-            nonlocal asked
-            if not asked:
-                asked = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await never.wait()
-            raise AssertionError
-
+        scope, receive = STREAM_SCOPE, stream_request()
         bodies: list[bytes] = []
         snapshot = trio.Event()
 

@@ -107,10 +107,6 @@ class FrameIngest:
             return 0
         return 1 if isinstance(self.items, Reject) else len(self.items)
 
-    @property
-    def done(self) -> bool:
-        return self.next >= self.size
-
 
 class Workflow:
     __slots__ = (

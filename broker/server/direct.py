@@ -141,9 +141,10 @@ class DirectSocket:
         self.pending = frame[sent:]
         return False
 
-    def end(self) -> bool:
-        """End the body with its last chunk, written here (call only when
-        `ready()`). True if the response is then complete on the wire or
+    def end(self, final: bytes = b"") -> bool:
+        """Write `final` (if any) and end the body with its last chunk, in
+        one write (call only when `ready()`). True if the response is then
+        complete on the wire or
         pending: the caller must not send Hypercorn's end of body, and
         returning from the ASGI app makes Hypercorn close the connection.
 
@@ -155,7 +156,7 @@ class DirectSocket:
         a new connection to subscribe again."""
         if self.broken:
             return False
-        self.write(b"", last=True)
+        self.write(final, last=True)
         return not self.broken
 
     async def flush(self) -> None:

@@ -167,6 +167,7 @@ class FullCollections:
         self.last_freeze = now
         self.due_since: float | None = None
         self.complete = False  # the collection due is a complete one
+        self.freezes = 0  # freezes since start (each after a collection)
         self._ingested = -1
 
     def check(self, open_connections: int, now: float, ingested: int) -> bool:
@@ -191,6 +192,7 @@ class FullCollections:
             self.last = now
             self.closed_frozen = 0
         self.last_freeze = now
+        self.freezes += 1
         self.due_since = None
         self.complete = False
 
@@ -206,6 +208,7 @@ class FullCollections:
 
     def froze(self, now: float) -> None:
         self.last_freeze = now
+        self.freezes += 1
 
 
 async def serve_full_collections(

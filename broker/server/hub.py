@@ -661,4 +661,6 @@ class Hub:
         out["request_bodies"] = {"bytes": self.body_bytes, "peak_bytes": self.body_bytes_peak}
         if self.gc_stats is not None:
             out["gc"] = self.gc_stats.to_json()
+        if self.full_collections is not None:
+            out["gc_freezes"] = self.full_collections.freezes
         return out

@@ -301,10 +301,7 @@ class _Stream:
             return False
         if direct.ended:
             return True
-        if not direct.ready():
-            return False
-        direct.write(final, last=True)
-        return not direct.broken
+        return direct.ready() and direct.end(final)
 
 
 async def _stream(
