@@ -133,7 +133,9 @@ def _name(obj: dict[str, Any], key: str, max_len: int, *, required: bool = False
         raise Reject("invalid_field", f"'{key}' must be a string")
     if not 1 <= len(value) <= max_len:
         raise Reject("invalid_field", f"'{key}' must be 1-{max_len} characters")
-    if _CONTROL_RE.search(value):
+    # isprintable() is exactly "no control character" for ASCII text (C
+    # speed); other text gets the full check (C1 controls too).
+    if not (value.isascii() and value.isprintable()) and _CONTROL_RE.search(value):
         raise Reject("invalid_field", f"'{key}' must not contain control characters")
     return value
 
@@ -165,6 +167,33 @@ _OPTIONAL_NAMES = (("id", 128), ("tenant", 128), ("task_id", 256), ("parent_id",
 _OPTIONAL_INTS = (("seq", 1), ("ts", 0))
 
 
+# Event types already checked, with their kind and the state they name
+# (None unless `workflow.<state>` / `task.<state>`): an engine sends a few
+# dozen types, so the regular expressions run once per type, not per
+# event. Bounded: cleared when full (a flood of made-up types costs what it
+# cost before).
+_TYPES: dict[str, tuple[str, str | None]] = {}
+_TYPES_MAX = 4096
+
+
+def _type_info(etype: Any) -> tuple[str, str | None]:
+    info = _TYPES.get(etype) if type(etype) is str else None
+    if info is not None:
+        return info
+    if not isinstance(etype, str) or len(etype) > 128 or not _TYPE_RE.fullmatch(etype):
+        raise Reject("invalid_field", "'type' must be a dotted name of letters, digits, '_' or '-'")
+    kind = kind_of(etype)
+    named = None
+    if kind == "state":
+        named = etype.split(".", 1)[1]
+        if not _STATE_RE.fullmatch(named):
+            raise Reject("invalid_field", f"'{etype}' does not name a state")
+    if len(_TYPES) >= _TYPES_MAX:
+        _TYPES.clear()
+    info = _TYPES[etype] = (kind, named)
+    return info
+
+
 def validate(obj: Any, exact: bool = False) -> dict[str, Any]:
     """Validate one event object; return its normalised dict or raise
     Reject (or MaybeBigInt: then validate the item of `exact_items` with
@@ -181,10 +210,8 @@ def validate(obj: Any, exact: bool = False) -> dict[str, Any]:
     etype = obj.get("type")
     if etype is None:
         raise Reject("missing_field", "'type' is required")
-    if not isinstance(etype, str) or len(etype) > 128 or not _TYPE_RE.fullmatch(etype):
-        raise Reject("invalid_field", "'type' must be a dotted name of letters, digits, '_' or '-'")
+    kind, named = _type_info(etype)
     ev["type"] = etype
-    kind = kind_of(etype)
 
     for key, limit in _OPTIONAL_NAMES:
         if key in obj:
@@ -201,10 +228,8 @@ def validate(obj: Any, exact: bool = False) -> dict[str, Any]:
     if state is not None:
         if not isinstance(state, str) or not _STATE_RE.fullmatch(state) or len(state) > 64:
             raise Reject("invalid_field", "'state' must be a lower-case word")
-    elif kind == "state":
-        state = etype.split(".", 1)[1]
-        if not _STATE_RE.fullmatch(state):
-            raise Reject("invalid_field", f"'{etype}' does not name a state")
+    else:
+        state = named
     if state is not None:
         ev["state"] = state
 

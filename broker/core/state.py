@@ -342,10 +342,12 @@ class BrokerState:
                     wf.snapshot.seq = rel.seq
             else:
                 ev = rel.event
+                # The envelope's keys first, then the event's in its order
+                # (update() keeps a key where it first came; C speed).
                 msg = {"kind": ev["kind"], "workflow_id": wf.id, "epoch": wf.epoch, "seq": rel.seq}
-                for key, value in ev.items():
-                    if key not in msg and key != "tenant":
-                        msg[key] = value
+                msg.update(ev)
+                msg["workflow_id"], msg["epoch"], msg["seq"] = wf.id, wf.epoch, rel.seq
+                msg.pop("tenant", None)
                 msg["ts"] = ev.get("ts", server_ts)
                 msg["server_ts"] = server_ts
                 terminal = (

@@ -15,8 +15,11 @@ the number of writes a second is what this schedule decides, in two ways:
   waiting all along (the loop is busy) — wakes are not sent one by one as
   events come in: the keys touched are collected and woken together in
   one *write pass*, when the ingest has caught up or `max_delay` after the
-  first of them, whichever is first; and never sooner after the previous
-  pass than `max_delay` or as long as that pass took. Under overload each
+  first of them, whichever is first; and never sooner than `max_delay`
+  after the previous pass, nor, while the ingest has not caught up, sooner
+  than that pass took (the ingest's share: at most half the loop writes
+  while input waits; once it has caught up the writes take the rest, so a
+  pass follows the last one as soon as it may). Under overload each
   subscriber is written at most once per pass however many events its key
   got, so writes a second fall to what the CPU can do, the ingest is
   drained first, and an event's delay stays bounded by about two passes
@@ -77,6 +80,7 @@ class WakeSchedule:
         self.behind = False  # the ingest runs behind: wakes wait for write passes
         self._caught_up = False  # behind, but the ingest has caught up: pass when spacing allows
         self._pass_not_before = 0.0  # the ingest's share after a pass
+        self._pass_ended = -max_delay  # when the last pass's writes were done
         self._pass_started: float | None = None
         self.pass_keys: tuple[str, ...] = ()  # the keys of the pass begun last
         self.passes = 0
@@ -156,7 +160,7 @@ class WakeSchedule:
 
     def _pass_due(self) -> float:
         if self._caught_up:
-            return self._pass_not_before
+            return self._pass_ended + self.max_delay
         return max(self._pass_not_before, self._dirty_since + self.max_delay)
 
     def begin_pass(self, now: float) -> list[str]:
@@ -179,14 +183,16 @@ class WakeSchedule:
 
     def end_pass(self, now: float, took: float | None = None) -> None:
         """The writes of the pass begun last are done (`took`: the seconds
-        they took, if not all the time since it began): the ingest gets at
-        least as long (and `max_delay` at least) before the next pass."""
+        they took, if not all the time since it began): the next pass
+        waits `max_delay`, and as long as this one took unless the ingest
+        has caught up meanwhile."""
         if self._pass_started is None:
             return
         if took is None:
             took = now - self._pass_started
         self._pass_started = None
         self.pass_keys = ()
+        self._pass_ended = now
         self._pass_not_before = now + max(self.max_delay, took)
 
     def next_due(self) -> float | None:

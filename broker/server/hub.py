@@ -65,11 +65,14 @@ MAX_SLICE = 0.025
 # Streams whose end is written wait for their teardown (Hypercorn's close
 # path, their task's exit: ≈ 0.3 ms of broker CPU each on the bench
 # machine, twenty writes' worth) to be let through: ENDS_IDLE a round
-# when no wake was queued for ENDS_QUIET seconds, else ENDS_BUSY_RATE a
-# second (≈ 15 % of a core), so thousands of streams ending together
-# never delay the events of the others.
+# when no wake was queued for ENDS_QUIET seconds and none waits for a
+# write pass, else ENDS_BUSY_RATE a second (≈ 10 % of a core), and while
+# the broker runs behind (write passes) ENDS_BEHIND_RATE, so thousands of
+# streams ending together never delay the events of the others (the gaps
+# between write passes are the ingest's, not theirs).
 ENDS_IDLE = 32
 ENDS_BUSY_RATE = 250.0
+ENDS_BEHIND_RATE = 100.0
 ENDS_QUIET = 0.05
 
 __all__ = ["JOURNAL", "NEW_WORKFLOW", "Hub", "HubStatistics", "limits_from_config"]
@@ -407,10 +410,12 @@ class Hub:
         if not ends:
             return 0
         now = trio.current_time()
-        if now - self._last_busy >= ENDS_QUIET:
+        behind = self.schedule.behind
+        if now - self._last_busy >= ENDS_QUIET and not behind:
             n = ENDS_IDLE
         else:
-            tokens = min(ENDS_IDLE, self._end_tokens + (now - self._end_refill) * ENDS_BUSY_RATE)
+            rate = ENDS_BEHIND_RATE if behind else ENDS_BUSY_RATE
+            tokens = min(ENDS_IDLE, self._end_tokens + (now - self._end_refill) * rate)
             n = int(tokens)
             self._end_tokens = tokens - n
         self._end_refill = now

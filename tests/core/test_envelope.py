@@ -369,3 +369,22 @@ def test_deep_event_in_a_batch_rejects_only_itself() -> None:
     assert r.accepted == 2
     assert [(i, rej.reason) for i, rej in r.rejected] == [(1, "invalid_field")]
     assert st.get("b") is None and st.get("c") is not None
+
+
+def test_checked_types_are_remembered_within_a_bound() -> None:
+    """Types are checked once and remembered (a few dozen per engine); a bad
+    one is refused every time, and a flood of new types stays bounded."""
+    from broker.core import envelope
+
+    for _ in range(2):
+        assert reject_of(valid_event(type="workflow.Running")).reason == "invalid_field"
+        assert validate(valid_event(type="workflow.running"))["state"] == "running"
+    for n in range(envelope._TYPES_MAX + 10):
+        validate(valid_event(type=f"custom.t{n}"))
+    assert len(envelope._TYPES) <= envelope._TYPES_MAX
+    assert validate(valid_event(type="custom.t1"))["kind"] == "event"
+
+
+def test_names_beyond_ascii_are_checked_in_full() -> None:
+    assert validate(valid_event(workflow_id="wf-é-東京"))["workflow_id"] == "wf-é-東京"
+    assert "control" in reject_of(valid_event(workflow_id="wf-é\x9f")).detail

@@ -105,6 +105,20 @@ def test_caught_up_soon_after_a_pass_waits_for_the_spacing() -> None:
     assert not s.behind
 
 
+def test_caught_up_after_a_long_pass_the_next_waits_only_max_delay() -> None:
+    """The ingest's share after a pass is owed only while it has not caught
+    up: once it waits for input, the writes may take the rest of the loop."""
+    s = schedule("a", "b", max_delay=50.0)
+    s.ingest_turn(0.0, backlog=True)
+    s.touched(["a"], 10.0)
+    assert s.ingest_turn(60.0, backlog=True) == ["a"]
+    s.end_pass(260.0)  # the pass's writes took 200 ms
+    s.touched(["a", "b"], 270.0)
+    assert s.ingest_turn(280.0, backlog=False) == []  # caught up 20 ms after the pass
+    assert s.next_due() == 310.0  # max_delay after it, not 200 ms
+    assert sorted(s.expire(310.0)) == ["a", "b"]
+
+
 def test_the_timer_runs_a_pass_when_the_ingest_went_quiet_while_behind() -> None:
     s = schedule("a", max_delay=50.0)
     s.ingest_turn(0.0, backlog=True)  # the last turn was full, then the queue emptied
