@@ -48,6 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
+        from .server.tokens import load_verifier
+
+        load_verifier(config.auth)  # the key files are read and checked too
     except ConfigError as exc:
         return _fail(str(exc))
     print(orjson.dumps(config.as_dict(), option=orjson.OPT_INDENT_2).decode())

@@ -48,10 +48,10 @@ class ConfigError(Exception):
     """A config problem; str() is one line naming the key."""
 
 
-def _key(default: _T, kind: Kind, *, toml: str = "", choices: tuple[str, ...] = ()) -> _T:
-    """A config field: its default, its check, and (if it differs from the
-    field name) its TOML key."""
-    return field(default=default, metadata={"kind": kind, "toml": toml, "choices": choices})
+def _key(default: _T, kind: Kind, *, toml: str = "", choices: tuple[str, ...] = (), secret: bool = False) -> _T:
+    """A config field: its default, its check, (if it differs from the
+    field name) its TOML key, and whether it is a secret (shown as ***)."""
+    return field(default=default, metadata={"kind": kind, "toml": toml, "choices": choices, "secret": secret})
 
 
 def _key_factory(factory: Callable[[], _T], kind: Kind) -> _T:
@@ -68,8 +68,13 @@ class _Section:
     __slots__ = ()
 
     def as_dict(self) -> dict[str, Any]:
-        """The section as TOML would spell it (TOML key names, lists)."""
-        return {_toml_name(f): _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+        """The section as TOML would spell it (TOML key names, lists);
+        a secret that is set shows as "***"."""
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[_toml_name(f)] = "***" if f.metadata.get("secret") and value else _plain(value)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +154,19 @@ class LimitsConfig(_Section):
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig(_Section):
-    mode: str = _key("none", "str", choices=("none",))  # "jwt" arrives with auth (DESIGN §7)
+    """DESIGN §7. With mode "jwt", the keys for `algorithms` are loaded and
+    checked at start (server/tokens.py `load_verifier`): a missing or
+    unreadable key file is a config error, like a bad key."""
+
+    mode: str = _key("none", "str", choices=("none", "jwt"))
+    algorithms: tuple[str, ...] = _key(("HS256",), "strlist")
+    secret: str = _key("", "str", secret=True)  # HS*: the shared secret (or secret_file)
+    secret_file: str = _key("", "str")  # a file holding the secret (trailing newline dropped)
+    public_key_file: str = _key("", "str")  # RS*/PS*/ES*/EdDSA: a PEM public key
+    jwks_file: str = _key("", "str")  # a JWKS document; a token's `kid` picks the key
+    audience: str = _key("", "str")  # checked when set
+    issuer: str = _key("", "str")  # checked when set
+    leeway: float = _key(30.0, "duration")  # seconds of clock skew for exp / nbf / iat
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +392,11 @@ def from_mapping(data: dict[str, Any], source: str = "<defaults>") -> Config:
             f"config key 'buffer.total_bytes': {buffer.total_bytes} is less than buffer.ring_bytes "
             f"({buffer.ring_bytes}): every ring together must hold at least one full ring"
         )
+    auth = sections["auth"]
+    if auth.secret and auth.secret_file:
+        raise ConfigError("config key 'auth.secret_file': set auth.secret or auth.secret_file, not both")
+    if auth.mode == "jwt" and not auth.algorithms:
+        raise ConfigError("config key 'auth.algorithms': list at least one algorithm for auth.mode = \"jwt\"")
     return Config(**sections, **top, source=source)
 
 

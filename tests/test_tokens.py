@@ -1,8 +1,8 @@
 """JWT verification (broker/server/tokens.py) with real PyJWT tokens and
 cryptography-generated RSA, EC and Ed25519 keys, and the claims rules of
 broker/core/claims.py (with a brute-force reference for `workflows`).
-Not yet wired to `auth.mode` (the config still refuses "jwt" until tenant
-isolation covers every path)."""
+The daemon with `auth.mode = "jwt"` is tested end to end in
+tests/test_security.py."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Who a connection belongs to, and the connection limits (DESIGN.md §6).
 
-`Principal` is the one identity abstraction: today every request is
-`ANONYMOUS` (auth.mode = "none"); JWT identities (user = `sub`, tenant =
-`tenant` claim) slot in by constructing a `Principal` in one place, the
-server's `principal_of(request)`.
+`Principal` is the one identity abstraction: `ANONYMOUS` with
+auth.mode = "none" (may do everything), else a verified token's holder
+(user = `sub`, tenant = `tenant` claim, and the token's `Grant`: scopes and
+`workflows` claim), built in one place, the server's `principal_of()`.
 
 `ConnectionTable.admit()` decides, for a new connection:
 
@@ -28,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import islice
 
+from .claims import Grant
 from .errors import LimitReached, ResourceExhausted
 
 
@@ -35,10 +36,23 @@ from .errors import LimitReached, ResourceExhausted
 class Principal:
     user: str | None = None
     tenant: str | None = None
+    grant: Grant | None = None  # None: no authentication, nothing is restricted
+    expires: float | None = None  # the token's `exp` (wall-clock seconds)
 
     @property
     def anonymous(self) -> bool:
         return self.user is None and self.tenant is None
+
+    @classmethod
+    def of(cls, grant: Grant, expires: float | None = None) -> Principal:
+        return cls(grant.user, grant.tenant, grant, expires)
+
+    def has(self, scope: str) -> bool:
+        """Whether it holds `scope` (subscribe, publish, control, admin)."""
+        return self.grant is None or self.grant.has(scope)
+
+    def may_see(self, tenant: str, workflow_id: str) -> bool:
+        return self.grant is None or self.grant.may_see(tenant, workflow_id)
 
 
 ANONYMOUS = Principal()

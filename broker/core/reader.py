@@ -162,6 +162,11 @@ class WorkflowReader:
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
 
+    @property
+    def resume_cursor(self) -> str:
+        """The cursor to resume after everything pulled so far."""
+        return f"{self.wf.epoch}:{self.seq}"
+
     def _log_counts_before(self, index: int) -> tuple[int, ...]:
         ring = self.wf.ring
         if not ring.first_index <= index < ring.next_index:
@@ -312,16 +317,31 @@ class MultiReader:
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
 
+    @property
+    def resume_cursor(self) -> str:
+        """The journal cursor to resume after everything pulled so far."""
+        return f"{self.state.node_epoch}.{self.index}"
+
+    def _workflow(self, wid: str) -> Workflow | None:
+        """The workflow `wid` if it exists for this reader's viewer."""
+        wf = self.state.get(wid)
+        return wf if wf is not None and self.scope.sees(wf.tenant, wf.id) else None
+
+    def _descendants(self) -> list[Workflow]:
+        sees = self.scope.sees
+        return [wf for wf in self.state.descendants(self.scope.name) if wf.visible and sees(wf.tenant, wf.id)]
+
     def _scope_workflows(self) -> list[Workflow]:
         st = self.state
         scope = self.scope
         if scope.kind == WORKFLOWS:
-            found = (st.get(w) for w in sorted(scope.ids))
+            found = (self._workflow(w) for w in sorted(scope.ids))
             return [wf for wf in found if wf is not None]
         if scope.kind == TENANT:
-            return [wf for wf in st.workflows.values() if wf.visible and wf.tenant == scope.name]
-        root = st.get(scope.name)
-        return ([root] if root is not None else []) + [wf for wf in st.descendants(scope.name) if wf.visible]
+            sees, tenant = scope.sees, scope.name
+            return [wf for wf in st.workflows.values() if wf.visible and wf.tenant == tenant and sees(tenant, wf.id)]
+        root = self._workflow(scope.name)
+        return ([root] if root is not None else []) + self._descendants()
 
     def _snapshots(self, kind: str) -> list[Item]:
         """One snapshot (or resync) per active workflow in scope. On a resync,
@@ -405,7 +425,7 @@ class MultiReader:
         """Ended for this reader: its `end` was sent, or lies behind the cursor."""
         if wid in self.ended:
             return True
-        wf = self.state.workflows.get(wid)
+        wf = self._workflow(wid)
         return wf is not None and 0 < wf.terminal_offset <= self.index
 
     def _check_done(self) -> None:
@@ -415,7 +435,7 @@ class MultiReader:
         if scope.kind == WORKFLOWS:
             self.done = all(self._has_ended(w) for w in scope.ids)
         elif scope.kind == PARENT and self._has_ended(scope.name):
-            self.done = all(self._has_ended(wf.id) for wf in self.state.descendants(scope.name))
+            self.done = all(self._has_ended(wf.id) for wf in self._descendants())
 
     def pull(self) -> list[Item]:
         if self.done:

@@ -1,8 +1,10 @@
 """What a subscription covers: one workflow, a list, a tenant or a tree.
 
 `Scope` is checked here once — exactly one kind, a well-formed value — for
-every transport and every reader. It is also where the security work's
-visibility decision will narrow what a principal may read.
+every transport and every reader. It also carries the visibility decision
+(core/subscribe.py `authorize`): a scope with a `viewer` (the token's
+`Grant`) contains only the workflows that grant may see, so every reader
+(single, multi-workflow, snapshots, ends) applies the same rule.
 
 Pure: no I/O, no clock.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from .claims import Grant
 from .entry import Entry
 from .errors import InvalidArgument
 
@@ -28,6 +31,9 @@ class Scope:
     kind: str
     # WORKFLOW, TENANT, PARENT: the id or name; WORKFLOWS: the ids.
     value: str | frozenset[str]
+    # Who reads it (None: no authentication): only what this grant may see
+    # is in scope; another tenant's workflow is as if it did not exist.
+    viewer: Grant | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -56,8 +62,16 @@ class Scope:
         assert isinstance(self.value, frozenset)
         return self.value
 
+    def sees(self, tenant: str, workflow_id: str) -> bool:
+        """Whether the viewer may see this workflow at all."""
+        viewer = self.viewer
+        return viewer is None or viewer.may_see(tenant, workflow_id)
+
     def contains(self, e: Entry) -> bool:
         """Whether a journal entry lies in this (multi-workflow) scope."""
+        viewer = self.viewer
+        if viewer is not None and not viewer.may_see(e.tenant, e.workflow_id):
+            return False
         kind = self.kind
         if kind == WORKFLOWS:
             return e.workflow_id in self.value

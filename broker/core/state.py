@@ -79,11 +79,16 @@ class FrameIngest:
     `touched` holds the workflows with new entries since the caller last
     took them."""
 
-    __slots__ = ("frame", "source", "items", "next", "kept", "result", "exact")
+    __slots__ = ("frame", "source", "tenant", "items", "next", "kept", "result", "exact")
 
-    def __init__(self, frame: bytes, source: str, items: list[Any] | Reject | None = None) -> None:
+    def __init__(
+        self, frame: bytes, source: str, items: list[Any] | Reject | None = None, tenant: str | None = None
+    ) -> None:
         self.frame = frame
         self.source = source
+        # The publisher's tenant when it is authenticated (its token's): every
+        # event goes there, and one naming another is `tenant_mismatch`.
+        self.tenant = tenant
         self.items = items  # None until parsed (by its first step)
         self.next = 0  # index of the next item to apply
         self.kept = 0  # rejects of this frame listed in the recent rejects
@@ -202,16 +207,19 @@ class BrokerState:
 
     # ---------------------------------------------------------------- ingest
 
-    def ingest_frame(self, frame: bytes, now: float, source: str = "zmq", wall: float | None = None) -> IngestResult:
+    def ingest_frame(
+        self, frame: bytes, now: float, source: str = "zmq", wall: float | None = None, tenant: str | None = None
+    ) -> IngestResult:
         """Apply a whole frame at once."""
-        work = self.begin_frame(frame, source)
+        work = self.begin_frame(frame, source, tenant)
         self.ingest_step(work, now, wall)
         return work.result
 
-    def begin_frame(self, frame: bytes, source: str = "zmq") -> FrameIngest:
+    def begin_frame(self, frame: bytes, source: str = "zmq", tenant: str | None = None) -> FrameIngest:
         """A frame to apply with `ingest_step`: parsed by the first step,
-        its events validated as they are applied."""
-        return FrameIngest(frame, source)
+        its events validated as they are applied (into `tenant` when the
+        publisher has one)."""
+        return FrameIngest(frame, source, tenant=tenant)
 
     def ingest_step(self, work: FrameIngest, now: float, wall: float | None = None, max_events: int = 0) -> bool:
         """Apply the next `max_events` events of `work` (0: all the rest);
@@ -234,6 +242,10 @@ class BrokerState:
                     ev = validate(items[index])
                 except MaybeBigInt:
                     ev = work.validated(index)
+                if work.tenant is not None:
+                    named = ev.setdefault("tenant", work.tenant)
+                    if named != work.tenant:
+                        raise Reject("tenant_mismatch", "the event names another tenant than its publisher's")
                 self._ingest_event(ev, now, result)
             except (RecursionError, TypeError, ValueError) as exc:
                 # An input the checks above did not foresee: refuse the

@@ -10,6 +10,13 @@ into a reader, with the 400 / resync / 204 rules of §5 (core/reader.py).
 The transports only translate their wire format into these calls, and
 the errors into theirs.
 
+Who may read what is decided here too, once: `open_subscription()` takes
+the reader's `Principal` and narrows the subscription to what it may see
+(`authorize`: scope `subscribe`; `tenant=` only its own; the scope's
+`viewer` drops every workflow outside its tenant and `workflows` claim).
+A workflow it may not see is answered exactly as an unknown one (the wait,
+then 404), so existence is not leaked (DESIGN §7).
+
 Cursor rules, the same on both transports:
 
 - `resume` (SSE `Last-Event-ID` header or `last_event_id=`; WS `cursor`):
@@ -32,16 +39,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .cursor import since_seq
 from .entry import Message
-from .errors import InvalidArgument, NotFound
+from .errors import InvalidArgument, NotFound, PermissionDenied
 from .filters import Filter
+from .limits import Principal
 from .messages import workflow_end
 from .reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
-from .scope import KINDS, MULTI_KINDS, WORKFLOW, WORKFLOWS, Scope
+from .scope import KINDS, MULTI_KINDS, TENANT, WORKFLOW, WORKFLOWS, Scope
 from .state import BrokerState
 
 JOURNAL = "\x00journal"  # wait key of multi-workflow streams (no workflow id holds NUL)
@@ -139,6 +147,26 @@ def workflow_not_found(sub: Subscription) -> NotFound:
     return NotFound(f"workflow '{sub.scope.name}' not found")
 
 
+def require(principal: Principal, scope: str) -> None:
+    """PermissionDenied (403 / 4003) unless `principal` holds `scope`."""
+    if not principal.has(scope):
+        raise PermissionDenied(f"the token does not grant the '{scope}' scope")
+
+
+def authorize(principal: Principal, sub: Subscription) -> Subscription:
+    """`sub` as `principal` may read it: needs scope `subscribe`; `tenant=`
+    must name its own tenant; every other scope is narrowed to the
+    workflows its grant may see."""
+    require(principal, "subscribe")
+    grant = principal.grant
+    if grant is None:
+        return sub
+    scope = sub.scope
+    if scope.kind == TENANT and scope.name != grant.tenant:
+        raise PermissionDenied("'tenant' must name the token's own tenant")
+    return replace(sub, scope=replace(scope, viewer=grant))
+
+
 @dataclass(frozen=True, slots=True)
 class Opened:
     """A subscription placed on the state: its reader, or (reader None) the
@@ -151,15 +179,22 @@ class Opened:
 
 
 def open_subscription(
-    state: BrokerState, sub: Subscription, *, coalesce_after: int = 256, counters: Counter[str] | None = None
+    state: BrokerState,
+    sub: Subscription,
+    principal: Principal,
+    *,
+    coalesce_after: int = 256,
+    counters: Counter[str] | None = None,
 ) -> Opened | None:
-    """The reader for `sub`, or None while its one workflow is unknown
-    (the caller waits for NEW_WORKFLOW, then raises `workflow_not_found`).
-    Raises InvalidArgument for a `since` out of reach."""
+    """The reader for `sub` as `principal` may read it (`authorize`), or
+    None while its one workflow is unknown — or not visible to it (the
+    caller waits for NEW_WORKFLOW, then raises `workflow_not_found`).
+    Raises InvalidArgument for a `since` out of reach, PermissionDenied."""
+    sub = authorize(principal, sub)
     scope, cursor = sub.scope, sub.cursor
     if not scope.multi:
         wf = state.get(scope.name)
-        if wf is None:
+        if wf is None or not scope.sees(wf.tenant, wf.id):
             return None
         start = plan_workflow_start(wf, last_event_id=cursor.resume, since=cursor.since)
         if start.mode == NO_CONTENT:

@@ -10,6 +10,7 @@ reads `write_started` and sets `slow`; nothing else writes its fields.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,7 @@ class Connection:
         "path",
         "opened",
         "principal",
+        "expires_at",
         "delivered",
         "subscriptions",
         "closing",
@@ -79,6 +81,8 @@ class Connection:
         self.path = path
         self.opened = time.time()
         self.principal = principal
+        self.expires_at = math.inf  # trio clock: when its token expires (set_principal)
+        self.set_principal(principal)
         self.delivered = 0
         self.subscriptions = 0
         # An admin's DELETE or the drain: the stream flushes and closes (SSE
@@ -98,6 +102,19 @@ class Connection:
         self.wake: trio.CancelScope | None = None
         self.woken = False
         self.last_write = trio.current_time()  # keepalive timing
+
+    def set_principal(self, principal: Principal) -> None:
+        """Who it is (at open, or a WebSocket `auth` refresh); it is closed
+        when the token expires (DESIGN §7)."""
+        self.principal = principal
+        if principal.expires is None:
+            self.expires_at = math.inf
+        else:
+            self.expires_at = trio.current_time() + (principal.expires - time.time())
+
+    @property
+    def expired(self) -> bool:
+        return trio.current_time() >= self.expires_at
 
     # --------------------------------------------------------------- writes
 
@@ -192,6 +209,8 @@ class Connection:
             "transport": self.transport,
             "remote": self.remote,
             "path": self.path,
+            "user": self.principal.user,
+            "tenant": self.principal.tenant,
             "opened": int(self.opened * 1000),
             "delivered": self.delivered,
             "subscriptions": self.subscriptions,

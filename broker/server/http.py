@@ -26,6 +26,8 @@ from ..core.errors import (
     Unavailable,
     error_for_status,
 )
+from ..core.limits import Principal
+from ..core.subscribe import require
 from .cors import cors_headers
 from .hub import Hub
 
@@ -35,7 +37,10 @@ def json_response(obj: Any, status: int = 200) -> Response:
 
 
 def error_response(err: BrokerError) -> Response:
-    return json_response(err.to_json(), err.status)
+    response = json_response(err.to_json(), err.status)
+    if err.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="broker"'
+    return response
 
 
 class _BodyRefused(Exception):
@@ -119,6 +124,12 @@ def create_app(hub: Hub) -> QuartTrio:
             response.headers[name] = value
         return response
 
+    def principal(scope: str) -> Principal:
+        """The request's principal, holding `scope` (401 / 403 otherwise)."""
+        who = hub.principal_of(request.headers, request.args)
+        require(who, scope)
+        return who
+
     @app.route("/healthz")
     async def healthz() -> Response:
         return json_response({"status": "ok"})
@@ -131,6 +142,12 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.route("/v1/events", methods=["POST"])
     async def post_events() -> Response:
+        try:
+            publisher = principal("publish")
+        except BrokerError as err:
+            response = error_response(err)
+            response.headers["Connection"] = "close"  # its body is never read
+            return response
         if hub.draining:
             # Ingest has stopped: accepting now would lose the events.
             raise ShuttingDown("the broker is shutting down")
@@ -143,7 +160,7 @@ def create_app(hub: Hub) -> QuartTrio:
             response.headers["Connection"] = "close"
             return response
         try:
-            result = await hub.ingest_sliced(body, "http")
+            result = await hub.ingest_sliced(body, "http", publisher.tenant)
         finally:
             hub.release_body_bytes(len(body))
         rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]
@@ -156,13 +173,15 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.route("/v1/workflows/<path:wid>")  # an id may hold a '/' (sent as %2F)
     async def get_workflow(wid: str) -> Response:
+        reader = principal("subscribe")
         wf = hub.state.get(wid)
-        if wf is None:
+        if wf is None or not reader.may_see(wf.tenant, wf.id):  # another tenant's: as unknown
             raise NotFound(f"workflow '{wid}' not found")
         return json_response(wf.snapshot.to_message("snapshot", wf.epoch))
 
     @app.route("/v1/admin/rejected")
     async def admin_rejected() -> Response:
+        principal("admin")
         st = hub.state
         return json_response(
             {"total": st.counters["rejected"], "by_reason": dict(st.rejected_by_reason), "recent": list(st.rejects)}
@@ -170,14 +189,17 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.route("/v1/admin/stats")
     async def admin_stats() -> Response:
+        principal("admin")
         return json_response(hub.stats())
 
     @app.route("/v1/admin/connections")
     async def admin_connections() -> Response:
+        principal("admin")
         return json_response({"connections": [c.to_json() for c in hub.connections.values()]})
 
     @app.route("/v1/admin/connections/<int:conn_id>", methods=["DELETE"])
     async def admin_close_connection(conn_id: int) -> Response:
+        principal("admin")
         if not hub.kick(conn_id):
             raise NotFound(f"no connection {conn_id}")
         return json_response({"closing": conn_id}, 202)

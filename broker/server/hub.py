@@ -48,7 +48,7 @@ from ..core.subscribe import JOURNAL, NEW_WORKFLOW, Opened, Subscription, open_s
 from ..core.wake import WakeSchedule
 from .connection import Connection, ConnectionCounters
 from .gc_policy import FullCollections, GcStats
-from .identity import principal_of
+from .identity import Identity
 
 log = logging.getLogger("broker.hub")
 
@@ -141,6 +141,7 @@ class _RateLimitedLog:
 class Hub:
     def __init__(self, config: Config, state: BrokerState | None = None) -> None:
         self.config = config
+        self.identity = Identity(config.auth)  # ConfigError if an auth key is unusable
         self.stream = config.stream  # what the transports read of the config
         self.state = state or BrokerState(config.node.id, limits_from_config(config))
         self.schedule = WakeSchedule()
@@ -193,8 +194,9 @@ class Hub:
         return self.config.http.cors_origins
 
     def principal_of(self, headers: Headers | Mapping[str, str], args: Mapping[str, str]) -> Principal:
-        """Who a request is (server/identity.py, the one place that decides)."""
-        return principal_of(self.config, headers, args)
+        """Who a request is (server/identity.py, the one place that decides);
+        Unauthenticated when auth is on and it has no valid token."""
+        return self.identity.principal_of(headers, args)
 
     # --------------------------------------------------------------- ingest
 
@@ -241,10 +243,11 @@ class Hub:
         self._wake(touched, created, now)
         return works
 
-    async def ingest_sliced(self, frame: bytes, source: str) -> IngestResult:
+    async def ingest_sliced(self, frame: bytes, source: str, tenant: str | None = None) -> IngestResult:
         """`ingest()` for a body that may hold a large batch: applied in
-        slices of PASS_SLICE seconds with the loop running in between."""
-        work = self.state.begin_frame(frame, source)
+        slices of PASS_SLICE seconds with the loop running in between (into
+        `tenant`, the publisher's, when it is authenticated)."""
+        work = self.state.begin_frame(frame, source, tenant)
         works = deque([work])
         result = work.result
         while True:
@@ -509,22 +512,25 @@ class Hub:
 
     # -------------------------------------------------------- subscriptions
 
-    def open(self, sub: Subscription) -> Opened | None:
-        """Place `sub` on the state (core/subscribe.py); None while its
-        workflow is unknown."""
-        return open_subscription(self.state, sub, coalesce_after=self.stream.coalesce_after, counters=self.counters)
+    def open(self, sub: Subscription, principal: Principal) -> Opened | None:
+        """Place `sub` on the state as `principal` may read it
+        (core/subscribe.py); None while its workflow is unknown to it."""
+        return open_subscription(
+            self.state, sub, principal, coalesce_after=self.stream.coalesce_after, counters=self.counters
+        )
 
-    async def open_when_known(self, sub: Subscription, conn: Connection | None = None) -> Opened:
+    async def open_when_known(self, sub: Subscription, conn: Connection) -> Opened:
         """`open()`, waiting up to `stream.unknown_workflow_wait` for a
         single-workflow subscription's first event (clients subscribe right
         after starting a workflow). NotFound after that, ShuttingDown when
         the drain starts meanwhile, Unavailable if `conn` (admitted for the
         wait) is closed meanwhile (an admin, `limits.per_user`)."""
-        opened = self.open(sub)
+        principal = conn.principal
+        opened = self.open(sub, principal)
         if opened is None:
             with trio.move_on_after(self.stream.unknown_workflow_wait):
-                while (opened := self.open(sub)) is None and not self._draining:
-                    if conn is not None and conn.closing:
+                while (opened := self.open(sub, principal)) is None and not self._draining:
+                    if conn.closing:
                         raise Unavailable("the connection was closed while it waited for its workflow")
                     # A close does not wake this wait: look again every so often.
                     await self.wait(NEW_WORKFLOW, 0.5)

@@ -1,13 +1,14 @@
 """Who is asking: the one place a request becomes a `Principal`.
 
-With `auth.mode = "none"` (the only mode the config accepts so far)
-everyone is `ANONYMOUS`: no user or tenant identity, so only
-`limits.global` applies (DESIGN.md §6). JWT (§7) will read the token here
-(`tokens.token_of`: header, cookie or `access_token` query), verify it
-(`tokens.Verifier`, PyJWT) and turn its claims into a `core.claims.Grant`
-(user, tenant, scopes, `workflows`); the limits, and every handler,
-already take the principal from this function. "jwt" stays refused until
-tenant isolation covers every path (multi-workflow streams included).
+With `auth.mode = "none"` everyone is `ANONYMOUS`: no user or tenant
+identity (only `limits.global` applies, DESIGN.md §6) and nothing is
+restricted. With `auth.mode = "jwt"` (§7) every request needs a token
+(`tokens.token_of`: the `Authorization: Bearer` header, the `broker_token`
+cookie or `?access_token=`), verified by `tokens.Verifier` (PyJWT); its
+claims become a `core.claims.Grant` (user, tenant, scopes, `workflows`).
+A request without a valid token is refused (`Unauthenticated`, 401 / WS
+4001) and never served as anonymous. What a principal may then read is
+decided in the core (core/subscribe.py `authorize`), on every path.
 """
 
 from __future__ import annotations
@@ -15,12 +16,40 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from werkzeug.datastructures import Headers
+from werkzeug.http import parse_cookie
 
-from ..config import Config
+from ..config import AuthConfig
+from ..core.claims import Grant
+from ..core.errors import Unauthenticated
 from ..core.limits import ANONYMOUS, Principal
+from .tokens import Verifier, load_verifier, token_of
 
 
-def principal_of(config: Config, headers: Headers | Mapping[str, str], args: Mapping[str, str]) -> Principal:
-    if config.auth.mode == "none":
-        return ANONYMOUS
-    raise AssertionError(f"auth.mode {config.auth.mode!r} is not built")  # config refuses it
+class Identity:
+    """The auth config's verifier, and the requests it turns into principals."""
+
+    def __init__(self, auth: AuthConfig) -> None:
+        self.required = auth.mode == "jwt"
+        self.verifier: Verifier | None = load_verifier(auth)  # ConfigError if a key is unusable
+
+    def token_of(self, headers: Headers | Mapping[str, str], args: Mapping[str, str]) -> str | None:
+        """The request's token, if it carries one (header, cookie, query)."""
+        cookies = parse_cookie(headers.get("Cookie", ""))
+        return token_of(headers, args, cookies)
+
+    def principal_of(self, headers: Headers | Mapping[str, str], args: Mapping[str, str]) -> Principal:
+        """The request's principal; Unauthenticated without a valid token."""
+        if not self.required:
+            return ANONYMOUS
+        token = self.token_of(headers, args)
+        if token is None:
+            raise Unauthenticated("a token is required: Authorization: Bearer, the broker_token cookie or access_token")
+        return self.principal_of_token(token)
+
+    def principal_of_token(self, token: str) -> Principal:
+        """The principal of a token (a WebSocket `auth` op, or a request's)."""
+        if self.verifier is None:
+            return ANONYMOUS
+        claims = self.verifier.verify(token)
+        exp = claims.get("exp")
+        return Principal.of(Grant.from_claims(claims), float(exp) if isinstance(exp, (int, float)) else None)

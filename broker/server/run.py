@@ -25,7 +25,7 @@ import zmq
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.utils import wrap_app
 
-from ..config import Config, LimitsConfig, parse_http_bind
+from ..config import Config, ConfigError, LimitsConfig, parse_http_bind
 from ..core.limits import SocketBudget, budget_for
 from . import gc_policy
 from .http import create_app
@@ -118,7 +118,10 @@ def socket_budget(config: Config, nofile: int) -> tuple[Config, SocketBudget]:
 async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT (or cancellation)."""
     config, budget = socket_budget(config, raise_nofile_limit())
-    hub = Hub(config)
+    try:
+        hub = Hub(config)  # reads the auth keys
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
     hub.sockets = budget
     ctx = zmq.Context()
     try:

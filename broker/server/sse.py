@@ -40,7 +40,14 @@ import orjson
 import trio
 
 from ..core import subscribe
-from ..core.errors import BrokerError, DeadlineExceeded, InvalidArgument, MethodNotAllowed, SlowConsumer
+from ..core.errors import (
+    BrokerError,
+    DeadlineExceeded,
+    InvalidArgument,
+    MethodNotAllowed,
+    SlowConsumer,
+    Unauthenticated,
+)
 from ..core.messages import error_body
 from ..core.reader import MultiReader, WorkflowReader
 from .asgi import ScopeInfo, path_segments
@@ -64,6 +71,7 @@ SSE_HEADERS = [
 CLOSE = (b"connection", b"close")
 JSON = (b"content-type", b"application/json")
 ALLOW = (b"allow", b"GET, OPTIONS")
+CHALLENGE = (b"www-authenticate", b'Bearer realm="broker"')
 
 _VIEWS = {("stream",): "all", ("tasks", "stream"): "tasks", ("logs", "stream"): "logs"}
 
@@ -123,9 +131,10 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         http = hub.config.http
         if await _skip_body(receive, http.body_timeout, http.body_idle_timeout):
             return  # gone before its request body ended
+        # Who asks comes first: without a valid token nothing else is looked at.
+        principal = hub.principal_of(req.headers, req.args)
         wid, view = target
         sub = subscribe.from_query(req.args, workflow=wid, view=view, last_event_id=req.headers.get("Last-Event-ID"))
-        principal = hub.principal_of(req.headers, req.args)
         # Checked and admitted with no checkpoint in between, so streams
         # opened at the same instant never exceed the limit (and none is
         # admitted once draining); a wait for a workflow not known yet holds
@@ -134,6 +143,8 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         conn = hub.open_connection("sse", req.remote, req.path, principal)
     except BrokerError as err:
         headers = [JSON, ALLOW, *cors] if isinstance(err, MethodNotAllowed) else [JSON, *cors]
+        if err.status == 401:
+            headers.append(CHALLENGE)
         await _respond(send, err.status, orjson.dumps(err.to_json()), headers)
         return
     try:
@@ -257,12 +268,20 @@ class _Stream:
         if not conn.parked:
             return
         direct = self.direct
-        if direct is None or conn.rate or conn.closing or self.hub.draining or not direct.ready():
+        now = trio.current_time()
+        if (
+            direct is None
+            or conn.rate
+            or conn.closing
+            or self.hub.draining
+            or now >= conn.expires_at
+            or not direct.ready()
+        ):
             conn.hand_back()
             return
         taken = self.take()
         if taken is not None:
-            conn.last_write = trio.current_time()
+            conn.last_write = now
             conn.wrote(taken[1], direct=True)
             if not direct.write(taken[0]):
                 conn.hand_back()
@@ -317,7 +336,7 @@ async def _stream(
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     st = _Stream(hub, reader, conn, send)
     hub.listen(key, st, st.on_wake, subscriber=True)
-    slow = False
+    slow = expired = False
     try:
         try:
             await st.open(int(cfg.retry_ms), cfg.direct_writes)  # retry_ms is a float (config "nonneg")
@@ -334,13 +353,17 @@ async def _stream(
                     continue
                 if reader.done or conn.closing:
                     break  # ended, or draining (it flushed first) or closed
+                now = trio.current_time()
+                if now >= conn.expires_at:
+                    expired = True  # its token: never left open past it (DESIGN §7)
+                    break
                 # Silence is timed from the last write: wakeups for events
                 # this stream filters out must not postpone the keepalive.
                 deadline = conn.last_write + cfg.keepalive
-                if trio.current_time() >= deadline:
+                if now >= deadline:
                     await st.write(KEEPALIVE)
                     continue
-                message = await conn.park(deadline, receive)
+                message = await conn.park(min(deadline, conn.expires_at), receive)
                 if message is not None and message["type"] == "http.disconnect":
                     raise _ClientGone
         except SlowConsumer:
@@ -356,7 +379,13 @@ async def _stream(
         # else the ordinary way. The connection is counted until then, so
         # a drain waits for this last chunk too.
         final = b""
-        if reader.done and not slow:
+        if expired:
+            # With the id to resume from: a client that reconnects with a
+            # fresh token and Last-Event-ID misses nothing.
+            cursor = reader.resume_cursor
+            body = error_body(Unauthenticated("token expired")) | {"cursor": cursor}
+            final = b"id: %s\nevent: error\ndata: %s\n\n" % (cursor.encode(), orjson.dumps(body))
+        elif reader.done and not slow:
             if not await st.turn_to_end(receive):
                 return  # the client left: nothing to end
             final = st.final

@@ -1,7 +1,7 @@
 """JWT verification (DESIGN.md §7) with PyJWT: the one place a token is
-checked. server/identity.py will call it for every request once
-`auth.mode = "jwt"` is wired to tenant isolation (core/claims.py decides
-what a verified token's holder may see).
+checked. server/identity.py calls it for every request when
+`auth.mode = "jwt"` (core/claims.py decides what a verified token's holder
+may see); `load_verifier` builds it from the config's keys at start.
 
 Keys, one per algorithm family: an HMAC secret (HS256/384/512), a PEM
 public key (RS*, PS*, ES*, EdDSA), or a JWKS document whose `kid` picks the
@@ -17,10 +17,14 @@ an `Unauthenticated` whose message says why (`expired`, `bad signature`,
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
+from werkzeug.datastructures import Headers
 
+from ..config import AuthConfig, ConfigError
 from ..core.errors import Unauthenticated
 
 HMAC = frozenset({"HS256", "HS384", "HS512"})
@@ -43,12 +47,12 @@ class Verifier:
     ) -> None:
         unknown = [a for a in algorithms if a not in HMAC | PUBLIC]
         if unknown:
-            raise ValueError(f"auth.algorithms: unknown algorithm {unknown[0]!r}")
+            raise ValueError(f"'auth.algorithms': unknown algorithm {unknown[0]!r}")
         self.algorithms = frozenset(algorithms)
         if self.algorithms & HMAC and not secret:
-            raise ValueError("auth.algorithms lists an HS* algorithm but no auth.secret / auth.secret_file is set")
+            raise ValueError("'auth.algorithms' lists an HS* algorithm but no auth.secret / auth.secret_file is set")
         if self.algorithms & PUBLIC and public_key is None and jwks is None:
-            raise ValueError("auth.algorithms lists a public-key algorithm but no auth.public_key_file / jwks_file")
+            raise ValueError("'auth.algorithms' lists a public-key algorithm but no auth.public_key_file / jwks_file")
         self.secret = secret
         self.public_key = _load_public(public_key)
         self.jwks = jwt.PyJWKSet.from_dict(dict(jwks)) if jwks is not None else None
@@ -122,10 +126,10 @@ def _load_public(pem: str | bytes | None) -> Any:
     try:
         return load_pem_public_key(data)
     except ValueError:
-        raise ValueError("auth.public_key_file: not a PEM public key") from None
+        raise ValueError("'auth.public_key_file': not a PEM public key") from None
 
 
-def token_of(headers: Mapping[str, str], args: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
+def token_of(headers: Headers | Mapping[str, str], args: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
     """The request's token: `Authorization: Bearer`, the `broker_token`
     cookie, or `?access_token=` (EventSource cannot set headers), in that
     order; None if there is none."""
@@ -139,3 +143,45 @@ def token_of(headers: Mapping[str, str], args: Mapping[str, str], cookies: Mappi
         return cookie
     query = args.get("access_token")
     return query or None
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config key 'auth.{key}': cannot read {path}: {exc.strerror}") from None
+
+
+def load_verifier(auth: AuthConfig) -> Verifier | None:
+    """The verifier of `auth` (None when auth.mode is "none"), its key files
+    read now; ConfigError naming the key if one is missing or unusable."""
+    if auth.mode != "jwt":
+        return None
+    secret: bytes | None = auth.secret.encode() if auth.secret else None
+    if auth.secret_file:
+        secret = _read("secret_file", auth.secret_file).rstrip(b"\r\n")
+        if not secret:
+            raise ConfigError(f"config key 'auth.secret_file': {auth.secret_file} is empty")
+    public_key = _read("public_key_file", auth.public_key_file) if auth.public_key_file else None
+    jwks: dict[str, Any] | None = None
+    if auth.jwks_file:
+        try:
+            jwks = orjson.loads(_read("jwks_file", auth.jwks_file))
+        except orjson.JSONDecodeError:
+            raise ConfigError(f"config key 'auth.jwks_file': {auth.jwks_file} is not JSON") from None
+        if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+            raise ConfigError(f"config key 'auth.jwks_file': {auth.jwks_file} is not a JWKS document")
+    try:
+        return Verifier(
+            auth.algorithms,
+            secret=secret,
+            public_key=public_key,
+            jwks=jwks,
+            audience=auth.audience,
+            issuer=auth.issuer,
+            leeway=auth.leeway,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"config key {exc}") from None
+    except jwt.PyJWKError as exc:
+        raise ConfigError(f"config key 'auth.jwks_file': {exc}") from None

@@ -50,8 +50,10 @@ from ..core.errors import (
     InvalidArgument,
     ShuttingDown,
     SlowConsumer,
+    Unauthenticated,
     Unavailable,
 )
+from ..core.limits import Principal
 from ..core.messages import error_body
 from ..core.reader import MultiReader, WorkflowReader
 from ..core.subscribe import NEW_WORKFLOW, Opened, Subscription
@@ -62,6 +64,7 @@ from .hub import Hub
 log = logging.getLogger("broker.ws")
 
 MAX_SUBSCRIPTIONS = 100
+AUTH_WAIT = 5.0  # seconds for the first `auth` message of a connection without a token (DESIGN §7)
 
 # How long the session looks for a client message when subscriptions have
 # more to write (events keep coming): long enough to take one that is
@@ -192,6 +195,8 @@ class WsSession:
                 await self._drain()
             if conn.closing:
                 await self.close(WS_NORMAL, "closed by an administrator")
+            if conn.expired:  # its token (DESIGN §7): never left open past it
+                await self.close(Unauthenticated.ws_close, "token expired")
             if self.due and trio.current_time() >= self.paced_until:
                 await self._flush_due()
             now = trio.current_time()
@@ -204,7 +209,7 @@ class WsSession:
                 ping_sent = now
                 next_ping = now + cfg.ws_ping_interval
                 await self.send(b'{"kind":"ping"}')
-            due = next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout
+            due = min(next_ping if ping_sent is None else ping_sent + cfg.ws_pong_timeout, conn.expires_at)
             if self.pending:
                 due = min(due, *(s.deadline for s in self.subs.values() if s.pending is not None))
             if self.due:
@@ -272,6 +277,9 @@ class WsSession:
                 sub = self._existing(msg)
                 self._stop(sub)
                 await self.send(b'{"kind":"unsubscribed","sub":' + sub.id_json + b"}")
+            elif op == "auth":
+                self._refresh(msg)
+                await self.send(AUTHENTICATED)
             elif op == "ping":
                 await self.send(b'{"kind":"pong"}')
             elif op == "pong":
@@ -284,6 +292,16 @@ class WsSession:
                 raise InvalidArgument(f"unknown op {str(op)[:64]!r}")
         except BrokerError as err:
             await self.send(_error(err, sub_id))
+
+    def _refresh(self, msg: dict[str, Any]) -> None:
+        """An `auth` op on an open connection: a new token (one about to
+        expire replaced) for the same user and tenant; the subscriptions
+        keep what they were opened with. A bad token changes nothing."""
+        new = self.hub.identity.principal_of_token(_auth_token(msg))
+        old = self.conn.principal
+        if (new.user, new.tenant) != (old.user, old.tenant):
+            raise Unauthenticated("a new token must name the same user and tenant")
+        self.conn.set_principal(new)
 
     def _existing(self, msg: dict[str, Any]) -> WsSubscription:
         sub_id = msg.get("sub")
@@ -298,7 +316,7 @@ class WsSession:
         if len(self.subs) >= MAX_SUBSCRIPTIONS:
             raise InvalidArgument(f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
         sub = WsSubscription(sub_id)
-        opened = self.hub.open(model)
+        opened = self.hub.open(model, self.conn.principal)
         if opened is not None:
             await self._start(sub, model, opened)
             return
@@ -333,7 +351,7 @@ class WsSession:
             if model is None:
                 continue
             try:
-                opened = self.hub.open(model)
+                opened = self.hub.open(model, self.conn.principal)
                 if opened is None and now < sub.deadline:
                     continue
                 self._stop(sub)  # stops listening for new workflows
@@ -408,27 +426,70 @@ class WsSession:
         return head + b',"kind":"batch","events":[' + b",".join([it.body for it in items]) + b"]}"
 
 
+AUTHENTICATED = b'{"kind":"authenticated"}'
+
+
+async def _first_auth(hub: Hub, websocket: AsgiWebSocket) -> Principal:
+    """A connection without a token in its request: the principal of its
+    first message, `{"op":"auth","token":…}`, within AUTH_WAIT seconds;
+    Unauthenticated (close 4001) otherwise."""
+    raw: str | bytes | None = None
+    with trio.move_on_after(AUTH_WAIT):
+        raw = await websocket.receive()
+    if raw is None:
+        raise Unauthenticated(f"no token in the request and no auth message within {AUTH_WAIT:g} s")
+    return hub.identity.principal_of_token(_auth_token(raw))
+
+
+def _auth_token(raw: str | bytes | dict[str, Any]) -> str:
+    """The token of an `auth` message; Unauthenticated if it is not one."""
+    msg: Any = raw
+    if not isinstance(msg, dict):
+        try:
+            msg = orjson.loads(msg)
+        except orjson.JSONDecodeError:
+            msg = None
+    if not isinstance(msg, dict) or msg.get("op") != "auth":
+        raise Unauthenticated('the first message must be {"op":"auth","token":…}')
+    token = msg.get("token")
+    if not isinstance(token, str) or not token:
+        raise Unauthenticated("'token' must be a non-empty string")
+    return token
+
+
 async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Serve one WebSocket request to /v1/ws."""
     websocket = AsgiWebSocket(receive, send)
+    accepted = False
     try:
         try:
             # The request's headers and arguments are needed only here.
             req = ScopeInfo(scope)
-            principal = hub.principal_of(req.headers, req.args)
+            if hub.identity.required and hub.identity.token_of(req.headers, req.args) is None:
+                # No token in the request: the first message must bring one.
+                await websocket.accept()
+                accepted = True
+                principal = await _first_auth(hub, websocket)
+            else:
+                principal = hub.principal_of(req.headers, req.args)
             hub.check_capacity(principal)
             # Admitted before accept(), with no checkpoint in between, so two
             # connections racing for the last place cannot both get it.
             conn = hub.open_connection("ws", req.remote, "/v1/ws", principal)
             del req
         except BrokerError as err:
-            await websocket.accept()
+            if not accepted:
+                await websocket.accept()
             await websocket.send(_error(err))
             await websocket.close(err.ws_close, err.message[:120])
             return
         try:
-            await websocket.accept()
-            await WsSession(hub, conn, websocket).run()
+            if not accepted:
+                await websocket.accept()
+            session = WsSession(hub, conn, websocket)
+            if accepted:
+                await session.send(AUTHENTICATED)
+            await session.run()
         finally:
             hub.close_connection(conn)
     except ClientGone:

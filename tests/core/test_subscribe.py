@@ -11,6 +11,7 @@ import pytest
 
 from broker.core.errors import InvalidArgument, NotFound
 from broker.core.filters import Filter
+from broker.core.limits import ANONYMOUS
 from broker.core.reader import MultiReader, WorkflowReader
 from broker.core.scope import PARENT, TENANT, WORKFLOW, WORKFLOWS, Scope
 from broker.core.subscribe import (
@@ -219,9 +220,9 @@ def test_query_arguments_the_model_does_not_know_are_left_alone() -> None:
 
 def test_open_a_workflow_subscription() -> None:
     st = mk()
-    assert open_subscription(st, sse("w", "")) is None  # not known yet: the caller waits
+    assert open_subscription(st, sse("w", ""), ANONYMOUS) is None  # not known yet: the caller waits
     send(st, wfe())
-    opened = open_subscription(st, sse("w", ""))
+    opened = open_subscription(st, sse("w", ""), ANONYMOUS)
     assert opened is not None and isinstance(opened.reader, WorkflowReader) and opened.key == "w"
     assert [m.kind for m in opened.reader.pull()] == ["snapshot"]
 
@@ -231,11 +232,11 @@ def test_open_at_the_end_gives_the_end_message() -> None:
     send(st, wfe())
     send(st, wfe(etype="workflow.completed"))
     epoch = st.get("w").epoch
-    opened = open_subscription(st, sse("w", "", last_event_id=f"{epoch}:2"))
+    opened = open_subscription(st, sse("w", "", last_event_id=f"{epoch}:2"), ANONYMOUS)
     assert opened is not None and opened.reader is None
     assert opened.end is not None and opened.end.kind == "end" and opened.end.cursor == f"{epoch}:2"
     # The same through `since=`.
-    opened = open_subscription(st, ws(workflow="w", since=2))
+    opened = open_subscription(st, ws(workflow="w", since=2), ANONYMOUS)
     assert opened is not None and opened.reader is None and opened.end is not None
 
 
@@ -243,18 +244,18 @@ def test_open_errors_are_the_readers() -> None:
     st = mk()
     send(st, wfe())
     with pytest.raises(InvalidArgument, match="ahead"):
-        open_subscription(st, ws(workflow="w", since=9))
+        open_subscription(st, ws(workflow="w", since=9), ANONYMOUS)
     with pytest.raises(InvalidArgument, match="journal cursor"):
-        open_subscription(st, sse(None, "tenant=default&since=zzz.1"))
+        open_subscription(st, sse(None, "tenant=default&since=zzz.1"), ANONYMOUS)
     assert isinstance(workflow_not_found(sse("ghost", "")), NotFound)
 
 
 def test_open_a_multi_subscription() -> None:
     st = mk()
     send(st, wfe())
-    opened = open_subscription(st, ws(tenant="default"))
+    opened = open_subscription(st, ws(tenant="default"), ANONYMOUS)
     assert opened is not None and isinstance(opened.reader, MultiReader) and opened.key == JOURNAL
     # Everything in scope ended already: no reader (SSE answers 204).
     send(st, wfe(etype="workflow.completed"))
-    opened = open_subscription(st, sse(None, "workflows=w"))
+    opened = open_subscription(st, sse(None, "workflows=w"), ANONYMOUS)
     assert opened is not None and opened.reader is None and opened.end is None
