@@ -1,4 +1,4 @@
-"""Command line: `broker run`, `broker check-config`, `broker push`.
+"""Command line: `broker run`, `broker check-config`, `broker push`, `broker keygen`.
 
 Exit codes: 0 success, 2 bad config / cannot start (one line on stderr).
 """
@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import orjson
 
 from . import __version__
 from .config import ConfigError, load
+
+if TYPE_CHECKING:
+    from .client import Publisher
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -59,22 +63,61 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     """Read JSON events, one per line, from stdin and push them over ZMQ."""
+    import zmq
+
     from .client import Publisher
 
-    with Publisher(args.endpoint) as pub:
-        count = 0
-        for lineno, line in enumerate(sys.stdin, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                print(f"broker push: line {lineno}: not JSON ({exc}); skipped", file=sys.stderr)
-                continue
-            pub.send_raw(line.encode())
-            count += 1
+    try:
+        pub = Publisher(
+            args.endpoint,
+            curve_secret_file=args.curve_secret,
+            curve_server_key_file=args.curve_server_key,
+            send_timeout_ms=int(args.timeout * 1000),
+        )
+    except (OSError, ValueError) as exc:
+        return _fail(f"push: {exc}")
+    try:
+        count = _push_lines(pub)
+    except zmq.Again:
+        pub.close(linger_ms=0)
+        return _fail(
+            f"push: the broker at {args.endpoint} took nothing within {args.timeout:g} s "
+            "(not running, or it refused this engine's CURVE key)"
+        )
+    pub.close()
     print(f"pushed {count} events to {args.endpoint}", file=sys.stderr)
+    return 0
+
+
+def _push_lines(pub: Publisher) -> int:
+    """Send stdin's JSON lines (others skipped, with a warning); how many went."""
+    count = 0
+    for lineno, line in enumerate(sys.stdin, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            print(f"broker push: line {lineno}: not JSON ({exc}); skipped", file=sys.stderr)
+            continue
+        pub.send_raw(line.encode())
+        count += 1
+    return count
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Write NAME.key (public) and NAME.key_secret in DIR (DESIGN §7)."""
+    from .server.curve import write_certificates
+
+    tenant = args.tenant
+    if tenant is not None and not (1 <= len(tenant) <= 128 and tenant.isprintable() and '"' not in tenant):
+        return _fail("keygen: --tenant must be 1-128 printable characters without '\"'")
+    try:
+        public, secret = write_certificates(args.name, args.dir, tenant)
+    except OSError as exc:
+        return _fail(f"keygen: {exc}")
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it here)")
     return 0
 
 
@@ -93,7 +136,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("push", help="push JSON-lines events from stdin over ZMQ")
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5557", help="broker's ingest endpoint")
+    p.add_argument("--curve-secret", metavar="FILE", help="this engine's .key_secret (CURVE)")
+    p.add_argument("--curve-server-key", metavar="FILE", help="the broker's public .key (CURVE)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds a send may wait for the broker (10)")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("keygen", help="write a CURVE certificate pair NAME.key / NAME.key_secret into DIR")
+    p.add_argument("name")
+    p.add_argument("dir")
+    p.add_argument("--tenant", help="bind an engine's certificate to a tenant (its events go there)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("simulate", help="push realistic simulated workflows over ZMQ (an engine simulator)")
     from .tools import simulate

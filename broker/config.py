@@ -99,6 +99,9 @@ class IngestConfig(_Section):
     max_frame_bytes: int = _key(1048576, "count")
     max_parts: int = _key(1000, "count")  # parts of one ZMQ multipart message; the rest: too_large
     rcvhwm: int = _key(10000, "count")
+    # CURVE (DESIGN §7): the broker's .key_secret, and the engines' public .key files.
+    curve_secret_file: str = _key("", "str")
+    curve_clients_dir: str = _key("", "str")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +173,11 @@ class AuthConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig(_Section):
+    ring_events: int = _key(10000, "count")  # audit facts kept for resuming admin streams (DESIGN §7)
+
+
+@dataclass(frozen=True, slots=True)
 class StoreConfig(_Section):
     backend: str = _key("memory", "str", choices=("memory",))  # "postgres" arrives with the store (§10)
     dsn: str = _key("", "str")
@@ -180,11 +188,15 @@ class ClusterConfig(_Section):
     bind: str = _key("", "zmq_opt")
     replay_bind: str = _key("", "zmq_opt")
     peers: tuple[PeerConfig, ...] = _key((), "peers")
+    curve_secret_file: str = _key("", "str")  # not built yet: validated, unused
+    curve_peers_dir: str = _key("", "str")
 
 
 @dataclass(frozen=True, slots=True)
 class ControlConfig(_Section):
     bind: str = _key("", "zmq_opt")
+    curve_secret_file: str = _key("", "str")
+    curve_clients_dir: str = _key("", "str")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +218,7 @@ class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     control: ControlConfig = field(default_factory=ControlConfig)

@@ -277,10 +277,12 @@ def test_the_zmq_ingest_yields_to_the_loop_every_turn_slice() -> None:
         got = 0
         real_batch = hub.ingest_batch
 
-        def slow_batch(frames: list[bytes], source: str, until: float | None = None) -> collections.deque:
+        def slow_batch(
+            frames: list[bytes], source: str, until: float | None = None, tenants: list[str | None] | None = None
+        ) -> collections.deque:
             nonlocal got
             got += len(frames)
-            left = real_batch(frames, source, until)
+            left = real_batch(frames, source, until, tenants)
             clock.jump(0.001 * len(frames) / zmq_ingest.CHUNK)  # 1 ms a chunk of work
             return left
 

@@ -86,6 +86,14 @@ class DeadlineExceeded(BrokerError):
     status = 408
 
 
+class FailedPrecondition(BrokerError):
+    """The request is well formed but the workflow's state refuses it
+    (a control request for a workflow that has ended)."""
+
+    code = "failed_precondition"
+    status = 409
+
+
 class ResourceExhausted(BrokerError):
     code = "resource_exhausted"
     status = 429

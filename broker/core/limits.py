@@ -56,6 +56,9 @@ class Principal:
 
 
 ANONYMOUS = Principal()
+# A connection admitted before it said who it is (a WebSocket waiting for
+# its `auth` message): counted against `limits.global`, allowed nothing.
+UNIDENTIFIED = Principal(grant=Grant("", "", frozenset(), frozenset()))
 
 
 class ConnectionTable:

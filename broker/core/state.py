@@ -186,7 +186,7 @@ class BrokerState:
         self.subtree: dict[str, set[str]] = {}
         # Ancestry of recently evicted workflows: a child that starts after
         # its parent was evicted still belongs to its grandparent's tree.
-        self.evicted_ancestry: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self.evicted_ancestry: OrderedDict[str, tuple[str, tuple[str, ...]]] = OrderedDict()  # (tenant, ancestors)
         # Terminal workflows, twice: in the order they ended (for the TTL) and
         # least recently updated first (for eviction under max_workflows).
         self.terminal: OrderedDict[str, None] = OrderedDict()
@@ -288,16 +288,20 @@ class BrokerState:
         )
 
     def _ingest_event(self, ev: dict[str, Any], now: float, result: IngestResult) -> None:
-        event_id = ev.get("id")
-        if event_id is not None and event_id in self.ids:
-            raise Duplicate()
         wid = ev["workflow_id"]
         wf = self.workflows.get(wid)
         tenant = ev.get("tenant")
+        if wf is not None and tenant is not None and tenant != wf.tenant:
+            raise Reject("tenant_mismatch", f"workflow '{wid}' belongs to another tenant")
+        # Event ids are unique within a tenant: one tenant's ids can neither
+        # shadow another's events as duplicates nor tell that they exist.
+        owner = wf.tenant if wf is not None else (tenant or "default")
+        prefix = "" if owner == "default" else owner + "\x00"  # no id holds a control character
+        event_id = ev.get("id")
+        if event_id is not None and prefix + event_id in self.ids:
+            raise Duplicate()
         if wf is None:
             wf = self._create(wid, ev, now)
-        elif tenant is not None and tenant != wf.tenant:
-            raise Reject("tenant_mismatch", f"workflow '{wid}' belongs to another tenant")
         task_id = ev.get("task_id")
         if task_id is not None and len(wf.snapshot.tasks) >= self.limits.max_tasks and task_id not in wf.snapshot.tasks:
             raise Reject("too_many_tasks", f"workflow '{wid}' has buffer.max_tasks ({self.limits.max_tasks}) tasks")
@@ -307,10 +311,10 @@ class BrokerState:
             while True:
                 self._next_id += 1
                 event_id = f"{self.node_id}-{self._next_id}"
-                if event_id not in self.ids:
+                if prefix + event_id not in self.ids:
                     break
             ev["id"] = event_id
-        self.ids.add_new(ev["id"], now)  # checked above: not in the window
+        self.ids.add_new(prefix + event_id, now)  # checked above: not in the window
         result.accepted += 1
         self.counters["ingested"] += 1
         if wf.seq.pending:
@@ -335,6 +339,8 @@ class BrokerState:
         self.workflows[wid] = wf
         if wf.parent_id is not None:
             self._adopt(wf)
+        else:
+            self._link_below(wf)
         self.counters["workflows_created"] += 1
         return wf
 
@@ -471,7 +477,7 @@ class BrokerState:
         self.terminal_lru.pop(wid, None)
         self.reordering.discard(wid)
         if wf.ancestors:
-            self.evicted_ancestry[wid] = wf.ancestors
+            self.evicted_ancestry[wid] = (wf.tenant, wf.ancestors)
             if len(self.evicted_ancestry) > EVICTED_ANCESTRY_KEPT:
                 self.evicted_ancestry.popitem(last=False)
         for ancestor in wf.ancestors:
@@ -489,22 +495,44 @@ class BrokerState:
         return wf if wf is not None and wf.visible else None
 
     def _adopt(self, wf: Workflow) -> None:
-        """Fix `wf.ancestors` from its parent's, and index it under each."""
+        """Fix `wf.ancestors` from its parent's, and index it under each.
+        Trees do not cross tenants: a parent of another tenant is not
+        linked (the child keeps its `parent_id`, but no `parent=` stream of
+        either tenant holds the other's workflows, nor learns of their
+        tree through them)."""
         assert wf.parent_id is not None
         parent = self.workflows.get(wf.parent_id)
-        inherited = parent.ancestors if parent is not None else self.evicted_ancestry.get(wf.parent_id, ())
+        if parent is not None:
+            if parent.tenant != wf.tenant:
+                self._link_below(wf)
+                return
+            inherited = parent.ancestors
+        else:
+            tenant, inherited = self.evicted_ancestry.get(wf.parent_id, (wf.tenant, ()))
+            if tenant != wf.tenant:
+                inherited = ()
         # Bounded: a parent cycle or a very deep tree must not grow this.
         wf.ancestors = ((wf.parent_id,) + inherited)[:MAX_DEPTH]
         for ancestor in wf.ancestors:
             self.subtree.setdefault(ancestor, set()).add(wf.id)
-        # Descendants that arrived before this workflow knew its own parent
-        # hang below it already: extend their ancestry too.
+        self._link_below(wf)
+
+    def _link_below(self, wf: Workflow) -> None:
+        """Descendants that arrived before `wf` (or before it knew its own
+        parent) hang below it already: extend their ancestry with its; a
+        chain that enters `wf` from another tenant is cut there instead."""
         for wid in list(self.subtree.get(wf.id, ())):
             below = self.workflows.get(wid)
             if below is None or wf.id not in below.ancestors:
                 continue
-            cut = below.ancestors.index(wf.id) + 1
-            below.ancestors = (below.ancestors[:cut] + wf.ancestors)[:MAX_DEPTH]
+            at = below.ancestors.index(wf.id)
+            child = self.workflows.get(below.ancestors[at - 1]) if at else below
+            if child is None or child.tenant != wf.tenant:
+                for ancestor in below.ancestors[at:]:
+                    self.subtree.get(ancestor, set()).discard(wid)
+                below.ancestors = below.ancestors[:at]
+                continue
+            below.ancestors = (below.ancestors[: at + 1] + wf.ancestors)[:MAX_DEPTH]
             for ancestor in wf.ancestors:
                 self.subtree.setdefault(ancestor, set()).add(wid)
 

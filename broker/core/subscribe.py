@@ -54,6 +54,7 @@ from .state import BrokerState
 
 JOURNAL = "\x00journal"  # wait key of multi-workflow streams (no workflow id holds NUL)
 NEW_WORKFLOW = "\x00new"  # wait key of streams waiting for an unknown workflow
+AUDIT = "\x00audit"  # wait key of the admins' audit streams
 
 MAX_SUB_ID = 128  # characters of a WebSocket subscription id
 MULTI_SINCE_MESSAGE = "'since' of a multi-workflow stream must be a journal cursor <node-epoch>.<offset>"
@@ -117,9 +118,7 @@ def from_ws(msg: Mapping[str, Any]) -> tuple[str, Subscription]:
     unknown = set(msg) - WS_SUBSCRIBE_KEYS
     if unknown:
         raise InvalidArgument(f"unknown key '{sorted(unknown)[0]}' in subscribe")
-    sub_id = msg.get("sub")
-    if not isinstance(sub_id, str) or not 1 <= len(sub_id) <= MAX_SUB_ID:
-        raise InvalidArgument(f"'sub' must be a string of 1-{MAX_SUB_ID} characters")
+    sub_id = sub_id_of(msg)
     flt = ws_filter(msg.get("filter", {}))
     given: dict[str, object] = {k: msg[k] for k in KINDS if k in msg}
     raw = given.get(WORKFLOWS)
@@ -132,6 +131,14 @@ def from_ws(msg: Mapping[str, Any]) -> tuple[str, Subscription]:
     if resume is not None and not isinstance(resume, str):
         raise InvalidArgument("'cursor' must be a string")
     return sub_id, Subscription(scope, flt, _cursor(scope, resume, msg.get("since"), from_query=False))
+
+
+def sub_id_of(msg: Mapping[str, Any]) -> str:
+    """A WebSocket `subscribe` message's subscription id."""
+    sub_id = msg.get("sub")
+    if not isinstance(sub_id, str) or not 1 <= len(sub_id) <= MAX_SUB_ID:
+        raise InvalidArgument(f"'sub' must be a string of 1-{MAX_SUB_ID} characters")
+    return sub_id
 
 
 def ws_filter(raw: object) -> Filter:

@@ -54,6 +54,7 @@ class Connection:
         "delivered",
         "subscriptions",
         "closing",
+        "close_reason",
         "write_started",
         "slow",
         "rate",
@@ -89,6 +90,7 @@ class Connection:
         # without `end`, so the client reconnects with its cursor; WS 1000
         # or 1001).
         self.closing = False
+        self.close_reason = ""  # why the broker closes it (audit): admin, limits.per_user, …
         # Slow consumers (DESIGN §6): when the current write started (trio
         # clock), None between writes; `slow` once a write made no progress
         # for stream.slow_consumer_timeout (set by the hub's watchdog).
@@ -171,9 +173,10 @@ class Connection:
             self.woken = True
             self.wake.cancel()
 
-    def close_soon(self) -> None:
+    def close_soon(self, reason: str = "") -> None:
         """An admin close or the drain: the stream flushes what it has and ends."""
         self.closing = True
+        self.close_reason = self.close_reason or reason
         self.hand_back()
 
     @property

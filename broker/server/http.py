@@ -16,6 +16,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..core.control import parse_request
 from ..core.errors import (
     BrokerError,
     DeadlineExceeded,
@@ -30,6 +31,8 @@ from ..core.limits import Principal
 from ..core.subscribe import require
 from .cors import cors_headers
 from .hub import Hub
+
+MAX_CONTROL_BODY = 131072  # bytes of a cancel / signal request's body
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
@@ -111,6 +114,7 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.errorhandler(BrokerError)
     async def _broker_error(err: BrokerError) -> Response:
+        hub.refused(err, "http", request.remote_addr or "")
         return error_response(err)
 
     @app.errorhandler(HTTPException)
@@ -145,6 +149,7 @@ def create_app(hub: Hub) -> QuartTrio:
         try:
             publisher = principal("publish")
         except BrokerError as err:
+            hub.refused(err, "http", request.remote_addr or "")
             response = error_response(err)
             response.headers["Connection"] = "close"  # its body is never read
             return response
@@ -179,6 +184,38 @@ def create_app(hub: Hub) -> QuartTrio:
             raise NotFound(f"workflow '{wid}' not found")
         return json_response(wf.snapshot.to_message("snapshot", wf.epoch))
 
+    @app.route("/v1/workflows/<path:wid>/cancel", methods=["POST"])
+    async def cancel_workflow(wid: str) -> Response:
+        return await control_request("cancel", wid)
+
+    @app.route("/v1/workflows/<path:wid>/signal", methods=["POST"])
+    async def signal_workflow(wid: str) -> Response:
+        return await control_request("signal", wid)
+
+    async def control_request(kind: str, wid: str) -> Response:
+        """DESIGN §8: 202 with the request id once published."""
+        try:
+            who = hub.principal_of(request.headers, request.args)
+            body = await read_body(hub, MAX_CONTROL_BODY)
+        except (BrokerError, _BodyRefused) as exc:
+            err = exc.err if isinstance(exc, _BodyRefused) else exc
+            hub.refused(err, "http", request.remote_addr or "")
+            response = error_response(err)
+            response.headers["Connection"] = "close"  # its body was not read to its end
+            return response
+        try:
+            fields = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError:
+            raise InvalidArgument("the body must be a JSON object") from None
+        finally:
+            hub.release_body_bytes(len(body))
+        if not isinstance(fields, dict):
+            raise InvalidArgument("the body must be a JSON object")
+        size = len(orjson.dumps(fields.get("data"))) if "data" in fields else 0
+        req = parse_request(kind, wid, fields, size)
+        request_id = await hub.request_control(who, req, request.remote_addr or "")
+        return json_response({"request_id": request_id}, 202)
+
     @app.route("/v1/admin/rejected")
     async def admin_rejected() -> Response:
         principal("admin")
@@ -199,9 +236,19 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.route("/v1/admin/connections/<int:conn_id>", methods=["DELETE"])
     async def admin_close_connection(conn_id: int) -> Response:
-        principal("admin")
-        if not hub.kick(conn_id):
+        admin = principal("admin")
+        target = hub.connections.get(conn_id)
+        if target is None or not hub.kick(conn_id):
             raise NotFound(f"no connection {conn_id}")
+        hub.audit(
+            "admin.connection_closed",
+            user=admin.user,
+            tenant=admin.tenant,
+            transport=target.transport,
+            remote=request.remote_addr,
+            connection=conn_id,
+            detail=f"of {target.principal.user or 'anonymous'} from {target.remote}",
+        )
         return json_response({"closing": conn_id}, 202)
 
     quart_asgi = app.asgi_app

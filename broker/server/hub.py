@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,16 +42,40 @@ import trio
 from werkzeug.datastructures import Headers
 
 from ..config import Config
-from ..core.errors import Reject, ShuttingDown, Unavailable
+from ..core.audit import AuditLog
+from ..core.control import ControlRequest, RequestRate, check_request, control_body
+from ..core.errors import (
+    BrokerError,
+    LimitReached,
+    PermissionDenied,
+    Reject,
+    ResourceExhausted,
+    ShuttingDown,
+    SlowConsumer,
+    Unauthenticated,
+    Unavailable,
+)
 from ..core.limits import ANONYMOUS, ConnectionTable, Principal, SocketBudget
 from ..core.state import BrokerState, FrameIngest, IngestResult, Limits
-from ..core.subscribe import JOURNAL, NEW_WORKFLOW, Opened, Subscription, open_subscription, workflow_not_found
+from ..core.subscribe import (
+    AUDIT,
+    JOURNAL,
+    NEW_WORKFLOW,
+    Opened,
+    Subscription,
+    open_subscription,
+    require,
+    workflow_not_found,
+)
 from ..core.wake import WakeSchedule
 from .connection import Connection, ConnectionCounters
+from .control import ControlChannel
+from .curve import CurveServer
 from .gc_policy import FullCollections, GcStats
 from .identity import Identity
 
 log = logging.getLogger("broker.hub")
+audit_log = logging.getLogger("broker.audit")
 
 # Events of a large batch applied between two looks at the clock.
 SLICE_EVENTS = 64
@@ -179,6 +204,11 @@ class Hub:
         self.body_bytes = 0  # request bodies being read, all requests together (http.py)
         self.body_bytes_peak = 0
         self.gc_stats: GcStats | None = None  # set by run.serve (gc_policy)
+        self.ingest_curve: CurveServer | None = None  # set by run.serve when ingest requires CURVE
+        self.control: ControlChannel | None = None  # set by run.serve when control.bind is set
+        self.control_rate = RequestRate()  # control requests per principal
+        self.audit_log = AuditLog(self.state.node_epoch, config.audit.ring_events)
+        self.reloads = self.reload_failures = 0  # SIGHUP key reloads (run.reload_keys)
         self.full_collections: FullCollections | None = None  # ditto: counts ended stream requests
 
     @property
@@ -209,15 +239,20 @@ class Hub:
         self._wake(result.touched, result.created, now)
         return result
 
-    def ingest_batch(self, frames: list[bytes], source: str, until: float | None = None) -> deque[FrameIngest]:
+    def ingest_batch(
+        self, frames: list[bytes], source: str, until: float | None = None, tenants: list[str | None] | None = None
+    ) -> deque[FrameIngest]:
         """Frames drained together: one clock read, one round of wakeups.
         With `until`, a frame holding a large batch is applied SLICE_EVENTS
         events at a time and the work stops once the clock passes `until`:
         what is left (that frame, partly applied, and the ones after it)
         comes back, to `resume()` on the next turn. The ZMQ ingest then
-        reports the turn (`ingest_turn()`)."""
+        reports the turn (`ingest_turn()`). `tenants`, one per frame: the
+        tenant its sender is bound to (a CURVE certificate's), or None."""
         begin = self.state.begin_frame
-        return self.resume(deque([begin(frame, source) for frame in frames]), until)
+        if tenants is None:
+            return self.resume(deque([begin(frame, source) for frame in frames]), until)
+        return self.resume(deque([begin(f, source, t) for f, t in zip(frames, tenants, strict=True)]), until)
 
     def resume(self, works: deque[FrameIngest], until: float | None = None) -> deque[FrameIngest]:
         """Apply `works` in order (see `ingest_batch`); returns what is left."""
@@ -558,7 +593,9 @@ class Hub:
                 started = conn.write_started
                 if started is not None and started <= horizon and not conn.slow:
                     conn.slow = True
+                    conn.close_reason = "slow_consumer"
                     self.counters["slow_consumer_closed"] += 1
+                    self.audit("slow_consumer.closed", conn, detail=f"no write progress for {timeout:g} s")
                     log.info(
                         "connection %d (%s %s): no write progress for %ss: slow consumer",
                         conn.id,
@@ -573,7 +610,7 @@ class Hub:
         while self._ends:
             self._release(self._ends.popleft())
         for conn in self.connections.values():
-            conn.close_soon()
+            conn.close_soon("shutdown")
         for key in list(self._listeners):
             self._call_listeners(key)  # waits end; streams see the drain
 
@@ -596,9 +633,54 @@ class Hub:
         if rate:
             conn.rate, conn.tokens, conn.refilled = float(rate), float(rate), trio.current_time()
         for old in self.table.admit(conn.id, principal):
-            self.kick(old)  # limits.per_user: the user's oldest connection goes
+            self.kick(old, "limits.per_user")  # the user's oldest connection goes
         self.connections[conn.id] = conn
+        self.audit("connection.opened", conn, detail=path)
         return conn
+
+    async def request_control(self, principal: Principal, req: ControlRequest, remote: str = "") -> str:
+        """Publish a control request (DESIGN §8) for `principal` (from
+        `remote`, for the rate of anonymous ones); its request id once sent.
+        403 without scope `control`, 503 with no control channel, 404 for
+        a workflow it cannot see, 409 once it ended, 429 over the rate."""
+        require(principal, "control")
+        if self.control is None:
+            raise Unavailable("the control channel is not configured on this broker (control.bind)")
+        check_request(self.state, principal, req)
+        self.control_rate.take(principal.user or f"anonymous@{remote}", trio.current_time())
+        request_id = req.request_id or uuid.uuid4().hex
+        body = control_body(req, request_id, principal.user, int(time.time() * 1000))
+        await self.control.publish(req.workflow_id, body)
+        self.counters["control_requests"] += 1
+        self.audit(
+            "control.requested",
+            user=principal.user,
+            tenant=principal.tenant,
+            remote=remote,
+            workflow_id=req.workflow_id,
+            detail=f"{req.kind} {request_id}",
+        )
+        log.info(
+            "control %s of %r (task %s) requested by %s (%s): %s",
+            req.kind,
+            req.workflow_id,
+            req.task_id,
+            principal.user or "anonymous",
+            remote,
+            request_id,
+        )
+        return request_id
+
+    def assign(self, conn: Connection, principal: Principal) -> None:
+        """The principal of a connection admitted before it said who it is
+        (a WebSocket's `auth` message): counted as that principal's from
+        now on — ResourceExhausted at `limits.per_tenant` (the caller
+        closes it), its user's oldest connection closed at `limits.per_user`."""
+        self.table.release(conn.id)
+        evict = self.table.admit(conn.id, principal)
+        conn.set_principal(principal)
+        for old in evict:
+            self.kick(old, "limits.per_user")
 
     def stream_request_ended(self, began: float) -> None:
         """A request to a stream endpoint (SSE or WebSocket, served or
@@ -608,7 +690,9 @@ class Hub:
             self.full_collections.ended(began)
 
     def close_connection(self, conn: Connection) -> None:
-        self.connections.pop(conn.id, None)
+        if self.connections.pop(conn.id, None) is not None:
+            reason = conn.close_reason or ("token expired" if conn.expired else "ended")
+            self.audit("connection.closed", conn, detail=reason)
         self.table.release(conn.id)
         if not self.connections:
             self._no_connections.set()
@@ -619,13 +703,47 @@ class Hub:
             self._no_connections = trio.Event()
             await self._no_connections.wait()
 
-    def kick(self, conn_id: int) -> bool:
+    def kick(self, conn_id: int, reason: str = "admin") -> bool:
         """Ask a connection to close; False if there is none with that id."""
         conn = self.connections.get(conn_id)
         if conn is None:
             return False
-        conn.close_soon()
+        conn.close_soon(reason)
         return True
+
+    # ---------------------------------------------------------------- audit
+
+    def audit(self, action: str, conn: Connection | None = None, **fields: Any) -> None:
+        """Record a security-relevant fact (core/audit.py): the audit ring,
+        one log line, and a wake for the admins' audit streams. `conn`
+        gives the user, tenant, transport, remote and connection id."""
+        if conn is not None:
+            p = conn.principal
+            fields = {
+                "user": p.user,
+                "tenant": p.tenant,
+                "transport": conn.transport,
+                "remote": conn.remote,
+                "connection": conn.id,
+                **fields,
+            }
+        entry = self.audit_log.record(action, int(time.time() * 1000), **fields)
+        audit_log.info("%s", entry.body.decode())
+        self._enqueue(self.schedule.touched((AUDIT,), trio.current_time()))
+
+    def refused(self, err: BrokerError, transport: str, remote: str, principal: Principal | None = None) -> None:
+        """Audit a refusal a client was answered with, if it is one of
+        security's: no valid token, a missing scope, a limit."""
+        if isinstance(err, Unauthenticated):
+            action = "auth.failed"
+        elif isinstance(err, PermissionDenied):
+            action = "access.denied"
+        elif isinstance(err, (LimitReached, ResourceExhausted)) and not isinstance(err, SlowConsumer):
+            action = "limit.refused"
+        else:
+            return
+        who = principal or ANONYMOUS
+        self.audit(action, user=who.user, tenant=who.tenant, transport=transport, remote=remote, detail=err.message)
 
     # ----------------------------------------------------------- statistics
 
@@ -674,4 +792,14 @@ class Hub:
             out["gc"] = self.gc_stats.to_json()
         if self.full_collections is not None:
             out["gc_freezes"] = self.full_collections.freezes
+        curve = self.ingest_curve
+        if self.control is not None:
+            out["control"] = {"endpoint": self.control.endpoint, "published": self.control.published}
+        out["security"] = {
+            "auth": self.identity.mode,
+            "zmq_curve": curve is not None,
+            "zmq_auth_failures": 0 if curve is None else curve.failures,
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+        }
         return out

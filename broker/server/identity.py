@@ -24,11 +24,14 @@ from ..core.errors import Unauthenticated
 from ..core.limits import ANONYMOUS, Principal
 from .tokens import Verifier, load_verifier, token_of
 
+MAX_EXP = 1e12  # seconds since the epoch: a larger `exp` is no date (and overflows a float past 1e308)
+
 
 class Identity:
     """The auth config's verifier, and the requests it turns into principals."""
 
     def __init__(self, auth: AuthConfig) -> None:
+        self.mode = auth.mode
         self.required = auth.mode == "jwt"
         self.verifier: Verifier | None = load_verifier(auth)  # ConfigError if a key is unusable
 
@@ -51,5 +54,8 @@ class Identity:
         if self.verifier is None:
             return ANONYMOUS
         claims = self.verifier.verify(token)
-        exp = claims.get("exp")
-        return Principal.of(Grant.from_claims(claims), float(exp) if isinstance(exp, (int, float)) else None)
+        exp = claims.get("exp")  # required and checked by the verifier: a number in the future
+        if not isinstance(exp, (int, float)) or not 0 < exp < MAX_EXP:
+            raise Unauthenticated("invalid token: 'exp' out of range")
+        # Open until the verifier would refuse it: `exp` plus the leeway.
+        return Principal.of(Grant.from_claims(claims), float(exp) + self.verifier.leeway)

@@ -18,6 +18,7 @@ import errno
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -26,10 +27,14 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.utils import wrap_app
 
 from ..config import Config, ConfigError, LimitsConfig, parse_http_bind
+from ..config import load as load_config
 from ..core.limits import SocketBudget, budget_for
 from . import gc_policy
+from .control import ControlChannel, bind_control
+from .curve import CurveServer
 from .http import create_app
 from .hub import Hub
+from .identity import Identity
 from .listen import serve_http
 from .zmq_ingest import bind_pull, serve_zmq_ingest
 
@@ -115,6 +120,33 @@ def socket_budget(config: Config, nofile: int) -> tuple[Config, SocketBudget]:
     return config, SocketBudget(budget.sockets)
 
 
+def reload_keys(hub: Hub, config: Config) -> None:
+    """SIGHUP: read the JWT keys (the config file's [auth] as it is now)
+    and the CURVE clients directory again, without dropping a connection.
+    A reload that fails keeps the keys in force and logs why; auth.mode
+    itself changes only with a restart."""
+    try:
+        fresh = load_config(config.source) if config.source != "<defaults>" else config
+        if fresh.auth.mode != hub.identity.mode:
+            raise ConfigError(f"auth.mode changed to {fresh.auth.mode!r}: that needs a restart")
+        hub.identity = Identity(fresh.auth)
+        auth_ok = True
+    except ConfigError as exc:
+        log.error("reload: %s; the JWT keys in force stay", exc)
+        auth_ok = False
+    curve_ok = hub.ingest_curve.reload() if hub.ingest_curve is not None else True
+    hub.reloads += 1
+    hub.audit("config.reloaded", detail="keys read again" if auth_ok and curve_ok else "failed: the keys in force stay")
+    if auth_ok and curve_ok:
+        log.info(
+            "reload: keys read again (auth %s, CURVE clients %s)",
+            hub.identity.mode,
+            len(hub.ingest_curve.clients) if hub.ingest_curve is not None else "off",
+        )
+    else:
+        hub.reload_failures += 1
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT (or cancellation)."""
     config, budget = socket_budget(config, raise_nofile_limit())
@@ -123,10 +155,47 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
     except ConfigError as exc:
         raise StartupError(str(exc)) from None
     hub.sockets = budget
-    ctx = zmq.Context()
     try:
+        curve = CurveServer.from_config("ingest", config.ingest.curve_secret_file, config.ingest.curve_clients_dir)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    hub.ingest_curve = curve
+    cc = config.control
+    try:
+        control_curve = CurveServer.from_config("control", cc.curve_secret_file, cc.curve_clients_dir)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    if control_curve is not None and not cc.bind:
+        raise StartupError("config key 'control.curve_secret_file': CURVE is set but control.bind is not")
+    ctx = zmq.Context()
+    control_sock = None
+    try:
+        token = trio.lowlevel.current_trio_token()
+
+        def zmq_refused(socket_group: str) -> Callable[[str], None]:
+            def refused(reason: str) -> None:  # in the authenticator's thread
+                detail = f"{socket_group}: {reason}"
+                try:
+                    token.run_sync_soon(lambda: hub.audit("zmq.auth_failed", transport="zmq", detail=detail))
+                except trio.RunFinishedError:
+                    pass
+
+            return refused
+
+        if curve is not None:
+            curve.start(ctx, zmq_refused("ingest"))  # before the socket binds: without it any key would do
+        if control_curve is not None:
+            control_curve.start(ctx, zmq_refused("control"))
+        if cc.bind:
+            try:
+                control_sock, control_endpoint = bind_control(ctx, cc.bind, control_curve)
+            except zmq.ZMQError as exc:
+                raise StartupError(f"cannot bind control.bind {cc.bind}: {exc}") from None
+            hub.control = ControlChannel(control_sock, control_endpoint)
         try:
-            pull, endpoint = bind_pull(ctx, config.ingest.zmq_bind, config.ingest.rcvhwm, config.ingest.max_frame_bytes)
+            pull, endpoint = bind_pull(
+                ctx, config.ingest.zmq_bind, config.ingest.rcvhwm, config.ingest.max_frame_bytes, curve
+            )
         except zmq.ZMQError as exc:
             raise StartupError(f"cannot bind ingest.zmq_bind {config.ingest.zmq_bind}: {exc}") from None
         try:
@@ -140,15 +209,17 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
         app = create_app(hub)
         stop_http = trio.Event()
 
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 ingest_scope = trio.CancelScope()
 
                 async def ingest() -> None:
                     with ingest_scope:
-                        await serve_zmq_ingest(pull, hub, max_parts=config.ingest.max_parts)
+                        await serve_zmq_ingest(pull, hub, max_parts=config.ingest.max_parts, curve=curve)
 
                 nursery.start_soon(ingest)
+                if hub.control is not None:
+                    nursery.start_soon(hub.control.serve)
                 nursery.start_soon(hub.serve_ticker)
                 nursery.start_soon(hub.serve_watchdog)
                 nursery.start_soon(hub.serve_flusher)
@@ -181,10 +252,21 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                     lambda: hub.state.counters["ingested"] + hub.counters["writes"],
                 )
                 info = {"http": http_addr, "zmq": endpoint, "node": config.node.id, "node_epoch": hub.state.node_epoch}
-                log.info("ready http=%s zmq=%s node=%s", http_addr, endpoint, config.node.id)
+                control_at = hub.control.endpoint if hub.control is not None else ""
+                info["control"] = control_at
+                log.info(
+                    "ready http=%s zmq=%s node=%s%s",
+                    http_addr,
+                    endpoint,
+                    config.node.id,
+                    f" control={control_at}" if control_at else "",
+                )
                 task_status.started(info)
 
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        reload_keys(hub, config)
+                        continue
                     log.info("received %s: draining", signal.Signals(signum).name)
                     break
                 ingest_scope.cancel()
@@ -204,6 +286,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
     finally:
         if hub.gc_stats is not None:
             gc_policy.uninstall(hub.gc_stats)
+        if curve is not None:
+            curve.stop()
+        if control_curve is not None:
+            control_curve.stop()
         # destroy(), not term(): whatever failed, no socket left open may make
         # the exit hang (term() waits for every socket to close).
         ctx.destroy(linger=0)

@@ -40,6 +40,7 @@ import orjson
 import trio
 
 from ..core import subscribe
+from ..core.audit import AuditFilter, AuditReader
 from ..core.errors import (
     BrokerError,
     DeadlineExceeded,
@@ -48,8 +49,10 @@ from ..core.errors import (
     SlowConsumer,
     Unauthenticated,
 )
+from ..core.limits import Principal
 from ..core.messages import error_body
 from ..core.reader import MultiReader, WorkflowReader
+from ..core.subscribe import AUDIT
 from .asgi import ScopeInfo, path_segments
 from .connection import Connection
 from .cors import cors_headers, encode_headers
@@ -77,6 +80,8 @@ _VIEWS = {("stream",): "all", ("tasks", "stream"): "tasks", ("logs", "stream"): 
 
 MAX_IGNORED_BODY = 65536  # bytes of request body a stream request may carry
 KEEPALIVE = b": keepalive\n\n"
+AUDIT_VIEW = "audit"  # the view of `/v1/audit/stream` in a stream_target
+Reader = WorkflowReader | MultiReader | AuditReader
 
 
 def stream_target(scope: dict[str, Any]) -> tuple[str | None, str] | None:
@@ -86,6 +91,8 @@ def stream_target(scope: dict[str, Any]) -> tuple[str | None, str] | None:
     path = scope["path"]
     if path == "/v1/stream":
         return None, "all"
+    if path == "/v1/audit/stream":
+        return None, AUDIT_VIEW
     if not path.startswith("/v1/workflows/") or not path.endswith("/stream"):
         return None
     segments = path_segments(scope)
@@ -122,6 +129,8 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         await _respond(send, 200, b"", [ALLOW, (b"content-length", b"0"), *cors])
         return
     try:
+        # Who asks comes first: without a valid token nothing else is looked at.
+        principal = hub.principal_of(req.headers, req.args)
         if req.method != "GET":
             raise MethodNotAllowed("The method is not allowed")
         # The request message (a GET has an empty body) comes first; after
@@ -131,10 +140,12 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         http = hub.config.http
         if await _skip_body(receive, http.body_timeout, http.body_idle_timeout):
             return  # gone before its request body ended
-        # Who asks comes first: without a valid token nothing else is looked at.
-        principal = hub.principal_of(req.headers, req.args)
         wid, view = target
-        sub = subscribe.from_query(req.args, workflow=wid, view=view, last_event_id=req.headers.get("Last-Event-ID"))
+        last_event_id = req.headers.get("Last-Event-ID")
+        if view == AUDIT_VIEW:
+            await _audit_stream(hub, req, principal, last_event_id, receive, send, scope, cors)
+            return
+        sub = subscribe.from_query(req.args, workflow=wid, view=view, last_event_id=last_event_id)
         # Checked and admitted with no checkpoint in between, so streams
         # opened at the same instant never exceed the limit (and none is
         # admitted once draining); a wait for a workflow not known yet holds
@@ -142,6 +153,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         hub.check_capacity(principal)
         conn = hub.open_connection("sse", req.remote, req.path, principal)
     except BrokerError as err:
+        hub.refused(err, "sse", req.remote)
         headers = [JSON, ALLOW, *cors] if isinstance(err, MethodNotAllowed) else [JSON, *cors]
         if err.status == 401:
             headers.append(CHALLENGE)
@@ -151,6 +163,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         try:
             opened = await hub.open_when_known(sub, conn)
         except BrokerError as err:
+            hub.refused(err, "sse", conn.remote, conn.principal)
             await _respond(send, err.status, orjson.dumps(err.to_json()), [JSON, *cors])
             return
         if opened.reader is None:
@@ -161,6 +174,33 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         del req  # headers and arguments are not needed while streaming
         close = [CLOSE] if scope.get("http_version") in ("1.0", "1.1") else []
         await _stream(hub, opened.reader, opened.key, conn, receive, send, [*SSE_HEADERS, *close, *cors])
+    finally:
+        hub.close_connection(conn)
+
+
+async def _audit_stream(
+    hub: Hub,
+    req: ScopeInfo,
+    principal: Principal,
+    last_event_id: str | None,
+    receive: Receive,
+    send: Send,
+    scope: dict[str, Any],
+    cors: list[tuple[bytes, bytes]],
+) -> None:
+    """`GET /v1/audit/stream` (admins only, DESIGN §7): the audit log's
+    facts as `audit` events, filtered by `actions=`, `tenant=`, `user=`,
+    resumed from Last-Event-ID (or `last_event_id=`). Errors raise to the
+    caller before anything is sent."""
+    subscribe.require(principal, "admin")
+    flt = AuditFilter.from_query(req.args)
+    cursor = last_event_id if last_event_id is not None else req.args.get("last_event_id")
+    hub.check_capacity(principal)
+    reader = AuditReader(hub.audit_log, flt, cursor)  # first, so its own opening is its first fact
+    conn = hub.open_connection("sse", req.remote, req.path, principal)
+    try:
+        close = [CLOSE] if scope.get("http_version") in ("1.0", "1.1") else []
+        await _stream(hub, reader, AUDIT, conn, receive, send, [*SSE_HEADERS, *close, *cors])
     finally:
         hub.close_connection(conn)
 
@@ -200,7 +240,7 @@ class _Stream:
 
     __slots__ = ("hub", "reader", "conn", "send", "multi", "node_epoch", "direct", "final", "end_state")
 
-    def __init__(self, hub: Hub, reader: WorkflowReader | MultiReader, conn: Connection, send: Send) -> None:
+    def __init__(self, hub: Hub, reader: Reader, conn: Connection, send: Send) -> None:
         self.hub = hub
         self.reader = reader
         self.conn = conn
@@ -220,7 +260,9 @@ class _Stream:
         """Everything pending for this subscriber as one write (and how
         many messages it holds), or None. The `end` that closes the
         stream is kept back in `final`."""
-        items = self.reader.pull()
+        # Entries and messages of a workflow reader, or an audit reader's facts
+        # (those are never in a multi-workflow stream, the only user of sse_multi).
+        items: list[Any] = self.reader.pull()
         if not items:
             return None
         if self.reader.done:
@@ -325,7 +367,7 @@ class _Stream:
 
 async def _stream(
     hub: Hub,
-    reader: WorkflowReader | MultiReader,
+    reader: Reader,
     key: str,
     conn: Connection,
     receive: Receive,
@@ -343,6 +385,9 @@ async def _stream(
             # The loop stays here, not in a method: every nested coroutine
             # frame is memory held by each idle stream.
             while True:
+                if trio.current_time() >= conn.expires_at:
+                    expired = True  # its token: never left open past it (DESIGN §7), busy or not
+                    break
                 await st.send_leftover()
                 taken = st.take()
                 if taken is not None:
@@ -354,9 +399,6 @@ async def _stream(
                 if reader.done or conn.closing:
                     break  # ended, or draining (it flushed first) or closed
                 now = trio.current_time()
-                if now >= conn.expires_at:
-                    expired = True  # its token: never left open past it (DESIGN §7)
-                    break
                 # Silence is timed from the last write: wakeups for events
                 # this stream filters out must not postpone the keepalive.
                 deadline = conn.last_write + cfg.keepalive

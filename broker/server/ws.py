@@ -36,12 +36,15 @@ not used: ASGI does not expose pongs, and browser code cannot see them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import trio
 
 from ..core import subscribe
+from ..core.audit import AuditEntry, AuditFilter, AuditGap, AuditReader
+from ..core.control import parse_request
 from ..core.entry import Item, dumps_exact
 from ..core.errors import (
     WS_GOING_AWAY,
@@ -51,12 +54,11 @@ from ..core.errors import (
     ShuttingDown,
     SlowConsumer,
     Unauthenticated,
-    Unavailable,
 )
-from ..core.limits import Principal
+from ..core.limits import UNIDENTIFIED, Principal
 from ..core.messages import error_body
 from ..core.reader import MultiReader, WorkflowReader
-from ..core.subscribe import NEW_WORKFLOW, Opened, Subscription
+from ..core.subscribe import AUDIT, NEW_WORKFLOW, Opened, Subscription
 from .asgi import ScopeInfo
 from .connection import Connection
 from .hub import Hub
@@ -64,6 +66,7 @@ from .hub import Hub
 log = logging.getLogger("broker.ws")
 
 MAX_SUBSCRIPTIONS = 100
+AuditItem = AuditEntry | AuditGap
 AUTH_WAIT = 5.0  # seconds for the first `auth` message of a connection without a token (DESIGN §7)
 
 # How long the session looks for a client message when subscriptions have
@@ -80,7 +83,7 @@ class WsSubscription:
     def __init__(self, sub_id: str) -> None:
         self.id = sub_id
         self.id_json = dumps_exact(sub_id)  # kept for the connection's life
-        self.reader: WorkflowReader | MultiReader | None = None
+        self.reader: WorkflowReader | MultiReader | AuditReader | None = None
         self.key = ""  # the hub wait key it listens on
         self.multi = False
         self.live = False  # listening on `key` (Hub.listen), counted in its watchers
@@ -272,6 +275,8 @@ class WsSession:
                 sub = self._existing(msg)
                 if sub.reader is None:
                     raise InvalidArgument(f"subscription '{sub.id}' has not started yet")
+                if isinstance(sub.reader, AuditReader):
+                    raise InvalidArgument("an audit subscription takes its filter when it subscribes")
                 sub.reader.set_filter(subscribe.ws_filter(msg.get("filter")))
             elif op == "unsubscribe":
                 sub = self._existing(msg)
@@ -284,14 +289,23 @@ class WsSession:
                 await self.send(b'{"kind":"pong"}')
             elif op == "pong":
                 pass  # last_seen is already updated
-            elif op == "cancel":
-                raise Unavailable("the control channel is not configured on this broker")
+            elif op in ("cancel", "signal"):
+                await self._control(op, msg)
             elif op is None:
                 raise InvalidArgument("message needs an 'op'")
             else:
                 raise InvalidArgument(f"unknown op {str(op)[:64]!r}")
         except BrokerError as err:
+            self.hub.refused(err, "ws", self.conn.remote, self.conn.principal)
             await self.send(_error(err, sub_id))
+
+    async def _control(self, op: str, msg: dict[str, Any]) -> None:
+        """A `cancel` / `signal` op (DESIGN §8): `ack` once published."""
+        fields = {k: v for k, v in msg.items() if k not in ("op", "workflow")}
+        size = len(orjson.dumps(fields.get("data"))) if "data" in fields else 0
+        req = parse_request(op, msg.get("workflow"), fields, size)  # the id is checked there
+        request_id = await self.hub.request_control(self.conn.principal, req, self.conn.remote)
+        await self.send(orjson.dumps({"kind": "ack", "op": op, "request_id": request_id}))
 
     def _refresh(self, msg: dict[str, Any]) -> None:
         """An `auth` op on an open connection: a new token (one about to
@@ -310,6 +324,9 @@ class WsSession:
         return self.subs[sub_id]
 
     async def _subscribe(self, msg: dict[str, Any]) -> None:
+        if "audit" in msg:
+            self._subscribe_audit(msg)
+            return
         sub_id, model = subscribe.from_ws(msg)
         if sub_id in self.subs:
             raise InvalidArgument(f"subscription '{sub_id}' already exists")
@@ -327,6 +344,29 @@ class WsSession:
         self.pending += 1
         self._add(sub)
         self.hub.listen(NEW_WORKFLOW, sub, self._notify)
+
+    def _subscribe_audit(self, msg: dict[str, Any]) -> None:
+        """`{"op":"subscribe","sub":…,"audit":{filter},"cursor":…}`: the audit
+        stream (admins only, DESIGN §7), like SSE's /v1/audit/stream."""
+        unknown = set(msg) - {"op", "sub", "audit", "cursor"}
+        if unknown:
+            raise InvalidArgument(f"unknown key '{sorted(unknown)[0][:64]}' in an audit subscribe")
+        sub_id = subscribe.sub_id_of(msg)
+        subscribe.require(self.conn.principal, "admin")
+        if sub_id in self.subs:
+            raise InvalidArgument(f"subscription '{sub_id}' already exists")
+        if len(self.subs) >= MAX_SUBSCRIPTIONS:
+            raise InvalidArgument(f"at most {MAX_SUBSCRIPTIONS} subscriptions per connection")
+        cursor = msg.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise InvalidArgument("'cursor' must be a string")
+        sub = WsSubscription(sub_id)
+        sub.reader = AuditReader(self.hub.audit_log, AuditFilter.from_ws(msg["audit"]), cursor)
+        sub.key = AUDIT
+        self._add(sub)
+        self.hub.listen(AUDIT, sub, self._notify, subscriber=True)
+        sub.live = True
+        self.due.add(AUDIT)
 
     async def _start(self, sub: WsSubscription, model: Subscription, opened: Opened) -> None:
         """Start the placed subscription, or reply `end` if the client has
@@ -409,14 +449,14 @@ class WsSession:
                 if pause:
                     self.paced_until = trio.current_time() + pause
 
-    def _encode(self, sub: WsSubscription, items: list[Item]) -> bytes:
+    def _encode(self, sub: WsSubscription, items: Sequence[Item | AuditItem]) -> bytes:
         reader = sub.reader
         assert reader is not None
         cursor = f"{self.node_epoch}.{reader.index}" if sub.multi else items[-1].cursor
         return self._frame(sub, cursor, items)
 
     @staticmethod
-    def _frame(sub: WsSubscription, cursor: str, items: list[Item]) -> bytes:
+    def _frame(sub: WsSubscription, cursor: str, items: Sequence[Item | AuditItem]) -> bytes:
         """One message, or a batch: `sub` and the resume `cursor` once, on
         the outside; each event inside keeps its own encoding (`epoch` and
         `seq`), shared by every subscriber (encoded once)."""
@@ -460,34 +500,36 @@ def _auth_token(raw: str | bytes | dict[str, Any]) -> str:
 async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Serve one WebSocket request to /v1/ws."""
     websocket = AsgiWebSocket(receive, send)
-    accepted = False
     try:
         try:
             # The request's headers and arguments are needed only here.
             req = ScopeInfo(scope)
-            if hub.identity.required and hub.identity.token_of(req.headers, req.args) is None:
-                # No token in the request: the first message must bring one.
-                await websocket.accept()
-                accepted = True
-                principal = await _first_auth(hub, websocket)
-            else:
-                principal = hub.principal_of(req.headers, req.args)
+            # No token in the request (auth on): the first message must
+            # bring one; meanwhile it counts, and may do nothing.
+            later = hub.identity.required and hub.identity.token_of(req.headers, req.args) is None
+            principal = UNIDENTIFIED if later else hub.principal_of(req.headers, req.args)
             hub.check_capacity(principal)
             # Admitted before accept(), with no checkpoint in between, so two
             # connections racing for the last place cannot both get it.
             conn = hub.open_connection("ws", req.remote, "/v1/ws", principal)
             del req
         except BrokerError as err:
-            if not accepted:
-                await websocket.accept()
+            hub.refused(err, "ws", str((scope.get("client") or ("",))[0]))
+            await websocket.accept()
             await websocket.send(_error(err))
             await websocket.close(err.ws_close, err.message[:120])
             return
         try:
-            if not accepted:
-                await websocket.accept()
+            await websocket.accept()
             session = WsSession(hub, conn, websocket)
-            if accepted:
+            if later:
+                try:
+                    hub.assign(conn, await _first_auth(hub, websocket))
+                except BrokerError as err:
+                    hub.refused(err, "ws", conn.remote)
+                    await websocket.send(_error(err))
+                    await websocket.close(err.ws_close, err.message[:120])
+                    return
                 await session.send(AUTHENTICATED)
             await session.run()
         finally:

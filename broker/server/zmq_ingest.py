@@ -24,6 +24,7 @@ import trio
 import zmq
 
 from ..core.state import FrameIngest
+from .curve import CurveServer
 from .hub import Hub
 
 log = logging.getLogger("broker.ingest")
@@ -43,9 +44,14 @@ TURN_SLICE = 0.004
 MAX_TURN_SLICE = 0.025
 
 
-def bind_pull(ctx: zmq.Context, endpoint: str, rcvhwm: int, max_frame_bytes: int) -> tuple[zmq.Socket, str]:
-    """Create and bind the PULL socket; return it and its actual endpoint."""
+def bind_pull(
+    ctx: zmq.Context, endpoint: str, rcvhwm: int, max_frame_bytes: int, curve: CurveServer | None = None
+) -> tuple[zmq.Socket, str]:
+    """Create and bind the PULL socket (a CURVE server with `curve`, whose
+    authenticator must be running); return it and its actual endpoint."""
     sock = ctx.socket(zmq.PULL)
+    if curve is not None:
+        curve.secure(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
     # Frames a little over the limit are received, rejected and counted
@@ -70,28 +76,39 @@ class _Parts:
     `too_large` reject: a message of a million empty parts costs the loop
     a few milliseconds a turn, not seconds."""
 
-    __slots__ = ("sock", "max_parts", "in_message", "kept", "skipped", "dropped")
+    __slots__ = ("sock", "max_parts", "curve", "in_message", "kept", "skipped", "dropped")
 
-    def __init__(self, sock: zmq.Socket, max_parts: int) -> None:
+    def __init__(self, sock: zmq.Socket, max_parts: int, curve: CurveServer | None = None) -> None:
         self.sock = sock
         self.max_parts = max_parts
+        self.curve = curve  # its certificates may bind engines to tenants
         self.in_message = False  # the last part read had more after it
         self.kept = 0  # parts of the current message kept so far
         self.skipped = 0  # parts of the current message dropped so far
         self.dropped: list[int] = []  # messages that ended over the limit: parts dropped of each
 
-    def read(self, out: list[bytes], n: int) -> bool:
-        """Append up to `n` parts to `out` (dropping those past the limit);
-        False once the socket has nothing more (zmq.Again)."""
+    def read(self, out: list[bytes], n: int, tenants: list[str | None]) -> bool:
+        """Append up to `n` parts to `out` (dropping those past the limit),
+        and to `tenants` the tenant each one's sender is bound to (its
+        CURVE certificate's), if any sender is; False once the socket has
+        nothing more (zmq.Again)."""
         sock = self.sock
         recv = sock.recv
+        bound = self.curve.tenants if self.curve is not None else None
         for _ in range(n):
             try:
-                part = recv(zmq.NOBLOCK, copy=True)
+                if bound:
+                    frame = recv(zmq.NOBLOCK, copy=False)
+                    part = frame.bytes
+                    tenant = bound.get(str(frame.get("User-Id")))
+                else:
+                    part = recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return False
             if self.kept < self.max_parts:
                 out.append(part)
+                if bound:
+                    tenants.append(tenant)
                 self.kept += 1
             else:
                 self.skipped += 1
@@ -111,11 +128,12 @@ async def serve_zmq_ingest(
     hub: Hub,
     *,
     max_parts: int = 1000,
+    curve: CurveServer | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     fd = sock.getsockopt(zmq.FD)
     assert isinstance(fd, int)
-    parts = _Parts(sock, max_parts)
+    parts = _Parts(sock, max_parts, curve)
     ingest_batch, resume, turn = hub.ingest_batch, hub.resume, hub.ingest_turn
     task_status.started()
     turn_began: float | None = None  # None: the ingest waited for input since
@@ -142,14 +160,15 @@ async def serve_zmq_ingest(
                 carry = resume(carry, until)
             while not carry:
                 frames: list[bytes] = []
-                more = parts.read(frames, CHUNK)
+                tenants: list[str | None] = []  # empty unless a certificate binds its engine to a tenant
+                more = parts.read(frames, CHUNK, tenants)
                 for dropped in parts.dropped:
                     hub.reject_message(
                         f"message of {max_parts + dropped} parts exceeds ingest.max_parts ({max_parts})", "zmq"
                     )
                 parts.dropped.clear()
                 if frames:
-                    carry = ingest_batch(frames, "zmq", until)
+                    carry = ingest_batch(frames, "zmq", until, tenants or None)
                 taken += CHUNK
                 if not more:
                     backlog = bool(carry)

@@ -14,6 +14,7 @@ import pytest
 
 from broker.config import (
     MAX_NUMBER,
+    AuditConfig,
     AuthConfig,
     BufferConfig,
     ClusterConfig,
@@ -40,7 +41,14 @@ ROOT = Path(__file__).resolve().parents[2]
 # values), with the hardening keys since (docs/protocol.md "Limits and timeouts").
 DEFAULTS: dict[str, Any] = {
     "shutdown_timeout": 5,
-    "ingest": {"zmq_bind": "tcp://127.0.0.1:5557", "max_frame_bytes": 1048576, "max_parts": 1000, "rcvhwm": 10000},
+    "ingest": {
+        "zmq_bind": "tcp://127.0.0.1:5557",
+        "max_frame_bytes": 1048576,
+        "max_parts": 1000,
+        "rcvhwm": 10000,
+        "curve_secret_file": "",
+        "curve_clients_dir": "",
+    },
     "http": {
         "bind": "127.0.0.1:8080",
         "cors_origins": [],
@@ -83,9 +91,10 @@ DEFAULTS: dict[str, Any] = {
         "issuer": "",
         "leeway": 30,
     },
+    "audit": {"ring_events": 10000},
     "store": {"backend": "memory", "dsn": ""},
-    "cluster": {"bind": "", "replay_bind": "", "peers": []},
-    "control": {"bind": ""},
+    "cluster": {"bind": "", "replay_bind": "", "peers": [], "curve_secret_file": "", "curve_peers_dir": ""},
+    "control": {"bind": "", "curve_secret_file": "", "curve_clients_dir": ""},
     "log": {"level": "info", "format": "text"},
 }
 
@@ -98,6 +107,7 @@ SECTION_TYPES = {
     "stream": StreamConfig,
     "limits": LimitsConfig,
     "auth": AuthConfig,
+    "audit": AuditConfig,
     "store": StoreConfig,
     "cluster": ClusterConfig,
     "control": ControlConfig,

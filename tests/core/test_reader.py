@@ -758,7 +758,7 @@ def test_parent_stream_gets_a_grandchild_started_after_the_middle_workflow_was_e
     # A stream opened now sees it in its snapshots too.
     late = MultiReader(st, Filter(), Start(SNAPSHOT), parent="root")
     assert sorted(brief(late.pull())) == [("snapshot", "grand", 2), ("snapshot", "root", 1)]
-    assert st.evicted_ancestry["mid"] == ("root",)
+    assert st.evicted_ancestry["mid"] == ("default", ("root",))
     assert st.workflows["grand"].ancestors == ("mid", "root")
     assert not r.done
     send(st, wfe("grand", "workflow.completed"), wfe("root", "workflow.completed"), now=12.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
@@ -31,9 +32,11 @@ class World:
     parent: dict[str, str | None]  # workflow id → its parent (an earlier id), or None
 
     def ancestors(self, wid: str) -> list[str]:
+        """Up the tree within the workflow's own tenant: trees do not cross
+        tenants (a parent of another tenant is not linked)."""
         out = []
         p = self.parent[wid]
-        while p is not None:
+        while p is not None and self.tenant[p] == self.tenant[wid]:
             out.append(p)
             p = self.parent[p]
         return out
@@ -142,3 +145,38 @@ def test_subscribing_needs_the_subscribe_scope() -> None:
     with pytest.raises(PermissionDenied, match="admin"):
         require(publisher, "admin")
     require(ANONYMOUS, "admin")  # authentication off: everything is allowed
+
+
+@pytest.mark.parametrize("child_first", [False, True])
+def test_trees_do_not_cross_tenants(child_first: bool) -> None:
+    """A workflow naming another tenant's workflow as its parent is not
+    linked (whichever arrives first): no `parent=` stream of either tenant
+    holds it, so neither learns of the other's tree through it."""
+    st = mk()
+    probe = wfe("a-probe", tenant="A", parent_id="b-secret")
+    tree = [wfe("b-root", tenant="B"), wfe("b-secret", tenant="B", parent_id="b-root")]
+    for e in [probe, *tree] if child_first else [*tree, probe]:
+        send(st, e)
+    assert st.workflows["a-probe"].ancestors == ()
+    assert st.workflows["b-secret"].ancestors == ("b-root",)
+    assert {wf.id for wf in st.descendants("b-root")} == {"b-secret"}
+    assert {wf.id for wf in st.descendants("b-secret")} == set()
+    for principal in (ANONYMOUS, Principal.of(Grant("u", "A", frozenset({"subscribe"})))):
+        opened = open_subscription(st, Subscription(Scope(PARENT, "b-root"), Filter()), principal)
+        assert opened is not None and opened.reader is not None
+        assert "a-probe" not in shown(opened.reader.pull())
+        send(st, log("a-probe", message="x"))
+        assert "a-probe" not in shown(opened.reader.pull())
+
+
+def test_event_ids_are_unique_per_tenant() -> None:
+    """One tenant's event ids neither shadow another's events as duplicates
+    nor tell that they exist."""
+    st = mk()
+    send(st, wfe("a", tenant="A", id="e-1"))
+    r = st.ingest_frame(orjson.dumps(wfe("b", tenant="B", id="e-1")), 0.0)
+    assert r.accepted == 1 and r.duplicates == 0
+    r = st.ingest_frame(orjson.dumps(log("b", id="e-1")), 0.0)  # B's own id again: a duplicate
+    assert r.accepted == 0 and r.duplicates == 1
+    r = st.ingest_frame(orjson.dumps(log("a", id="e-1")), 0.0)
+    assert r.duplicates == 1

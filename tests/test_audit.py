@@ -1,0 +1,98 @@
+"""The audit stream end to end (DESIGN.md §7): the daemon as a subprocess
+with JWT auth; facts seen on `GET /v1/audit/stream` and the WebSocket
+`audit` subscription, resumed by cursor, one log line each."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import trio
+
+from .e2e import client_for, module_broker, open_sse, uid, wf_path
+from .ws_client import ws_client
+
+SECRET = "audit-test-secret-0123456789abcdef-0123456789abcdef"
+
+daemon = module_broker(auth={"mode": "jwt", "secret": SECRET}, audit={"ring_events": 50})
+
+
+def bearer(scope: str = "admin", tenant: str = "ops", sub: str = "root") -> dict[str, str]:
+    tok = jwt.encode({"sub": sub, "tenant": tenant, "scope": scope, "exp": int(time.time()) + 300}, SECRET, "HS256")
+    return {"Authorization": f"Bearer {tok}"}
+
+
+async def test_admins_watch_security_facts_and_resume(daemon) -> None:
+    with trio.fail_after(30):
+        async with client_for(daemon) as c:
+            async with open_sse(c, "/v1/audit/stream", headers=bearer(scope="subscribe")) as s:
+                assert s.status == 403
+            path = "/v1/audit/stream?actions=auth.failed,access.denied,connection.opened,admin.connection_closed"
+            async with open_sse(c, path, headers=bearer()) as audit:
+                assert audit.status == 200
+                first = await audit.expect()  # its own connection, opened
+                assert first.event == "audit" and first.json["action"] == "connection.opened"
+                assert first.json["user"] == "root" and first.json["detail"] == "/v1/audit/stream"
+                assert (await c.get("/v1/workflows/x", headers={"Authorization": "Bearer nonsense"})).status_code == 401
+                failed = await audit.expect()
+                assert failed.json["action"] == "auth.failed" and failed.json["transport"] == "http"
+                assert failed.json["remote"] == "127.0.0.1" and "malformed" in failed.json["detail"]
+                assert "nonsense" not in failed.data
+                r = await c.get("/v1/admin/stats", headers=bearer(scope="subscribe", tenant="acme", sub="ada"))
+                assert r.status_code == 403
+                denied = await audit.expect()
+                assert denied.json["action"] == "access.denied"
+                assert (denied.json["user"], denied.json["tenant"]) == (None, None)  # refused before it was anyone
+                # An admin closes a stream: its opening and the close are facts.
+                wid = uid("aud")
+                pub = bearer(scope="publish", tenant="acme", sub="engine")
+                await c.post("/v1/events", json={"workflow_id": wid, "type": "workflow.running"}, headers=pub)
+                reader = bearer(scope="subscribe", tenant="acme", sub="ada")
+                async with open_sse(c, wf_path(wid), headers=reader) as s:
+                    await s.expect()
+                    opened = await audit.expect()
+                    assert opened.json["action"] == "connection.opened" and opened.json["tenant"] == "acme"
+                    conn_id = opened.json["connection"]
+                    r = await c.delete(f"/v1/admin/connections/{conn_id}", headers=bearer())
+                    assert r.status_code == 202
+                    closed = await audit.expect()
+                    assert closed.json["action"] == "admin.connection_closed"
+                    assert closed.json["connection"] == conn_id and closed.json["user"] == "root"
+                    assert await s.rest() == [] or s.eof
+            # Resumed from a cursor: exactly what came after it.
+            headers = {**bearer(), "Last-Event-ID": failed.id or ""}
+            async with open_sse(
+                c, "/v1/audit/stream?actions=access.denied,admin.connection_closed", headers=headers
+            ) as s:
+                got = await s.take(2)
+                assert [e.id for e in got] == [denied.id, closed.id]
+    assert any('"action":"auth.failed"' in line for line in daemon.lines)
+
+
+async def test_the_ws_audit_subscription_and_the_ring_bound(daemon) -> None:
+    url = daemon.ws_url + "/v1/ws"
+    with trio.fail_after(30):
+        async with ws_client(url, extra_headers=[(b"Authorization", bearer()["Authorization"].encode())]) as ws:
+            await ws.send({"op": "subscribe", "sub": "a", "audit": {"actions": ["auth.failed"], "tenant": None}})
+            await ws.roundtrip()
+            async with client_for(daemon) as c:
+                for _ in range(60):  # more than audit.ring_events
+                    await c.get("/v1/admin/stats")
+            facts: list[dict[str, Any]] = []
+            while len(facts) < 60:
+                msg = await ws.next_sub("a")
+                facts.extend(msg["events"] if msg.get("kind") == "batch" else [msg])
+            assert {f["action"] for f in facts} == {"auth.failed"} and all(f["kind"] == "audit" for f in facts)
+            # Not an admin: refused for that subscription only.
+        async with ws_client(
+            url, extra_headers=[(b"Authorization", bearer("subscribe")["Authorization"].encode())]
+        ) as ws:
+            await ws.send({"op": "subscribe", "sub": "a", "audit": {}})
+            assert (await ws.next_sub("a"))["code"] == "permission_denied"
+        # An old cursor: the ring kept 50, so a gap says how many were lost.
+        async with client_for(daemon) as c:
+            epoch = facts[0]["cursor"].split(".")[0]
+            async with open_sse(c, "/v1/audit/stream?last_event_id=" + f"{epoch}.1", headers=bearer()) as s:
+                gap = await s.expect()
+                assert gap.event == "gap" and gap.json["missed"] > 0
