@@ -20,7 +20,7 @@ import trio
 import zmq
 
 from ..core.errors import Unavailable
-from .curve import CurveServer
+from .curve import CurveServer, bind_server
 
 log = logging.getLogger("broker.control")
 
@@ -29,17 +29,7 @@ SEND_WAIT = 1.0  # seconds a request waits for the send before 503
 
 
 def bind_control(ctx: zmq.Context[Any], endpoint: str, curve: CurveServer | None) -> tuple[zmq.Socket[Any], str]:
-    sock = ctx.socket(zmq.PUB)
-    if curve is not None:
-        curve.secure(sock)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 10000)
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError:
-        sock.close(0)
-        raise
-    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return bind_server(ctx, zmq.PUB, endpoint, curve, {zmq.SNDHWM: 10000})
 
 
 class ControlChannel:

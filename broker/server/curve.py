@@ -200,3 +200,23 @@ def write_certificates(name: str, directory: str, tenant: str | None = None) -> 
         assert zmq.auth.load_certificate(public_file)[0] == public
     Path(secret_file).chmod(0o600)
     return Path(public_file), Path(secret_file)
+
+
+def bind_server(
+    ctx: zmq.Context[Any], kind: int, endpoint: str, curve: CurveServer | None, options: dict[int, int]
+) -> tuple[zmq.Socket[Any], str]:
+    """A server socket of `kind` with `options`, a CURVE server with
+    `curve` (its authenticator running), bound; it and its actual endpoint.
+    A failed bind closes it and raises zmq.ZMQError."""
+    sock = ctx.socket(kind)
+    if curve is not None:
+        curve.secure(sock)
+    sock.setsockopt(zmq.LINGER, 0)
+    for option, value in options.items():
+        sock.setsockopt(option, value)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError:
+        sock.close(0)
+        raise
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -24,7 +24,7 @@ import trio
 import zmq
 
 from ..core.state import FrameIngest
-from .curve import CurveServer
+from .curve import CurveServer, bind_server
 from .hub import Hub
 
 log = logging.getLogger("broker.ingest")
@@ -49,21 +49,11 @@ def bind_pull(
 ) -> tuple[zmq.Socket, str]:
     """Create and bind the PULL socket (a CURVE server with `curve`, whose
     authenticator must be running); return it and its actual endpoint."""
-    sock = ctx.socket(zmq.PULL)
-    if curve is not None:
-        curve.secure(sock)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVHWM, rcvhwm)
     # Frames a little over the limit are received, rejected and counted
     # (`too_large`); a message far over it is refused by libzmq itself (the
     # peer is disconnected) before it can take the broker's memory.
-    sock.setsockopt(zmq.MAXMSGSIZE, min(4 * max_frame_bytes + 65536, 2**62))
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError:
-        sock.close(0)
-        raise
-    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    max_size = min(4 * max_frame_bytes + 65536, 2**62)
+    return bind_server(ctx, zmq.PULL, endpoint, curve, {zmq.RCVHWM: rcvhwm, zmq.MAXMSGSIZE: max_size})
 
 
 class _Parts:
