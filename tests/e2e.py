@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -185,6 +186,11 @@ async def poll(fn: Callable[[], Any], timeout: float, interval: float = 0.05) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
         await trio.sleep(interval)
+
+
+def broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m broker ARGS` as a new user runs it: exit code, stdout, stderr."""
+    return subprocess.run([sys.executable, "-m", "broker", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 async def run_engine(endpoint: str, *args: str, frames_file: Path | None = None) -> str:

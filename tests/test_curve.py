@@ -17,14 +17,11 @@ import orjson
 import trio
 
 from .conftest import ROOT
-from .e2e import poll, uid
+from .e2e import broker_cli, poll, uid
 
 
 def keygen(name: str, directory: Path, tenant: str | None = None) -> tuple[Path, Path]:
-    args = [sys.executable, "-m", "broker", "keygen", name, str(directory)]
-    if tenant:
-        args += ["--tenant", tenant]
-    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = broker_cli("keygen", name, str(directory), *(["--tenant", tenant] if tenant else []))
     assert out.returncode == 0, out.stderr
     return directory / f"{name}.key", directory / f"{name}.key_secret"
 
@@ -197,13 +194,7 @@ def test_curve_config_errors_are_one_line(tmp_path: Path) -> None:
     def run(ingest: str) -> subprocess.CompletedProcess[str]:
         cfg = tmp_path / "b.toml"
         cfg.write_text(f'[ingest]\nzmq_bind = "tcp://127.0.0.1:*"\n{ingest}\n[http]\nbind = "127.0.0.1:0"\n')
-        return subprocess.run(
-            [sys.executable, "-m", "broker", "run", "-c", str(cfg)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return broker_cli("run", "-c", str(cfg))
 
     for ingest, message in (
         (f'curve_secret_file = "{secret}"', "needs both ingest.curve_secret_file and ingest.curve_clients_dir"),
@@ -222,11 +213,5 @@ def test_keygen_writes_a_private_secret_and_a_tenant_in_the_public_certificate(t
     assert secret.stat().st_mode & 0o777 == 0o600
     assert load_clients("x", str(tmp_path)) != {}
     assert list(load_clients("x", str(tmp_path)).values()) == ["acme"]
-    bad = subprocess.run(
-        [sys.executable, "-m", "broker", "keygen", "e2", str(tmp_path), "--tenant", "a\nb"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = broker_cli("keygen", "e2", str(tmp_path), "--tenant", "a\nb")
     assert bad.returncode == 2 and "--tenant" in bad.stderr

@@ -7,7 +7,6 @@ unknown one."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from trio_websocket import ConnectionClosed
 
-from .conftest import ROOT
-from .e2e import client_for, module_broker, open_sse, uid, wf_path
+from .e2e import broker_cli, client_for, module_broker, open_sse, uid, wf_path
 from .ws_client import ws_client
 
 SECRET = "security-test-secret-0123456789abcdef-0123456789abcdef"
@@ -318,13 +316,7 @@ def test_check_config_reads_the_key_files_and_hides_the_secret(tmp_path: Path) -
     def check(auth: str) -> subprocess.CompletedProcess[str]:
         cfg = tmp_path / "b.toml"
         cfg.write_text(f"[auth]\n{auth}\n")
-        return subprocess.run(
-            [sys.executable, "-m", "broker", "check-config", "-c", str(cfg)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return broker_cli("check-config", "-c", str(cfg))
 
     ok = check(f'mode = "jwt"\nsecret = "{SECRET}"')
     assert ok.returncode == 0 and SECRET not in ok.stdout and '"secret": "***"' in ok.stdout

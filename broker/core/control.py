@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .envelope import MAX_DEPTH
+from .envelope import MAX_DEPTH, MaybeBigInt, _depth_within, _suspect
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .limits import Principal
 from .state import BrokerState
@@ -55,14 +55,6 @@ def _text(fields: Mapping[str, Any], key: str, limit: int) -> str | None:
     return value
 
 
-def _depth(value: Any, left: int) -> bool:
-    if isinstance(value, dict):
-        return left > 0 and all(_depth(v, left - 1) for v in value.values())
-    if isinstance(value, list):
-        return left > 0 and all(_depth(v, left - 1) for v in value)
-    return True
-
-
 def parse_request(kind: str, workflow_id: object, fields: Mapping[str, Any], encoded_size: int = 0) -> ControlRequest:
     """A request from its fields (a JSON object); InvalidArgument if one is
     wrong. `encoded_size`: the bytes of the `data` value as received."""
@@ -81,7 +73,16 @@ def parse_request(kind: str, workflow_id: object, fields: Mapping[str, Any], enc
     data = fields.get("data")
     if encoded_size > MAX_DATA_BYTES:
         raise InvalidArgument(f"'data' exceeds {MAX_DATA_BYTES} bytes")
-    if not _depth(data, MAX_DEPTH):
+    try:
+        if isinstance(data, (dict, list)):
+            deep = not _depth_within(data, MAX_DEPTH)
+        elif _suspect(data):
+            raise MaybeBigInt()
+        else:
+            deep = False
+    except MaybeBigInt:  # what ingest refuses too: it would not reach the engine exactly
+        raise InvalidArgument("'data' holds an integer beyond 64 bits: send it as a string") from None
+    if deep:
         raise InvalidArgument(f"'data' nests deeper than {MAX_DEPTH} levels")
     return ControlRequest(
         kind,

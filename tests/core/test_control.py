@@ -46,6 +46,8 @@ def test_data_is_bounded_in_size_and_depth() -> None:
         deep = [deep]
     with pytest.raises(InvalidArgument, match="deeper"):
         parse_request("signal", "w", {"name": "n", "data": deep})
+    with pytest.raises(InvalidArgument, match="beyond 64 bits"):
+        parse_request("signal", "w", {"name": "n", "data": {"n": 1e30}})  # how orjson reads 10**30
 
 
 def test_rights_and_states() -> None:
