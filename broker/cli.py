@@ -1,4 +1,4 @@
-"""Command line: `broker run`, `broker check-config`, `broker push`, `broker keygen`.
+"""Command line: `broker run`, `broker check-config`, `broker migrate`, `broker push`, `broker keygen`, …
 
 Exit codes: 0 success, 2 bad config / cannot start (one line on stderr).
 """
@@ -58,6 +58,40 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     print(orjson.dumps(config.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Create or upgrade the store's schema (store.backend = "postgres")."""
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if config.store.backend != "postgres":
+        return _fail('migrate: the config has no store (store.backend = "postgres" with store.dsn)')
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    from .store import pg
+
+    try:
+        pool = pg.open_pool(config.store.dsn, 1, config.store.statement_timeout, args.timeout)
+    except (psycopg.Error, PoolTimeout) as exc:
+        return _fail(f"migrate: cannot connect to the store: {str(exc).strip().splitlines()[0]}")
+    try:
+        with pool.connection() as conn:
+            applied = pg.migrate(conn)
+            version = pg.schema_version(conn)
+    except pg.SchemaTooNew as exc:
+        return _fail(f"migrate: {exc}")
+    except psycopg.Error as exc:
+        return _fail(f"migrate: {str(exc).strip().splitlines()[0]}")
+    finally:
+        pool.close()
+    if applied:
+        print(f"applied migrations {', '.join(map(str, applied))}: schema at version {version}")
+    else:
+        print(f"schema already at version {version}: nothing to do")
     return 0
 
 
@@ -133,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check-config", help="validate a config and print the effective values")
     _add_config(p)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("migrate", help="create or upgrade the PostgreSQL store's schema (also done at start)")
+    _add_config(p)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the database (10)")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("push", help="push JSON-lines events from stdin over ZMQ")
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5557", help="broker's ingest endpoint")

@@ -179,8 +179,20 @@ class AuditConfig(_Section):
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig(_Section):
-    backend: str = _key("memory", "str", choices=("memory",))  # "postgres" arrives with the store (§10)
-    dsn: str = _key("", "str")
+    """DESIGN §10 (docs/store.md): with "postgres", every accepted event is
+    written in batches off the hot path, and a restart restores the state."""
+
+    backend: str = _key("memory", "str", choices=("memory", "postgres"))
+    dsn: str = _key("", "str", secret=True)  # a libpq conninfo or URI; may hold a password
+    batch_events: int = _key(1000, "count")  # a batch goes at this many events …
+    flush_ms: float = _key(50.0, "nonneg")  # … or this long after its first
+    spill_events: int = _key(1000000, "count")  # queued while PostgreSQL is slow or down
+    spill_bytes: int = _key(256 * 1048576, "count")
+    durable_timeout: float = _key(5.0, "positive")  # POST /v1/events?durable=true: 503 past this
+    retention: float = _key(604800.0, "positive")  # events older than this are pruned (7 days)
+    pool_size: int = _key(4, "count")
+    statement_timeout: float = _key(10.0, "positive")  # every statement's bound, and each call's deadline
+    restore_events: int = _key(200000, "count")  # ring entries read back at start, all workflows together
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +422,9 @@ def from_mapping(data: dict[str, Any], source: str = "<defaults>") -> Config:
         raise ConfigError("config key 'auth.secret_file': set auth.secret or auth.secret_file, not both")
     if auth.mode == "jwt" and not auth.algorithms:
         raise ConfigError("config key 'auth.algorithms': list at least one algorithm for auth.mode = \"jwt\"")
+    store = sections["store"]
+    if store.backend == "postgres" and not store.dsn:
+        raise ConfigError("config key 'store.dsn': store.backend = \"postgres\" needs a dsn")
     return Config(**sections, **top, source=source)
 
 

@@ -4,23 +4,33 @@
 `tcp://127.0.0.1:*`), starts `python -m broker run`, and waits for its
 `ready` log line, which names the ports it actually bound. Teardown sends
 SIGTERM and checks the daemon exits 0.
+
+`postgres` (session) is a real, throwaway PostgreSQL server (tests/pg.py);
+`pg_dsn` gives each test a fresh, empty database on it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
 import zmq
+
+if TYPE_CHECKING:  # psycopg (through tests/pg.py) is imported only when a test asks for PostgreSQL
+    from .pg import ExternalPg, PgServer
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_RE = re.compile(r"ready http=(\S+) zmq=(\S+)")
@@ -168,3 +178,61 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer | ExternalPg]:
+    """A real PostgreSQL server for the whole session, started on first use:
+    initdb in a temp dir, a free port of 127.0.0.1, Debian's binaries
+    (tests/pg.py). Stopped at the end of the session, its directory removed.
+    Tests that crash or pause it (`kill9()`, `pause()`) get it back running
+    from `pg_dsn`'s teardown; they should still restart it themselves.
+
+    BROKER_TEST_PG_DSN: a libpq URI or conninfo of an existing server (as
+    a superuser, or a role with CREATEDB, connected to a maintenance
+    database such as `postgres`) to use instead; then this is an
+    `ExternalPg`, which cannot be stopped or killed: tests that need that
+    check `isinstance(postgres, PgServer)` and skip.
+    """
+    from .pg import ExternalPg, start_postgres
+
+    dsn = os.environ.get("BROKER_TEST_PG_DSN")
+    if dsn:
+        yield ExternalPg(dsn)
+        return
+    # Not pytest's tmp_path: as root the server runs as the postgres user,
+    # which cannot enter root's 0700 pytest-of-root directory.
+    base = Path(tempfile.mkdtemp(prefix="broker-pg-"))
+    try:
+        server = start_postgres(base)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+_pg_databases = count(1)
+
+
+@pytest.fixture
+def pg_dsn(postgres: PgServer | ExternalPg) -> Iterator[str]:
+    """The conninfo of a new, empty database (`test_<pid>_<n>`) on the
+    `postgres` server, dropped after the test (`WITH (FORCE)`, which ends
+    the test's leftover connections)."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from .pg import PgServer
+
+    name = f"test_{os.getpid()}_{next(_pg_databases)}"
+    postgres.create_database(name)
+    yield make_conninfo(postgres.dsn, dbname=name)
+    if isinstance(postgres, PgServer) and not postgres.running:
+        if postgres.paused:
+            postgres.resume()
+        else:
+            postgres.start()
+    with psycopg.connect(postgres.admin_dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

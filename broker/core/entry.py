@@ -60,6 +60,7 @@ class Entry:
         "offset",
         "cursor",
         "log_counts",
+        "event_id",
         "_sse",
         "_sse_multi",
     )
@@ -87,6 +88,7 @@ class Entry:
         self.level = LOG_LEVELS[level] if level is not None else 0
         self.terminal = terminal
         self.after_terminal = after_terminal
+        self.event_id: str | None = msg.get("id")  # for the store's dedup restore
         self.body = dumps_exact(msg)
         # Accounted size: the body, the SSE frame cached beside it once
         # anyone streams it, and a rough fixed cost of the object.
@@ -99,6 +101,44 @@ class Entry:
         self.cursor = f"{self.epoch}:{self.seq}"
         self._sse: bytes | None = None
         self._sse_multi: bytes | None = None
+
+    @classmethod
+    def restored(
+        cls,
+        body: bytes,
+        *,
+        tenant: str,
+        ancestors: tuple[str, ...] = (),
+        terminal: bool = False,
+        after_terminal: bool = False,
+    ) -> Entry:
+        """An entry read back from the store: `body` is exactly the bytes
+        streamed when it was live, so a resume after a restart sends the
+        same bytes (store/, core/restore.py)."""
+        msg = orjson.loads(body)
+        entry = cls.__new__(cls)
+        entry.workflow_id = msg["workflow_id"]
+        entry.tenant = tenant
+        entry.ancestors = ancestors
+        entry.epoch = msg["epoch"]
+        entry.seq = msg["seq"]
+        entry.seq_from = msg["from"] if msg["kind"] == "gap" else entry.seq
+        entry.kind = msg["kind"]
+        entry.task_id = msg.get("task_id")
+        entry.state = msg.get("state")
+        level = msg.get("level")
+        entry.level = LOG_LEVELS[level] if level is not None else 0
+        entry.terminal = terminal
+        entry.after_terminal = after_terminal
+        entry.event_id = msg.get("id")
+        entry.body = body
+        entry.size = 2 * len(body) + 200
+        entry.offset = 0
+        entry.log_counts = NO_LOGS
+        entry.cursor = f"{entry.epoch}:{entry.seq}"
+        entry._sse = None
+        entry._sse_multi = None
+        return entry
 
     def sse(self) -> bytes:
         """SSE frame for a single-workflow stream (id = epoch:seq)."""

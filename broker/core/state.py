@@ -34,6 +34,7 @@ from .messages import gap_body
 from .ring import Ring
 from .sequencer import Duplicate, Release, Sequencer
 from .snapshot import WorkflowSnapshot
+from .spill import SpillQueue
 
 MAX_DEPTH = 64  # ancestors kept per workflow
 EVICTED_ANCESTRY_KEPT = 10000
@@ -128,6 +129,8 @@ class Workflow:
         "first_offset",
         "updated_at",
         "log_counts",
+        "saved_seq",
+        "saved_at",
     )
 
     def __init__(self, wid: str, tenant: str, parent_id: str | None, seq: Sequencer, ring: Ring[Entry]) -> None:
@@ -147,6 +150,10 @@ class Workflow:
         self.first_offset = 0  # journal offset of its first entry
         self.updated_at = 0.0
         self.log_counts: tuple[int, ...] = NO_LOGS  # streamed log lines so far, per level
+        # The store's snapshot of it: as of which seq, written when (the
+        # writer's clock); see store/writer.py.
+        self.saved_seq = 0
+        self.saved_at = -1e9
 
     @property
     def epoch(self) -> str:
@@ -204,6 +211,9 @@ class BrokerState:
         self.rejected_by_reason: Counter[str] = Counter()
         self._next_id = 0
         self._wall = 0.0  # wall clock of the current call, for server_ts
+        # With a store: every released entry, until it is committed
+        # (core/spill.py; store/writer.py drains it).
+        self.spill: SpillQueue | None = None
 
     # ---------------------------------------------------------------- ingest
 
@@ -396,6 +406,8 @@ class BrokerState:
             self.ring_bytes += ring.bytes - held
             self.journal.append(entry)
             entry.offset = self.journal.next_index  # offsets start at 1
+            if self.spill is not None and not self.spill.push(entry):
+                self.counters["store_dropped"] += 1
             if not wf.first_offset:
                 wf.first_offset = entry.offset
             if entry.terminal:

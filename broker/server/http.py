@@ -141,7 +141,12 @@ def create_app(hub: Hub) -> QuartTrio:
     @app.route("/readyz")
     async def readyz() -> Response:
         ready = not hub.draining and bool(hub.ingest_endpoint)
-        body = {"ready": ready, "ingest": hub.ingest_endpoint, "draining": hub.draining}
+        body: dict[str, Any] = {"ready": ready, "ingest": hub.ingest_endpoint, "draining": hub.draining}
+        if hub.store is not None:
+            # Streams go on from memory while the store is down: still ready.
+            st = hub.store.statistics()
+            body["store"] = st.status
+            body["store_queue"] = st.queued
         return json_response(body, 200 if ready else 503)
 
     @app.route("/v1/events", methods=["POST"])
@@ -164,10 +169,26 @@ def create_app(hub: Hub) -> QuartTrio:
             # carry another request: close it.
             response.headers["Connection"] = "close"
             return response
+        durable = request.args.get("durable", "false")
+        if durable not in ("true", "false", "1", "0"):
+            hub.release_body_bytes(len(body))
+            raise InvalidArgument("'durable' must be true or false")
+        store = hub.store if durable in ("true", "1") else None
+        if durable in ("true", "1") and store is None:
+            hub.release_body_bytes(len(body))
+            raise InvalidArgument("'durable' needs a store (store.backend = \"postgres\")")
+        dropped = store.queue.dropped if store is not None else 0
         try:
             result = await hub.ingest_sliced(body, "http", publisher.tenant)
         finally:
             hub.release_body_bytes(len(body))
+        if store is not None and (result.accepted or result.duplicates):
+            # Group commit: wait for the transaction that holds every entry
+            # queued so far (ours among them), shared with concurrent ones.
+            if store.queue.dropped != dropped:
+                raise Unavailable("the store's spill queue is full: not stored")
+            if not await store.wait_committed(store.queue.pushed):
+                raise Unavailable(f"not committed within store.durable_timeout ({store.config.durable_timeout:g} s)")
         rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]
         whole_body = len(result.rejected) == 1 and result.rejected[0][1].reason in ("invalid_json", "too_large")
         if whole_body:

@@ -28,6 +28,7 @@ connection. Everything here runs in the one trio thread; no locks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -36,7 +37,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from werkzeug.datastructures import Headers
@@ -73,6 +74,9 @@ from .control import ControlChannel
 from .curve import CurveServer
 from .gc_policy import FullCollections, GcStats
 from .identity import Identity
+
+if TYPE_CHECKING:  # psycopg is imported only when a store is configured
+    from ..store.writer import Store
 
 log = logging.getLogger("broker.hub")
 audit_log = logging.getLogger("broker.audit")
@@ -210,6 +214,7 @@ class Hub:
         self.audit_log = AuditLog(self.state.node_epoch, config.audit.ring_events)
         self.reloads = self.reload_failures = 0  # SIGHUP key reloads (run.reload_keys)
         self.full_collections: FullCollections | None = None  # ditto: counts ended stream requests
+        self.store: Store | None = None  # set by run.serve with store.backend = "postgres"
 
     @property
     def draining(self) -> bool:
@@ -788,6 +793,8 @@ class Hub:
         if self.sockets is not None:
             out["sockets"] = {"open": self.sockets.open, "peak": self.sockets.peak, "budget": self.sockets.limit}
         out["request_bodies"] = {"bytes": self.body_bytes, "peak_bytes": self.body_bytes_peak}
+        if self.store is not None:
+            out["store"] = dataclasses.asdict(self.store.statistics())
         if self.gc_stats is not None:
             out["gc"] = self.gc_stats.to_json()
         if self.full_collections is not None:

@@ -170,6 +170,16 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
     ctx = zmq.Context()
     control_sock = None
     try:
+        if config.store.backend == "postgres":
+            # Before anything binds: no event may arrive for a workflow not
+            # restored yet (store/writer.py).
+            from ..store.pg import SchemaTooNew
+            from ..store.writer import StoreUnavailable, open_store
+
+            try:
+                hub.store = await open_store(config.store, hub.state)
+            except (StoreUnavailable, SchemaTooNew) as exc:
+                raise StartupError(f"store: {exc}") from None
         token = trio.lowlevel.current_trio_token()
 
         def zmq_refused(socket_group: str) -> Callable[[str], None]:
@@ -217,6 +227,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                     with ingest_scope:
                         await serve_zmq_ingest(pull, hub, max_parts=config.ingest.max_parts, curve=curve)
 
+                if hub.store is not None:
+                    nursery.start_soon(hub.store.serve, hub.state)
+                    nursery.start_soon(hub.store.serve_retention)
                 nursery.start_soon(ingest)
                 if hub.control is not None:
                     nursery.start_soon(hub.control.serve)
@@ -281,6 +294,11 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                     await hub.wait_streams_closed()
                 with trio.move_on_after(0.25):
                     await http_done.wait()
+                if hub.store is not None:
+                    # What ingest accepted goes to disk before we exit.
+                    with trio.move_on_after(config.shutdown_timeout):
+                        if not await hub.store.wait_committed(hub.store.queue.pushed):
+                            log.error("store: %d events not written at exit", len(hub.store.queue))
                 nursery.cancel_scope.cancel()
         log.info("stopped")
     finally:
@@ -293,3 +311,5 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
         # destroy(), not term(): whatever failed, no socket left open may make
         # the exit hang (term() waits for every socket to close).
         ctx.destroy(linger=0)
+        if hub.store is not None:
+            hub.store.close()

@@ -1,0 +1,203 @@
+"""A broker's state rebuilt from its store after a restart (DESIGN.md §10).
+
+The store (store/pg.py) keeps, per workflow, a row (`StoredWorkflow`: its
+tenant, parent, epoch, sequencing mode, last seq, terminal seq, log counts,
+and a snapshot as of `snapshot_seq`) and every accepted entry's exact body.
+`restore()` turns what the store read back into live workflows before
+ingest binds:
+
+- the sequence goes on where it stopped: same epoch, next seq = last + 1
+  (broker-sequenced workflows included), so a cursor taken before the
+  restart resumes exactly after it;
+- the snapshot is the saved one with the entries after `snapshot_seq`
+  applied again (the writer saves a snapshot only once its entries are in
+  the same transaction, so the two always agree);
+- the ring holds the last entries read back (the caller bounds how many,
+  so restore time stays bounded with many workflows); a cursor older than
+  them is served from the store;
+- terminal workflows keep the rest of their `terminal_ttl`;
+- the ids of the dedup window are remembered with their age.
+
+What no store holds: events that were waiting in a reorder buffer (never
+released, never written) and multi-workflow (journal) cursors: the node
+epoch is new, so those resume with `resync`.
+
+Pure: no I/O; `now` (monotonic) and `wall` (seconds) are passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .entry import NO_LOGS, Entry, level_slot
+from .ring import Ring
+from .sequencer import Sequencer
+from .snapshot import TaskSnapshot, WorkflowSnapshot
+from .state import BrokerState, Workflow
+
+
+@dataclass(frozen=True, slots=True)
+class StoredWorkflow:
+    workflow_id: str
+    tenant: str
+    parent_id: str | None
+    epoch: str
+    engine: bool
+    first_seq: int
+    last_seq: int
+    terminal_seq: int | None
+    terminal_wall_ms: int | None
+    log_counts: tuple[int, ...]
+    snapshot: dict[str, Any] | None  # a `snapshot` message body as of snapshot_seq
+    snapshot_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    workflow_id: str
+    seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    workflows: int
+    terminal: int
+    entries: int
+    ids: int
+
+
+def snapshot_json(wf: Workflow) -> bytes:
+    """The snapshot the store keeps (a `snapshot` message body)."""
+    return orjson.dumps(wf.snapshot.to_message("snapshot", wf.epoch))
+
+
+def snapshot_from_message(msg: dict[str, Any]) -> WorkflowSnapshot:
+    snap = WorkflowSnapshot(msg["workflow_id"], msg["tenant"], msg.get("parent_id"))
+    snap.state = msg["state"]
+    snap.created = msg.get("created")
+    snap.updated = msg.get("updated")
+    snap.seq = msg["seq"]
+    snap.message = msg.get("message")
+    snap.result = msg.get("result")
+    snap.error = msg.get("error")
+    for tid, t in msg.get("tasks", {}).items():
+        task = TaskSnapshot(tid, t["created"])
+        for name in TaskSnapshot.__slots__:
+            if name in t:
+                setattr(task, name, t[name])
+        task.task_id = tid
+        snap.tasks[tid] = task
+    return snap
+
+
+def restore(
+    state: BrokerState,
+    workflows: Iterable[StoredWorkflow],
+    entries: Sequence[StoredEntry],
+    ids: Iterable[tuple[str, str, int]],
+    now: float,
+    wall: float,
+) -> RestoreResult:
+    """Rebuild `workflows` into an empty `state`. `entries` are in
+    (workflow, seq) order: for each workflow, every entry after its
+    snapshot and at most a ring's worth before that. `ids`: (tenant, event
+    id, server_ts ms) of the dedup window, newest first."""
+    assert not state.workflows, "restore into a fresh state only"
+    by_wf: dict[str, list[StoredEntry]] = {}
+    for e in entries:
+        by_wf.setdefault(e.workflow_id, []).append(e)
+    limits = state.limits
+    restored = terminal = count = 0
+    rows = list(workflows)
+    for row in rows:
+        seq = Sequencer(engine=row.engine, epoch=row.epoch, window=limits.reorder_window)
+        seq.epoch = row.epoch
+        seq.first_seq = row.first_seq
+        seq.next_seq = row.last_seq + 1
+        wf = Workflow(row.workflow_id, row.tenant, row.parent_id, seq, Ring(limits.ring_events, limits.ring_bytes))
+        if row.snapshot is not None:
+            wf.snapshot = snapshot_from_message(row.snapshot)
+        wf.log_counts = row.log_counts or NO_LOGS
+        wf.terminal_seq = row.terminal_seq
+        wf.updated_at = now
+        stored = by_wf.get(row.workflow_id, [])
+        _fill(wf, stored, row)
+        count += len(stored)
+        if row.terminal_seq is not None:
+            ended_ago = max(0.0, wall - (row.terminal_wall_ms or 0) / 1000)
+            wf.terminal_at = now - ended_ago
+            terminal += 1
+        state.workflows[wf.id] = wf
+        restored += 1
+    # Trees: link each to its parent now that all are there (core/state.py
+    # decides the cross-tenant rule); the ancestors fixed, the ring entries
+    # get them too.
+    for row in rows:
+        wf = state.workflows[row.workflow_id]
+        if wf.parent_id is not None and not wf.ancestors:
+            state._adopt(wf)
+    for row in rows:
+        wf = state.workflows[row.workflow_id]
+        for entry in wf.ring:
+            entry.ancestors = wf.ancestors
+        if len(wf.ring):
+            state.holding[wf.id] = None
+            state.ring_bytes += wf.ring.bytes
+    # Terminal ones in the order they ended (the TTL) and as least recently
+    # updated (eviction under max_workflows).
+    ended = sorted((wf for wf in state.workflows.values() if wf.terminal), key=lambda w: w.terminal_at or 0.0)
+    for wf in ended:
+        state.terminal[wf.id] = None
+        state.terminal_lru[wf.id] = None
+    kept = 0
+    for tenant, event_id, ts_ms in reversed(list(ids)):  # oldest first: the window forgets from that end
+        prefix = "" if tenant == "default" else tenant + "\x00"
+        state.ids.add(prefix + event_id, now - max(0.0, wall - ts_ms / 1000))
+        kept += 1
+    state.ids.expire(now)
+    if state.ring_bytes > limits.total_bytes:
+        state._trim()
+    state.counters["workflows_restored"] += restored
+    return RestoreResult(restored, terminal, count, kept)
+
+
+def _fill(wf: Workflow, stored: list[StoredEntry], row: StoredWorkflow) -> None:
+    """Put the stored entries into the ring (the last `ring_events` of
+    them) and apply those after the snapshot to it."""
+    ring = wf.ring
+    keep = stored[-ring.max_events :]
+    snap = wf.snapshot
+    terminal_seq = row.terminal_seq
+    entries: list[Entry] = []
+    for e in stored:
+        after_terminal = terminal_seq is not None and e.seq > terminal_seq
+        entry = Entry.restored(e.body, tenant=wf.tenant, terminal=e.seq == terminal_seq, after_terminal=after_terminal)
+        if e.seq > row.snapshot_seq:
+            if entry.kind == "gap":
+                if not after_terminal:
+                    snap.seq = entry.seq
+            elif not after_terminal:
+                msg = orjson.loads(e.body)
+                snap.apply(msg, entry.seq, msg["ts"])
+        entries.append(entry)
+    entries = entries[len(stored) - len(keep) :]
+    # Each entry's running log counts, from the workflow's total backwards.
+    counts = list(wf.log_counts)
+    for entry in reversed(entries):
+        entry.log_counts = tuple(counts)
+        if entry.kind == "log" and not entry.after_terminal:
+            counts[level_slot(entry.level)] -= 1
+    first = entries[0].seq_from - 1 if entries else row.last_seq
+    # Absolute ring indexes start at the count of events before the first
+    # one held, so `dropped` says whether `since=0` still reaches seq 1.
+    ring.first_index = ring.next_index = first
+    ring.dropped_seq = first
+    for entry in entries:
+        ring.append(entry)
+    if snap.seq < row.last_seq and not entries:
+        snap.seq = row.last_seq

@@ -1,0 +1,294 @@
+"""Every statement the store runs, on a psycopg connection (DESIGN.md §10).
+
+Sync on purpose: psycopg's async API is asyncio-only, so the trio side
+(store/writer.py) calls these from worker threads behind a CapacityLimiter
+the size of the pool. Every connection carries `statement_timeout`, the
+backstop for a call whose thread cannot be interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from ..core.entry import Entry
+from ..core.restore import StoredEntry, StoredWorkflow
+from .schema import LATEST, MIGRATIONS
+
+log = logging.getLogger("broker.store")
+
+APPLICATION_NAME = "broker"
+_LOCK_ID = 0x62726F6B  # pg_advisory_xact_lock key: one migrator at a time
+
+
+class SchemaTooNew(Exception):
+    """The database's schema is newer than this broker knows."""
+
+
+def open_pool(dsn: str, size: int, statement_timeout: float, connect_timeout: float) -> ConnectionPool:
+    """A pool of `size` connections (opened now: a bad dsn or an unreachable
+    server fails here, within `connect_timeout`), each in autocommit with
+    `statement_timeout`; transactions are explicit."""
+    ms = max(1, int(statement_timeout * 1000))
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.autocommit = True
+        conn.execute(f"SET statement_timeout = {ms}")
+        conn.execute("SET synchronous_commit = on")  # an ack means on disk (durable publish)
+
+    pool = ConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=size,
+        open=False,
+        configure=configure,
+        timeout=connect_timeout,
+        kwargs={"application_name": APPLICATION_NAME, "connect_timeout": max(1, int(connect_timeout))},
+        name="broker-store",
+    )
+    try:
+        pool.open(wait=True, timeout=connect_timeout)
+    except Exception:
+        pool.close()
+        raise
+    return pool
+
+
+# -------------------------------------------------------------- migrations
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT to_regclass('broker_migrations') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return 0
+    got = conn.execute("SELECT coalesce(max(version), 0) FROM broker_migrations").fetchone()
+    return int(got[0]) if got else 0
+
+
+def migrate(conn: psycopg.Connection[Any]) -> list[int]:
+    """Apply the migrations not applied yet, each in a transaction; the
+    versions applied. SchemaTooNew if the database is ahead of us."""
+    applied: list[int] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS broker_migrations "
+            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+    current = schema_version(conn)
+    if current > LATEST:
+        raise SchemaTooNew(f"the database's schema is version {current}; this broker knows up to {LATEST}")
+    for version, sql in MIGRATIONS:
+        if version <= current:
+            continue
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+            if schema_version(conn) >= version:  # another broker got there first
+                continue
+            conn.execute(sql.encode())
+            conn.execute("INSERT INTO broker_migrations (version) VALUES (%s)", (version,))
+        applied.append(version)
+    return applied
+
+
+# ------------------------------------------------------------------ writes
+
+
+def _copy_text(value: str) -> bytes:
+    """A text field of COPY's text format (no field holds a control
+    character: the envelope refuses them in ids, orjson escapes them)."""
+    return value.encode().replace(b"\\", b"\\\\")
+
+
+_NULL = b"\\N"
+
+
+def copy_rows(entries: Sequence[Entry], stored_at: int) -> bytes:
+    """COPY text data for `entries` (the broker_stage columns)."""
+    at = str(stored_at).encode()
+    lines = []
+    for e in entries:
+        lines.append(
+            b"\t".join(
+                (
+                    _copy_text(e.workflow_id),
+                    _copy_text(e.epoch),
+                    str(e.seq).encode(),
+                    _copy_text(e.tenant),
+                    e.kind.encode(),
+                    _NULL if e.event_id is None else _copy_text(e.event_id),
+                    at,
+                    e.body.replace(b"\\", b"\\\\"),
+                )
+            )
+        )
+    lines.append(b"")
+    return b"\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRow:
+    """What a batch updates of one workflow's row (snapshot None: keep
+    the one saved, unless the workflow is a new incarnation)."""
+
+    workflow_id: str
+    tenant: str
+    parent_id: str | None
+    epoch: str
+    engine: bool
+    first_seq: int
+    last_seq: int
+    state: str
+    created: int | None
+    updated: int
+    terminal_seq: int | None
+    terminal_wall: int | None
+    log_counts: str
+    snapshot: str | None
+    snapshot_seq: int
+
+
+_UPSERT = """
+INSERT INTO broker_workflows (workflow_id, tenant, parent_id, epoch, engine, first_seq, last_seq, state,
+    created, updated, terminal_seq, terminal_wall, log_counts, snapshot, snapshot_seq)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::boolean[], %s::bigint[],
+    %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[],
+    %s::bigint[])
+ON CONFLICT (workflow_id) DO UPDATE SET
+    tenant = excluded.tenant,
+    parent_id = excluded.parent_id,
+    epoch = excluded.epoch,
+    engine = excluded.engine,
+    first_seq = excluded.first_seq,
+    last_seq = excluded.last_seq,
+    state = excluded.state,
+    created = excluded.created,
+    updated = excluded.updated,
+    terminal_seq = excluded.terminal_seq,
+    terminal_wall = excluded.terminal_wall,
+    log_counts = excluded.log_counts,
+    snapshot = CASE WHEN excluded.snapshot IS NOT NULL OR excluded.epoch <> broker_workflows.epoch
+        THEN excluded.snapshot ELSE broker_workflows.snapshot END,
+    snapshot_seq = CASE WHEN excluded.snapshot IS NOT NULL OR excluded.epoch <> broker_workflows.epoch
+        THEN excluded.snapshot_seq ELSE broker_workflows.snapshot_seq END
+"""
+
+_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS broker_stage "
+    "(workflow_id text, epoch text, seq bigint, tenant text, kind text, event_id text, stored_at bigint, body text) "
+    "ON COMMIT DELETE ROWS"
+)
+
+
+def write_batch(conn: psycopg.Connection[Any], data: bytes, workflows: Sequence[WorkflowRow]) -> None:
+    """One transaction: the entries (COPY into a staging table, then
+    INSERT … ON CONFLICT DO NOTHING, so a batch written again after a lost
+    commit acknowledgement is harmless) and their workflows' rows."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(_STAGE)
+        with cur.copy("COPY broker_stage FROM STDIN") as copy:
+            copy.write(data)
+        cur.execute(
+            "INSERT INTO broker_events (workflow_id, epoch, seq, tenant, kind, event_id, stored_at, body) "
+            "SELECT workflow_id, epoch, seq, tenant, kind, event_id, stored_at, body FROM broker_stage "
+            "ON CONFLICT DO NOTHING"
+        )
+        if workflows:
+            columns = list(zip(*((getattr(w, f) for f in WorkflowRow.__slots__) for w in workflows), strict=True))
+            cur.execute(_UPSERT, [list(c) for c in columns])
+
+
+# --------------------------------------------------------------- restore
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    workflows: list[StoredWorkflow]
+    entries: list[StoredEntry]
+    ids: list[tuple[str, str, int]]  # (tenant, id, stored_at ms), newest first
+
+
+def load(
+    conn: psycopg.Connection[Any],
+    *,
+    now_ms: int,
+    terminal_ttl: float,
+    ring_events: int,
+    restore_events: int,
+    dedup_ids: int,
+    dedup_age: float,
+) -> Restored:
+    """What a restart restores: the active workflows and the terminal ones
+    within `terminal_ttl`, for each the entries after its snapshot and up
+    to min(ring_events, restore_events / workflows) before; the dedup
+    window's ids."""
+    horizon = now_ms - int(terminal_ttl * 1000)
+    rows = conn.execute(
+        "SELECT workflow_id, tenant, parent_id, epoch, engine, first_seq, last_seq, terminal_seq, terminal_wall, "
+        "log_counts, snapshot, snapshot_seq FROM broker_workflows "
+        "WHERE terminal_seq IS NULL OR terminal_wall > %s",
+        (horizon,),
+    ).fetchall()
+    workflows = [
+        StoredWorkflow(
+            workflow_id=r[0],
+            tenant=r[1],
+            parent_id=r[2],
+            epoch=r[3],
+            engine=r[4],
+            first_seq=r[5],
+            last_seq=r[6],
+            terminal_seq=r[7],
+            terminal_wall_ms=r[8],
+            log_counts=tuple(orjson.loads(r[9])),
+            snapshot=orjson.loads(r[10]) if r[10] is not None else None,
+            snapshot_seq=r[11] if r[10] is not None else 0,
+        )
+        for r in rows
+    ]
+    per = min(ring_events, restore_events // max(1, len(workflows)))
+    entries: list[StoredEntry] = []
+    if workflows:
+        afters = [min(w.snapshot_seq, max(0, w.last_seq - per)) for w in workflows]
+        cur = conn.execute(
+            "SELECT e.workflow_id, e.seq, e.body FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+            "AS r(wid, epoch, after) JOIN broker_events e "
+            "ON e.workflow_id = r.wid AND e.epoch = r.epoch AND e.seq > r.after "
+            "ORDER BY e.workflow_id, e.seq",
+            ([w.workflow_id for w in workflows], [w.epoch for w in workflows], afters),
+        )
+        entries = [StoredEntry(wid, seq, body.encode()) for wid, seq, body in cur]
+    ids = conn.execute(
+        "SELECT tenant, event_id, stored_at FROM broker_events "
+        "WHERE stored_at > %s AND event_id IS NOT NULL ORDER BY stored_at DESC LIMIT %s",
+        (now_ms - int(dedup_age * 1000), dedup_ids),
+    ).fetchall()
+    return Restored(workflows, entries, [(t, i, s) for t, i, s in ids])
+
+
+def prune(conn: psycopg.Connection[Any], cutoff_ms: int, limit: int) -> bool:
+    """Delete up to `limit` events stored before `cutoff_ms` (and terminal
+    workflows' rows that ended before it); True if there may be more."""
+    with conn.transaction():
+        cur = conn.execute(
+            "DELETE FROM broker_events WHERE ctid IN (SELECT ctid FROM broker_events WHERE stored_at < %s LIMIT %s)",
+            (cutoff_ms, limit),
+        )
+        events = cur.rowcount
+        cur = conn.execute(
+            "DELETE FROM broker_workflows WHERE workflow_id IN (SELECT workflow_id FROM broker_workflows "
+            "WHERE terminal_wall < %s LIMIT %s)",
+            (cutoff_ms, limit),
+        )
+        rows = cur.rowcount
+    return events >= limit or rows >= limit
+
+
+def ping(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SELECT 1")

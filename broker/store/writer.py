@@ -1,0 +1,338 @@
+"""The store's trio side: open and restore at start, then one task that
+owns the write path (DESIGN.md §10; docs/store.md).
+
+- `open_store()` connects (a pool of `store.pool_size`), migrates, and
+  reads back what a restart restores (core/restore.py) — all before ingest
+  binds, so no event can arrive for a workflow not restored yet.
+- `Store.serve()` is the only writer: every entry ingest releases is queued
+  (core/spill.py, bounded by `spill_events` / `spill_bytes`) and written in
+  batches of up to `batch_events`, at the latest `flush_ms` after the last
+  batch, one transaction each (entries, their workflows' rows, and a
+  snapshot for each workflow that is caught up and due one). Ingest never
+  waits: while PostgreSQL is down or slow the queue grows within its bound
+  and drains in order when it returns; past the bound an entry is counted
+  and logged, never silently lost.
+- `wait_committed()`: a durable publish waits until its entries are
+  committed; concurrent ones share the next transaction (group commit).
+
+Every database call runs in a worker thread behind a CapacityLimiter the
+size of the pool (psycopg's async API is asyncio-only: FIELD-NOTES), within
+a deadline; each statement also has `statement_timeout`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+import psycopg
+import trio
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..config import StoreConfig
+from ..core.entry import Entry
+from ..core.restore import RestoreResult, restore, snapshot_json
+from ..core.spill import SpillQueue
+from ..core.state import BrokerState
+from . import pg
+
+log = logging.getLogger("broker.store")
+
+_T = TypeVar("_T")
+
+SNAPSHOT_EVERY = 256  # a workflow's snapshot is saved at least every this many events …
+SNAPSHOT_PERIOD = 1.0  # … or this many seconds (while it changes), and at its end
+RETRY_FIRST, RETRY_MAX = 0.2, 5.0  # seconds between attempts while the database is down
+LATENCIES_KEPT = 1024  # recent commit times, for stats
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached or did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    status: str  # "up" or "down"
+    queued: int
+    queued_bytes: int
+    queue_peak: int
+    written: int
+    dropped: int
+    batches: int
+    failures: int
+    last_error: str
+    commit_ms_p50: float
+    commit_ms_p99: float
+    restore: dict[str, Any]
+
+
+class Store:
+    def __init__(self, config: StoreConfig, pool: ConnectionPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.limiter = trio.CapacityLimiter(config.pool_size)
+        self.queue = SpillQueue(config.spill_events, config.spill_bytes)
+        self.status = "up"
+        self.last_error = ""
+        self.batches = 0
+        self.failures = 0
+        self._kick = trio.Event()
+        self._committed = trio.Event()
+        self._durable_waiting = 0
+        self._dropped_logged = 0
+        self._latencies: list[float] = []
+        self.restore_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------- calls
+
+    async def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """`fn(conn, *args)` on a pooled connection in a worker thread, within
+        the deadline; StoreUnavailable if the database fails or is too slow."""
+        deadline = self.config.statement_timeout * 2 + 1
+
+        def run() -> _T:
+            with self.pool.connection(timeout=self.config.statement_timeout) as conn:
+                return fn(conn, *args, **kwargs)
+
+        try:
+            with trio.fail_after(deadline):
+                # Abandoned on timeout: the thread ends when its statement
+                # does (statement_timeout, or the TCP user timeout of a dead
+                # server), and only then frees its limiter slot.
+                return await trio.to_thread.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise StoreUnavailable(f"no answer within {deadline:g} s") from None
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise StoreUnavailable(_one_line(exc)) from None
+
+    # ------------------------------------------------------------ writes
+
+    def kick(self) -> None:
+        """Write what is queued now (a durable publish is waiting)."""
+        self._kick.set()
+
+    async def wait_committed(self, target: int) -> bool:
+        """True once the first `target` entries ever queued are committed;
+        False after `store.durable_timeout`."""
+        self._durable_waiting += 1
+        try:
+            self.kick()
+            with trio.move_on_after(self.config.durable_timeout):
+                while self.queue.done < target:
+                    await self._committed.wait()
+                return True
+            return False
+        finally:
+            self._durable_waiting -= 1
+
+    async def serve(self, state: BrokerState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The write loop (the one task that writes)."""
+        cfg = self.config
+        queue = self.queue
+        retry = RETRY_FIRST
+        task_status.started()
+        while True:
+            if not len(queue) or (len(queue) < cfg.batch_events and not self._durable_waiting):
+                with trio.move_on_after(cfg.flush_ms / 1000):
+                    await self._kick.wait()
+                self._kick = trio.Event()
+            self._log_dropped()
+            if not len(queue):
+                continue
+            batch = queue.peek(cfg.batch_events)
+            now = trio.current_time()
+            wall = time.time()
+            rows, saved = workflow_rows(state, batch, now, wall)
+            began = trio.current_time()
+            try:
+                await self.call(_write, batch, int(wall * 1000), rows)
+            except StoreUnavailable as exc:
+                self.failures += 1
+                if self.status == "up":
+                    log.error("store: down (%s); %d events wait in the spill queue", exc, len(queue))
+                self.status, self.last_error = "down", str(exc)
+                await trio.sleep(retry)
+                retry = min(RETRY_MAX, retry * 2)
+                continue
+            took = trio.current_time() - began
+            if self.status != "up":
+                log.warning("store: up again; writing the %d events that waited", len(queue))
+            self.status, retry = "up", RETRY_FIRST
+            queue.committed(len(batch))
+            self.batches += 1
+            for wf, seq in saved:
+                wf.saved_seq, wf.saved_at = seq, now
+            lat = self._latencies
+            lat.append(took * 1000)
+            if len(lat) > LATENCIES_KEPT:
+                del lat[: len(lat) - LATENCIES_KEPT]
+            self._committed.set()
+            self._committed = trio.Event()
+
+    def _log_dropped(self) -> None:
+        dropped = self.queue.dropped
+        if dropped != self._dropped_logged:
+            log.error(
+                "store: spill queue full (%d events, %d bytes): %d events not stored (%d in all)",
+                len(self.queue),
+                self.queue.bytes,
+                dropped - self._dropped_logged,
+                dropped,
+            )
+            self._dropped_logged = dropped
+
+    async def serve_retention(self) -> None:
+        """Prune what is older than `store.retention`, in small batches."""
+        while True:
+            await trio.sleep(60)
+            cutoff = int((time.time() - self.config.retention) * 1000)
+            try:
+                more = True
+                while more:  # small batches, never one long transaction
+                    more = await self.call(pg.prune, cutoff, 5000)
+                    await trio.sleep(0.05)
+            except StoreUnavailable as exc:
+                log.warning("store: retention skipped: %s", exc)
+
+    def statistics(self) -> StoreStatistics:
+        lat = sorted(self._latencies)
+
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else 0.0
+
+        q = self.queue
+        return StoreStatistics(
+            status=self.status,
+            queued=len(q),
+            queued_bytes=q.bytes,
+            queue_peak=q.peak,
+            written=q.done,
+            dropped=q.dropped,
+            batches=self.batches,
+            failures=self.failures,
+            last_error=self.last_error,
+            commit_ms_p50=pct(0.5),
+            commit_ms_p99=pct(0.99),
+            restore=self.restore_info,
+        )
+
+    def close(self) -> None:
+        self.pool.close(timeout=1.0)
+
+
+def _write(conn: Any, batch: list[Entry], stored_at: int, rows: list[pg.WorkflowRow]) -> None:
+    pg.write_batch(conn, pg.copy_rows(batch, stored_at), rows)
+
+
+def workflow_rows(
+    state: BrokerState, batch: list[Entry], now: float, wall: float
+) -> tuple[list[pg.WorkflowRow], list[tuple[Any, int]]]:
+    """The workflows' rows a batch updates: as of the batch's last entry of
+    each (what will be committed), with a snapshot where the workflow has
+    nothing newer queued and is due one. Returns the rows and the
+    (workflow, seq) whose snapshot they carry."""
+    last: dict[str, Entry] = {}
+    for e in batch:
+        last[e.workflow_id] = e
+    rows: list[pg.WorkflowRow] = []
+    saved: list[tuple[Any, int]] = []
+    for wid, e in last.items():
+        wf = state.workflows.get(wid)
+        if wf is None or wf.epoch != e.epoch:
+            continue  # evicted (or a later incarnation) meanwhile: its row stays as it was
+        snap = wf.snapshot
+        seq = e.seq
+        caught_up = wf.ring.last() is e  # nothing newer of it is queued
+        terminal = wf.terminal_seq is not None and wf.terminal_seq <= seq
+        snapshot = None
+        if caught_up and (
+            terminal or not wf.saved_seq or seq - wf.saved_seq >= SNAPSHOT_EVERY or now - wf.saved_at >= SNAPSHOT_PERIOD
+        ):
+            snapshot = snapshot_json(wf).decode()
+            saved.append((wf, seq))
+        terminal_wall = None
+        if terminal and wf.terminal_at is not None:
+            terminal_wall = int((wall - (now - wf.terminal_at)) * 1000)
+        rows.append(
+            pg.WorkflowRow(
+                workflow_id=wid,
+                tenant=wf.tenant,
+                parent_id=wf.parent_id,
+                epoch=wf.epoch,
+                engine=wf.seq.engine,
+                first_seq=wf.seq.first_seq or 1,
+                last_seq=seq,
+                state=snap.state,
+                created=snap.created,
+                updated=snap.updated or int(wall * 1000),
+                terminal_seq=wf.terminal_seq if terminal else None,
+                terminal_wall=terminal_wall,
+                log_counts=orjson.dumps(list(e.log_counts)).decode(),
+                snapshot=snapshot,
+                snapshot_seq=snap.seq if snapshot is not None else 0,
+            )
+        )
+    return rows, saved
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+async def open_store(config: StoreConfig, state: BrokerState, *, connect_timeout: float = 10.0) -> Store:
+    """Connect, migrate, restore `state` (empty: before ingest binds).
+    StoreUnavailable / pg.SchemaTooNew if that cannot be done."""
+    try:
+        pool = await trio.to_thread.run_sync(
+            pg.open_pool, config.dsn, config.pool_size, config.statement_timeout, connect_timeout
+        )
+    except (psycopg.Error, PoolTimeout) as exc:
+        raise StoreUnavailable(f"cannot connect: {_one_line(exc)}") from None
+    store = Store(config, pool)
+    try:
+        applied = await store.call(pg.migrate)
+        if applied:
+            log.info("store: schema migrated to version %d", applied[-1])
+        began = trio.current_time()
+        lim = state.limits
+        got = await store.call(
+            pg.load,
+            now_ms=int(time.time() * 1000),
+            terminal_ttl=lim.terminal_ttl,
+            ring_events=lim.ring_events,
+            restore_events=config.restore_events,
+            dedup_ids=lim.dedup_window,
+            dedup_age=state.ids.max_age,
+        )
+        loaded = trio.current_time() - began
+        result: RestoreResult = restore(state, got.workflows, got.entries, got.ids, trio.current_time(), time.time())
+        took = trio.current_time() - began
+        store.restore_info = {
+            "workflows": result.workflows,
+            "terminal": result.terminal,
+            "entries": result.entries,
+            "ids": result.ids,
+            "read_s": round(loaded, 3),
+            "total_s": round(took, 3),
+        }
+        for wf in state.workflows.values():
+            wf.saved_seq = wf.snapshot.seq
+            wf.saved_at = trio.current_time()
+        log.info(
+            "store: restored %d workflows (%d terminal), %d entries, %d ids in %.2f s",
+            result.workflows,
+            result.terminal,
+            result.entries,
+            result.ids,
+            took,
+        )
+    except BaseException:
+        store.close()
+        raise
+    state.spill = store.queue
+    return store
