@@ -160,6 +160,8 @@ class AuditReader:
     """One admin stream of the audit log (the interface of a stream reader:
     `pull()`, `done`, `resume_cursor`)."""
 
+    wants_history = False  # its ring is all there is
+
     __slots__ = ("log", "filter", "index", "done", "_gap")
 
     def __init__(self, log: AuditLog, flt: AuditFilter, cursor: str | None = None) -> None:
@@ -172,7 +174,10 @@ class AuditReader:
         if cursor is None:
             return
         epoch, _, offset = cursor.rpartition(".")
-        if epoch != log.epoch or not offset.isascii() or not offset.isdigit() or int(offset) > ring.next_index:
+        # At most 19 digits, as every cursor (core/cursor.py): int() of a
+        # longer string is quadratic, and refused past 4,300 digits.
+        malformed = not offset.isascii() or not offset.isdigit() or len(offset) > 19
+        if epoch != log.epoch or malformed or int(offset) > ring.next_index:
             self._gap = AuditGap(log.head_cursor, None)
             return
         after = int(offset)  # offsets start at 1: the entry at index i has offset i + 1

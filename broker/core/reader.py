@@ -32,6 +32,7 @@ from .state import BrokerState, Workflow
 
 AT_INDEX = "index"
 NO_CONTENT = "no_content"  # HTTP 204: the cursor is already at the terminal event
+HISTORY = "history"  # the cursor is older than the ring: the store has what follows it
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,16 @@ class Start:
     seq: int = 0  # AT_INDEX on a workflow: the cursor's seq (what the client has)
 
 
-def plan_workflow_start(wf: Workflow, *, last_event_id: str | None = None, since: str | int | None = None) -> Start:
+def plan_workflow_start(
+    wf: Workflow, *, last_event_id: str | None = None, since: str | int | None = None, stored: bool = False
+) -> Start:
     """Where a single-workflow stream starts.
 
     Last-Event-ID (header or `last_event_id=`) wins over `since=`, because an
     EventSource reconnects to the same URL, `since` and all, and adds it.
+    With a store (`stored`), a cursor older than the ring starts from the
+    store (HISTORY) instead of a `resync` or a 400; `since=0` then means the
+    first stored event.
     """
     ring = wf.ring
     head = wf.snapshot.seq
@@ -57,7 +63,7 @@ def plan_workflow_start(wf: Workflow, *, last_event_id: str | None = None, since
         if wf.terminal_seq is not None and seq >= wf.terminal_seq:
             return Start(NO_CONTENT)
         if seq < wf.oldest_cursor_seq():
-            return Start(RESYNC)
+            return Start(HISTORY, seq=seq) if stored else Start(RESYNC)
         return Start(AT_INDEX, ring.index_after_seq(seq), seq)
     if since is not None:
         seq = since_seq(since, from_query=isinstance(since, str))
@@ -66,9 +72,13 @@ def plan_workflow_start(wf: Workflow, *, last_event_id: str | None = None, since
         oldest = wf.oldest_cursor_seq()
         if seq == 0:
             if ring.dropped:
+                if stored:
+                    return Start(HISTORY, seq=0)
                 raise InvalidArgument(f"the first events are no longer held; oldest available since is {oldest}")
             seq = oldest
         elif seq < oldest:
+            if stored:
+                return Start(HISTORY, seq=seq)
             raise InvalidArgument(f"'since' {seq} is older than the ring; oldest available since is {oldest}")
         if wf.terminal_seq is not None and seq >= wf.terminal_seq:
             return Start(NO_CONTENT)
@@ -131,6 +141,8 @@ class WorkflowReader:
         "_opening",
         "done",
         "coalesced",
+        "wants_history",
+        "_page",
     )  # one per subscriber: no per-instance dict
 
     def __init__(
@@ -158,9 +170,55 @@ class WorkflowReader:
         self._opening: str | None = start.mode if start.mode in (SNAPSHOT, RESYNC) else None
         self.done = start.mode == NO_CONTENT
         self.coalesced = 0  # progress/state messages merged away
+        # HISTORY: the entries after the cursor come from the store, a page
+        # at a time (`feed`), until the ring has what follows; meanwhile
+        # `wants_history` says the adapter must fetch the next page.
+        self.wants_history = start.mode == HISTORY
+        self._page: list[Entry] | None = [] if self.wants_history else None
 
     def set_filter(self, flt: Filter) -> None:
         self.filter = flt
+
+    def feed(self, page: list[Entry]) -> None:
+        """The store's next entries after `seq`, in order ([]: it has
+        none, or could not be read: the subscriber gets a `resync`)."""
+        self.wants_history = False
+        if page:
+            self._page = page
+        else:
+            self._page = None
+            self._opening = RESYNC
+
+    def _from_page(self) -> list[Item]:
+        """The entries of the fetched page; then either the next page is
+        wanted or the ring takes over after the last one."""
+        assert self._page is not None
+        out: list[Item] = []
+        flt = self.filter
+        wf = self.wf
+        for e in self._page:
+            if e.seq <= self.seq or e.after_terminal:
+                continue
+            if e.seq_from > self.seq + 1:  # the store lacks some (its spill queue overflowed)
+                missing = e.seq_from - self.seq - 1
+                out.append(gap_message(wf.id, wf.epoch, self.seq + 1, e.seq_from - 1, missing))
+            self.seq = e.seq
+            if flt.matches(e):
+                out.append(e)
+            if e.terminal:
+                out.append(end_message(e.workflow_id, e.epoch, e.seq, e.state))
+                self.done = True
+                self._page = None
+                return out
+        if self.seq < wf.oldest_cursor_seq():
+            self._page = []
+            self.wants_history = True
+            return out
+        self._page = None
+        self.index = wf.ring.index_after_seq(self.seq)
+        self.log_counts = self._log_counts_before(self.index)
+        self._idle = True
+        return out
 
     @property
     def resume_cursor(self) -> str:
@@ -201,6 +259,12 @@ class WorkflowReader:
                 return out
         else:
             out = []
+        if self._page is not None:
+            if self.wants_history:
+                return out
+            out.extend(self._from_page())
+            if self._page is not None or self.done:
+                return out
         ring = self.wf.ring
         if ring.next_index == self.index:
             self._idle = not out
@@ -260,6 +324,8 @@ class WorkflowReader:
 
 class MultiReader:
     """A stream over several workflows, read from the node journal."""
+
+    wants_history = False  # journal cursors never resume from the store
 
     __slots__ = (
         "counters",

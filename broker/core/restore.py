@@ -71,6 +71,83 @@ class RestoreResult:
     ids: int
 
 
+@dataclass(frozen=True, slots=True)
+class WorkflowRow:
+    """What a batch updates of one workflow's row (snapshot None: keep
+    the one saved, unless the workflow is a new incarnation)."""
+
+    workflow_id: str
+    tenant: str
+    parent_id: str | None
+    epoch: str
+    engine: bool
+    first_seq: int
+    last_seq: int
+    state: str
+    created: int | None
+    updated: int
+    terminal_seq: int | None
+    terminal_wall: int | None
+    log_counts: str
+    snapshot: str | None
+    snapshot_seq: int
+
+
+SNAPSHOT_EVERY = 256  # a workflow's snapshot is saved at least every this many events …
+SNAPSHOT_PERIOD = 1.0  # … or this many seconds (while it changes), and at its end
+
+
+def workflow_rows(
+    state: BrokerState, batch: list[Entry], now: float, wall: float
+) -> tuple[list[WorkflowRow], list[tuple[Workflow, int]]]:
+    """The workflows' rows a batch updates: as of the batch's last entry of
+    each (what will be committed), with a snapshot where the workflow has
+    nothing newer queued and is due one. Returns the rows and the
+    (workflow, seq) whose snapshot they carry."""
+    last: dict[str, Entry] = {}
+    for e in batch:
+        last[e.workflow_id] = e
+    rows: list[WorkflowRow] = []
+    saved: list[tuple[Workflow, int]] = []
+    for wid, e in last.items():
+        wf = state.workflows.get(wid)
+        if wf is None or wf.epoch != e.epoch:
+            continue  # evicted (or a later incarnation) meanwhile: its row stays as it was
+        snap = wf.snapshot
+        seq = e.seq
+        caught_up = wf.ring.last() is e  # nothing newer of it is queued
+        terminal = wf.terminal_seq is not None and wf.terminal_seq <= seq
+        snapshot = None
+        if caught_up and (
+            terminal or not wf.saved_seq or seq - wf.saved_seq >= SNAPSHOT_EVERY or now - wf.saved_at >= SNAPSHOT_PERIOD
+        ):
+            snapshot = snapshot_json(wf).decode()
+            saved.append((wf, seq))
+        terminal_wall = None
+        if terminal and wf.terminal_at is not None:
+            terminal_wall = int((wall - (now - wf.terminal_at)) * 1000)
+        rows.append(
+            WorkflowRow(
+                workflow_id=wid,
+                tenant=wf.tenant,
+                parent_id=wf.parent_id,
+                epoch=wf.epoch,
+                engine=wf.seq.engine,
+                first_seq=wf.seq.first_seq or 1,
+                last_seq=seq,
+                state=snap.state,
+                created=snap.created,
+                updated=snap.updated or int(wall * 1000),
+                terminal_seq=wf.terminal_seq if terminal else None,
+                terminal_wall=terminal_wall,
+                log_counts=orjson.dumps(list(e.log_counts)).decode(),
+                snapshot=snapshot,
+                snapshot_seq=snap.seq if snapshot is not None else 0,
+            )
+        )
+    return rows, saved
+
+
 def snapshot_json(wf: Workflow) -> bytes:
     """The snapshot the store keeps (a `snapshot` message body)."""
     return orjson.dumps(wf.snapshot.to_message("snapshot", wf.epoch))

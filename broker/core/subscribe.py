@@ -192,18 +192,20 @@ def open_subscription(
     *,
     coalesce_after: int = 256,
     counters: Counter[str] | None = None,
+    stored: bool = False,
 ) -> Opened | None:
     """The reader for `sub` as `principal` may read it (`authorize`), or
     None while its one workflow is unknown — or not visible to it (the
     caller waits for NEW_WORKFLOW, then raises `workflow_not_found`).
-    Raises InvalidArgument for a `since` out of reach, PermissionDenied."""
+    Raises InvalidArgument for a `since` out of reach, PermissionDenied.
+    `stored`: a store holds what the rings no longer do (reader HISTORY)."""
     sub = authorize(principal, sub)
     scope, cursor = sub.scope, sub.cursor
     if not scope.multi:
         wf = state.get(scope.name)
         if wf is None or not scope.sees(wf.tenant, wf.id):
             return None
-        start = plan_workflow_start(wf, last_event_id=cursor.resume, since=cursor.since)
+        start = plan_workflow_start(wf, last_event_id=cursor.resume, since=cursor.since, stored=stored)
         if start.mode == NO_CONTENT:
             return Opened(None, sub.key, workflow_end(wf))
         reader: WorkflowReader | MultiReader = WorkflowReader(

@@ -16,7 +16,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..core.control import parse_request
+from ..core.control import data_size, parse_request
 from ..core.errors import (
     BrokerError,
     DeadlineExceeded,
@@ -205,6 +205,17 @@ def create_app(hub: Hub) -> QuartTrio:
             raise NotFound(f"workflow '{wid}' not found")
         return json_response(wf.snapshot.to_message("snapshot", wf.epoch))
 
+    @app.route("/v1/workflows")
+    async def list_workflows() -> Response:
+        who = principal("subscribe")
+        return json_response(await hub.list_workflows(who, request.args))
+
+    @app.route("/v1/workflows/<path:wid>/history")
+    async def workflow_history(wid: str) -> Response:
+        who = principal("subscribe")
+        body = await hub.history(who, wid, request.args)
+        return Response(body, status=200, content_type="application/json")
+
     @app.route("/v1/workflows/<path:wid>/cancel", methods=["POST"])
     async def cancel_workflow(wid: str) -> Response:
         return await control_request("cancel", wid)
@@ -232,8 +243,7 @@ def create_app(hub: Hub) -> QuartTrio:
             hub.release_body_bytes(len(body))
         if not isinstance(fields, dict):
             raise InvalidArgument("the body must be a JSON object")
-        size = len(orjson.dumps(fields.get("data"))) if "data" in fields else 0
-        req = parse_request(kind, wid, fields, size)
+        req = parse_request(kind, wid, fields, data_size(fields))
         request_id = await hub.request_control(who, req, request.remote_addr or "")
         return json_response({"request_id": request_id}, 202)
 

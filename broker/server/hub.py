@@ -47,7 +47,9 @@ from ..core.audit import AuditLog
 from ..core.control import ControlRequest, RequestRate, check_request, control_body
 from ..core.errors import (
     BrokerError,
+    InvalidArgument,
     LimitReached,
+    NotFound,
     PermissionDenied,
     Reject,
     ResourceExhausted,
@@ -56,7 +58,18 @@ from ..core.errors import (
     Unauthenticated,
     Unavailable,
 )
+from ..core.history import (
+    check_epoch,
+    from_ring,
+    history_body,
+    list_body,
+    list_memory,
+    merge_stored,
+    parse_history_query,
+    parse_list_query,
+)
 from ..core.limits import ANONYMOUS, ConnectionTable, Principal, SocketBudget
+from ..core.reader import WorkflowReader
 from ..core.state import BrokerState, FrameIngest, IngestResult, Limits
 from ..core.subscribe import (
     AUDIT,
@@ -556,8 +569,72 @@ class Hub:
         """Place `sub` on the state as `principal` may read it
         (core/subscribe.py); None while its workflow is unknown to it."""
         return open_subscription(
-            self.state, sub, principal, coalesce_after=self.stream.coalesce_after, counters=self.counters
+            self.state,
+            sub,
+            principal,
+            coalesce_after=self.stream.coalesce_after,
+            counters=self.counters,
+            stored=self.store is not None,
         )
+
+    async def history(self, principal: Principal, wid: str, args: Mapping[str, str]) -> bytes:
+        """GET /v1/workflows/{id}/history (core/history.py): from the ring,
+        else from the store; another tenant's workflow is an unknown one."""
+        q = parse_history_query(args)
+        wf = self.state.get(wid)
+        store = self.store
+        if wf is not None and principal.may_see(wf.tenant, wf.id):
+            check_epoch(q, wf.epoch)
+            page = from_ring(wf, q.after, q.limit)
+            if page is None:
+                if store is None:
+                    oldest = wf.oldest_cursor_seq()
+                    raise InvalidArgument(
+                        f"'since' {q.after} is older than the ring; oldest available since is {oldest}"
+                    )
+                page = await store.entries(wf.id, wf.epoch, wf.tenant, wf.terminal_seq, q.after, q.limit)
+            return history_body(wf.epoch, page, q.limit, q.filter)
+        if wf is None and store is not None:
+            from ..store import pg  # psycopg: only with a store
+
+            # Evicted from memory (terminal past its TTL): the store has it.
+            head = await store.call(pg.workflow_head, wid)
+            if head is not None and principal.may_see(head[0], wid):
+                tenant, epoch, _last, terminal = head
+                check_epoch(q, epoch)
+                page = await store.entries(wid, epoch, tenant, terminal, q.after, q.limit)
+                return history_body(epoch, page, q.limit, q.filter)
+        raise NotFound(f"workflow '{wid}' not found")
+
+    async def list_workflows(self, principal: Principal, args: Mapping[str, str]) -> dict[str, Any]:
+        """GET /v1/workflows (core/history.py): newest first, from memory or
+        with a store from it (live workflows as memory knows them)."""
+        q = parse_list_query(args, principal)
+        if self.store is None:
+            page = list_memory(self.state, q, principal)
+        else:
+            from ..store import pg  # psycopg: only with a store
+
+            rows = await self.store.call(
+                pg.list_workflows,
+                tenant=q.tenant,
+                states=sorted(q.states) if q.states is not None else None,
+                parent=q.parent,
+                after=q.after,
+                limit=q.limit + 1,
+            )
+            page = merge_stored(self.state, q, principal, rows)
+        return list_body(page, q.limit)
+
+    async def fill_history(self, reader: object) -> None:
+        """Feed a reader that resumes from before its ring the next page of
+        entries from the store (core/reader.py HISTORY); an empty page (the
+        store has none, or is down) turns into a `resync`."""
+        if not isinstance(reader, WorkflowReader) or not reader.wants_history:
+            return
+        page = await self.store.history_page(reader.wf, reader.seq) if self.store is not None else []
+        self.counters["history_pages"] += 1
+        reader.feed(page)
 
     async def open_when_known(self, sub: Subscription, conn: Connection) -> Opened:
         """`open()`, waiting up to `stream.unknown_workflow_wait` for a

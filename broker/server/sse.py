@@ -128,6 +128,9 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
     if req.method == "OPTIONS":
         await _respond(send, 200, b"", [ALLOW, (b"content-length", b"0"), *cors])
         return
+    # Known once its token is verified: a refusal after that (a scope, a
+    # limit) is audited with its user and tenant.
+    principal: Principal | None = None
     try:
         # Who asks comes first: without a valid token nothing else is looked at.
         principal = hub.principal_of(req.headers, req.args)
@@ -153,7 +156,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         hub.check_capacity(principal)
         conn = hub.open_connection("sse", req.remote, req.path, principal)
     except BrokerError as err:
-        hub.refused(err, "sse", req.remote)
+        hub.refused(err, "sse", req.remote, principal)
         headers = [JSON, ALLOW, *cors] if isinstance(err, MethodNotAllowed) else [JSON, *cors]
         if err.status == 401:
             headers.append(CHALLENGE)
@@ -381,6 +384,7 @@ async def _stream(
     slow = expired = False
     try:
         try:
+            await hub.fill_history(reader)  # a resume from before the ring: the store's first page
             await st.open(int(cfg.retry_ms), cfg.direct_writes)  # retry_ms is a float (config "nonneg")
             # The loop stays here, not in a method: every nested coroutine
             # frame is memory held by each idle stream.
@@ -389,6 +393,8 @@ async def _stream(
                     expired = True  # its token: never left open past it (DESIGN §7), busy or not
                     break
                 await st.send_leftover()
+                if reader.wants_history:
+                    await hub.fill_history(reader)
                 taken = st.take()
                 if taken is not None:
                     await st.write(*taken)
@@ -396,6 +402,8 @@ async def _stream(
                         break  # an admin closed it: even a busy stream stops
                     await conn.pace(taken[1])
                     continue
+                if reader.wants_history:
+                    continue  # a page its filter left empty: the next one
                 if reader.done or conn.closing:
                     break  # ended, or draining (it flushed first) or closed
                 now = trio.current_time()

@@ -44,7 +44,7 @@ import trio
 
 from ..core import subscribe
 from ..core.audit import AuditEntry, AuditFilter, AuditGap, AuditReader
-from ..core.control import parse_request
+from ..core.control import data_size, parse_request
 from ..core.entry import Item, dumps_exact
 from ..core.errors import (
     WS_GOING_AWAY,
@@ -302,8 +302,7 @@ class WsSession:
     async def _control(self, op: str, msg: dict[str, Any]) -> None:
         """A `cancel` / `signal` op (DESIGN §8): `ack` once published."""
         fields = {k: v for k, v in msg.items() if k not in ("op", "workflow")}
-        size = len(orjson.dumps(fields.get("data"))) if "data" in fields else 0
-        req = parse_request(op, msg.get("workflow"), fields, size)  # the id is checked there
+        req = parse_request(op, msg.get("workflow"), fields, data_size(fields))  # the id is checked there
         request_id = await self.hub.request_control(self.conn.principal, req, self.conn.remote)
         await self.send(orjson.dumps({"kind": "ack", "op": op, "request_id": request_id}))
 
@@ -437,7 +436,11 @@ class WsSession:
             if self.paced_until > trio.current_time():
                 self.due.add(sub.key)  # the pacing pause: its turn comes after
                 continue
+            if reader.wants_history:
+                await self.hub.fill_history(reader)
             items = reader.pull()
+            if reader.wants_history:
+                self.due.add(sub.key)  # the next page of its history: next round
             if items:
                 # Served: to the back of the line, so paced rounds take turns.
                 self.subs[sub.id] = self.subs.pop(sub.id)
@@ -500,6 +503,9 @@ def _auth_token(raw: str | bytes | dict[str, Any]) -> str:
 async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Serve one WebSocket request to /v1/ws."""
     websocket = AsgiWebSocket(receive, send)
+    # Known once its token is verified: a refusal after that (a limit) is
+    # audited with its user and tenant.
+    principal: Principal | None = None
     try:
         try:
             # The request's headers and arguments are needed only here.
@@ -514,7 +520,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> No
             conn = hub.open_connection("ws", req.remote, "/v1/ws", principal)
             del req
         except BrokerError as err:
-            hub.refused(err, "ws", str((scope.get("client") or ("",))[0]))
+            hub.refused(err, "ws", str((scope.get("client") or ("",))[0]), principal)
             await websocket.accept()
             await websocket.send(_error(err))
             await websocket.close(err.ws_close, err.message[:120])
@@ -523,10 +529,12 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> No
             await websocket.accept()
             session = WsSession(hub, conn, websocket)
             if later:
+                principal = None
                 try:
-                    hub.assign(conn, await _first_auth(hub, websocket))
+                    principal = await _first_auth(hub, websocket)
+                    hub.assign(conn, principal)
                 except BrokerError as err:
-                    hub.refused(err, "ws", conn.remote)
+                    hub.refused(err, "ws", conn.remote, principal)
                     await websocket.send(_error(err))
                     await websocket.close(err.ws_close, err.message[:120])
                     return

@@ -18,7 +18,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..core.entry import Entry
-from ..core.restore import StoredEntry, StoredWorkflow
+from ..core.restore import StoredEntry, StoredWorkflow, WorkflowRow
 from .schema import LATEST, MIGRATIONS
 
 log = logging.getLogger("broker.store")
@@ -130,28 +130,6 @@ def copy_rows(entries: Sequence[Entry], stored_at: int) -> bytes:
         )
     lines.append(b"")
     return b"\n".join(lines)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkflowRow:
-    """What a batch updates of one workflow's row (snapshot None: keep
-    the one saved, unless the workflow is a new incarnation)."""
-
-    workflow_id: str
-    tenant: str
-    parent_id: str | None
-    epoch: str
-    engine: bool
-    first_seq: int
-    last_seq: int
-    state: str
-    created: int | None
-    updated: int
-    terminal_seq: int | None
-    terminal_wall: int | None
-    log_counts: str
-    snapshot: str | None
-    snapshot_seq: int
 
 
 _UPSERT = """
@@ -270,6 +248,60 @@ def load(
         (now_ms - int(dedup_age * 1000), dedup_ids),
     ).fetchall()
     return Restored(workflows, entries, [(t, i, s) for t, i, s in ids])
+
+
+def history(conn: psycopg.Connection[Any], wid: str, epoch: str, after: int, limit: int) -> list[tuple[int, str]]:
+    """(seq, body) of a workflow's entries after `after`, in order: an
+    index seek on the primary key, never a scan."""
+    return conn.execute(
+        "SELECT seq, body FROM broker_events WHERE workflow_id = %s AND epoch = %s AND seq > %s ORDER BY seq LIMIT %s",
+        (wid, epoch, after, limit),
+    ).fetchall()
+
+
+def workflow_head(conn: psycopg.Connection[Any], wid: str) -> tuple[str, str, int, int | None] | None:
+    """(tenant, epoch, last_seq, terminal_seq) of a workflow's latest
+    incarnation, or None."""
+    row = conn.execute(
+        "SELECT tenant, epoch, last_seq, terminal_seq FROM broker_workflows WHERE workflow_id = %s", (wid,)
+    ).fetchone()
+    return (row[0], row[1], row[2], row[3]) if row else None
+
+
+SUMMARY_COLUMNS = "workflow_id, tenant, parent_id, state, epoch, last_seq, created, updated"
+
+
+def list_workflows(
+    conn: psycopg.Connection[Any],
+    *,
+    tenant: str | None,
+    states: Sequence[str] | None,
+    parent: str | None,
+    after: tuple[int, str] | None,
+    limit: int,
+) -> list[tuple[Any, ...]]:
+    """Workflows' summaries, newest first (updated, then id, descending),
+    after the (updated, id) position `after`."""
+    where: list[str] = []
+    args: list[Any] = []
+    if tenant is not None:
+        where.append("tenant = %s")
+        args.append(tenant)
+    if states is not None:
+        where.append("state = ANY(%s)")
+        args.append(list(states))
+    if parent is not None:
+        where.append("parent_id = %s")
+        args.append(parent)
+    if after is not None:
+        where.append("(updated, workflow_id) < (%s, %s)")
+        args.extend(after)
+    sql = f"SELECT {SUMMARY_COLUMNS} FROM broker_workflows"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY updated DESC, workflow_id DESC LIMIT %s"
+    args.append(limit)
+    return conn.execute(sql.encode(), args).fetchall()
 
 
 def prune(conn: psycopg.Connection[Any], cutoff_ms: int, limit: int) -> bool:

@@ -28,30 +28,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import orjson
 import psycopg
 import trio
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..config import StoreConfig
 from ..core.entry import Entry
-from ..core.restore import RestoreResult, restore, snapshot_json
+from ..core.errors import Unavailable
+from ..core.restore import RestoreResult, WorkflowRow, restore, workflow_rows
 from ..core.spill import SpillQueue
-from ..core.state import BrokerState
+from ..core.state import BrokerState, Workflow
 from . import pg
 
 log = logging.getLogger("broker.store")
 
 _T = TypeVar("_T")
 
-SNAPSHOT_EVERY = 256  # a workflow's snapshot is saved at least every this many events …
-SNAPSHOT_PERIOD = 1.0  # … or this many seconds (while it changes), and at its end
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0  # seconds between attempts while the database is down
 LATENCIES_KEPT = 1024  # recent commit times, for stats
+HISTORY_PAGE = 500  # entries a resume reads from the store at a time
 
 
-class StoreUnavailable(Exception):
-    """The database could not be reached or did not answer in time."""
+class StoreUnavailable(Unavailable):
+    """The database could not be reached or did not answer in time (503
+    where a request needed it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +173,38 @@ class Store:
             self._committed.set()
             self._committed = trio.Event()
 
+    async def history_page(self, wf: Workflow, after: int, limit: int = HISTORY_PAGE) -> list[Entry]:
+        """The stored entries of `wf` (its epoch) after seq `after`, in
+        order, at most `limit`; [] if the store cannot be read now (logged)."""
+        try:
+            return await self.entries(wf.id, wf.epoch, wf.tenant, wf.terminal_seq, after, limit, wf.ancestors)
+        except StoreUnavailable as exc:
+            log.warning("store: history of %r unavailable: %s", wf.id, exc)
+            return []
+
+    async def entries(
+        self,
+        wid: str,
+        epoch: str,
+        tenant: str,
+        terminal: int | None,
+        after: int,
+        limit: int,
+        ancestors: tuple[str, ...] = (),
+    ) -> list[Entry]:
+        """A workflow's stored entries after seq `after` (StoreUnavailable)."""
+        rows = await self.call(pg.history, wid, epoch, after, limit)
+        return [
+            Entry.restored(
+                body.encode(),
+                tenant=tenant,
+                ancestors=ancestors,
+                terminal=seq == terminal,
+                after_terminal=terminal is not None and seq > terminal,
+            )
+            for seq, body in rows
+        ]
+
     def _log_dropped(self) -> None:
         dropped = self.queue.dropped
         if dropped != self._dropped_logged:
@@ -224,59 +256,8 @@ class Store:
         self.pool.close(timeout=1.0)
 
 
-def _write(conn: Any, batch: list[Entry], stored_at: int, rows: list[pg.WorkflowRow]) -> None:
+def _write(conn: Any, batch: list[Entry], stored_at: int, rows: list[WorkflowRow]) -> None:
     pg.write_batch(conn, pg.copy_rows(batch, stored_at), rows)
-
-
-def workflow_rows(
-    state: BrokerState, batch: list[Entry], now: float, wall: float
-) -> tuple[list[pg.WorkflowRow], list[tuple[Any, int]]]:
-    """The workflows' rows a batch updates: as of the batch's last entry of
-    each (what will be committed), with a snapshot where the workflow has
-    nothing newer queued and is due one. Returns the rows and the
-    (workflow, seq) whose snapshot they carry."""
-    last: dict[str, Entry] = {}
-    for e in batch:
-        last[e.workflow_id] = e
-    rows: list[pg.WorkflowRow] = []
-    saved: list[tuple[Any, int]] = []
-    for wid, e in last.items():
-        wf = state.workflows.get(wid)
-        if wf is None or wf.epoch != e.epoch:
-            continue  # evicted (or a later incarnation) meanwhile: its row stays as it was
-        snap = wf.snapshot
-        seq = e.seq
-        caught_up = wf.ring.last() is e  # nothing newer of it is queued
-        terminal = wf.terminal_seq is not None and wf.terminal_seq <= seq
-        snapshot = None
-        if caught_up and (
-            terminal or not wf.saved_seq or seq - wf.saved_seq >= SNAPSHOT_EVERY or now - wf.saved_at >= SNAPSHOT_PERIOD
-        ):
-            snapshot = snapshot_json(wf).decode()
-            saved.append((wf, seq))
-        terminal_wall = None
-        if terminal and wf.terminal_at is not None:
-            terminal_wall = int((wall - (now - wf.terminal_at)) * 1000)
-        rows.append(
-            pg.WorkflowRow(
-                workflow_id=wid,
-                tenant=wf.tenant,
-                parent_id=wf.parent_id,
-                epoch=wf.epoch,
-                engine=wf.seq.engine,
-                first_seq=wf.seq.first_seq or 1,
-                last_seq=seq,
-                state=snap.state,
-                created=snap.created,
-                updated=snap.updated or int(wall * 1000),
-                terminal_seq=wf.terminal_seq if terminal else None,
-                terminal_wall=terminal_wall,
-                log_counts=orjson.dumps(list(e.log_counts)).decode(),
-                snapshot=snapshot,
-                snapshot_seq=snap.seq if snapshot is not None else 0,
-            )
-        )
-    return rows, saved
 
 
 def _one_line(exc: BaseException) -> str:
