@@ -192,7 +192,7 @@ class StoreConfig(_Section):
     retention: float = _key(604800.0, "positive")  # events older than this are pruned (7 days)
     pool_size: int = _key(4, "count")
     statement_timeout: float = _key(10.0, "positive")  # every statement's bound, and each call's deadline
-    restore_events: int = _key(200000, "count")  # ring entries read back at start, all workflows together
+    restore_events: int = _key(100000, "count")  # ring entries read back at start, all workflows together
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -991,6 +992,99 @@ def scenario_overload(scale: Scale, workdir: Path) -> dict[str, Any]:
 # -------------------------------------------------------------------- report
 
 
+def _mix_ingest(broker: Broker, workers: Workers, prefix: str, workflows: int, count: int) -> dict[str, Any]:
+    """Push `count` events of the realistic mix flat out; the ingest rate
+    (engine's first send → last event in a ring), and when it was done."""
+    from .worker import EVENTS_PER_TASK
+
+    per_workflow = -(-count // workflows)
+    tasks = max(1, -(-(per_workflow - 2) // EVENTS_PER_TASK))  # the script is 2 + 9 per task
+    before = broker.stats()["counters"].get("ingested", 0)
+    push, push_out = workers.start(
+        "mix-push",
+        "--endpoint",
+        broker.zmq,
+        "--prefix",
+        prefix,
+        "--workflows",
+        str(workflows),
+        "--tasks",
+        str(tasks),
+        "--count",
+        str(count),
+    )
+    wait_until(
+        lambda: broker.stats()["counters"].get("ingested", 0) >= before + count,
+        600,
+        "the broker to ingest the mix",
+        interval=0.01,
+    )
+    done_wall = time.time()
+    start_wall = workers.result(push, push_out, 60)["start_wall"]
+    return {"eps": count / (done_wall - start_wall), "start_wall": start_wall, "done_wall": done_wall}
+
+
+def scenario_store(scale: Scale, workdir: Path) -> dict[str, Any]:
+    """DESIGN §10 targets: events/s written into PostgreSQL (fsync on) with
+    ingest beside the in-memory rate of the same run, and restart-to-ready
+    with 10,000 active workflows, beside an in-memory broker's start."""
+    from ..tools.postgres import start_postgres
+
+    n = scale.ingest_events
+    wfs = 1000
+    base = Path(tempfile.mkdtemp(prefix="broker-bench-pg-"))
+    base.chmod(0o755)  # the postgres user must reach it when we run as root
+    # A durable cluster: fsync and full-page writes on (the tests turn them off).
+    pg = start_postgres(base / "pg", {"fsync": "on", "full_page_writes": "on", "shared_buffers": "128MB"})
+    out: dict[str, Any] = {"events": n, "workflows": wfs}
+    workers = Workers(workdir)
+    try:
+        broker = Broker(workdir)
+        try:
+            out["memory_eps"] = _mix_ingest(broker, workers, "mem", wfs, n)["eps"]
+            out["memory_rss_kb"] = broker.rss_kb()
+        finally:
+            broker.stop()
+        store = {"backend": "postgres", "dsn": pg.dsn}
+        broker = Broker(workdir, store=store)
+        try:
+            got = _mix_ingest(broker, workers, "st", wfs, n)
+            out["store_ingest_eps"] = got["eps"]
+            wait_until(lambda: broker.stats()["store"]["written"] >= n, 600, "the store to write it all", 0.01)
+            written_wall = time.time()
+            st = broker.stats()["store"]
+            out["store_write_eps"] = n / (written_wall - got["start_wall"])
+            out["store_lag_s"] = written_wall - got["done_wall"]
+            out["store_rss_kb"] = broker.rss_kb()
+            for key in ("batches", "queue_peak", "commit_ms_p50", "commit_ms_p99", "dropped"):
+                out[f"store_{key}"] = st[key]
+            # Restart with 10,000 active workflows (19 events each, none ended).
+            active = 10_000
+            _mix_ingest(broker, workers, "act", active, active * 19)
+            want = st["written"] + active * 19
+            wait_until(lambda: broker.stats()["store"]["written"] >= want, 600, "the active workflows written", 0.02)
+        finally:
+            broker.stop()
+        began = time.monotonic()
+        broker = Broker(workdir, store=store)
+        out["restart_to_ready_s"] = time.monotonic() - began
+        try:
+            restored = broker.stats()["store"]["restore"]
+            out["restored"] = restored
+        finally:
+            broker.stop()
+        began = time.monotonic()
+        broker = Broker(workdir)
+        out["memory_start_to_ready_s"] = time.monotonic() - began
+        broker.stop()
+    finally:
+        workers.close()
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    out["ingest_ratio"] = out["store_ingest_eps"] / out["memory_eps"]
+    return out
+
+
 def machine_line() -> dict[str, Any]:
     model = ""
     try:
@@ -1190,6 +1284,35 @@ def table(results: dict[str, Any]) -> str:
     return _render(head, list(rows))
 
 
+def store_table(r: dict[str, Any]) -> str:
+    rows: list[tuple[str, ...]] = [
+        ("ingest, in memory", f"{fmt(r['memory_eps'])} ev/s", "", mb(r["memory_rss_kb"])),
+        (
+            "ingest, with the store",
+            f"{fmt(r['store_ingest_eps'])} ev/s",
+            f"{r['ingest_ratio'] * 100:.0f} % of in memory (target ≥ 90 %)",
+            mb(r["store_rss_kb"]),
+        ),
+        (
+            "written to PostgreSQL",
+            f"{fmt(r['store_write_eps'])} ev/s",
+            f"target ≥ 50,000; {r['store_batches']} batches, commit p50 {r['store_commit_ms_p50']} ms "
+            f"p99 {r['store_commit_ms_p99']} ms, queue peak {r['store_queue_peak']}, "
+            f"last write {r['store_lag_s']:.2f} s after ingest",
+            "",
+        ),
+        (
+            "restart to ready, 10,000 active",
+            f"{r['restart_to_ready_s']:.2f} s",
+            f"target ≤ 5 s; in-memory start {r['memory_start_to_ready_s']:.2f} s; restored "
+            f"{r['restored'].get('workflows')} workflows, {r['restored'].get('entries')} entries "
+            f"in {r['restored'].get('total_s')} s",
+            "",
+        ),
+    ]
+    return _render(("", "rate / time", "beside", "RSS"), rows)
+
+
 def overload_table(r: dict[str, Any]) -> str:
     """One row per overload step (DESIGN §14: p99 ≤ 250 ms at every step,
     every subscriber ends in the true final state)."""
@@ -1252,7 +1375,7 @@ def overload_table(r: dict[str, Any]) -> str:
     return _render(head, rows) + f"\n{ref}\n{note}"
 
 
-SCENARIOS = ("ingest", "fanout", "many", "overload", "idle", "storm")
+SCENARIOS = ("ingest", "fanout", "many", "overload", "idle", "storm", "store")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1295,6 +1418,8 @@ def run(args: argparse.Namespace) -> int:
                     results[name] = scenario_idle(scale, workdir)
                 elif name == "storm":
                     results[name] = scenario_storm(scale, workdir)
+                elif name == "store":
+                    results[name] = scenario_store(scale, workdir)
             except BenchError as exc:
                 print(f"broker bench: {name} failed: {exc}", flush=True)
                 results[name + "_error"] = str(exc)
@@ -1306,6 +1431,10 @@ def run(args: argparse.Namespace) -> int:
         print()
         print("overload steps:")
         print(overload_table(results["overload"]))
+    if "store" in results:
+        print()
+        print("store (PostgreSQL, fsync on; the realistic mix):")
+        print(store_table(results["store"]))
     if args.json:
         for r in results.values():
             if isinstance(r, dict):

@@ -484,6 +484,37 @@ def overload_script(tasks: int) -> list[tuple[dict[str, Any], int]]:
     return out
 
 
+def role_mix_push(args: argparse.Namespace) -> None:
+    """The realistic mix (`overload_script`: task transitions, progress,
+    logs) of W workflows, interleaved round-robin, flat out: `count`
+    events in all, engine-sequenced from seq 1. What the store scenario
+    writes."""
+    import zmq
+
+    script = overload_script(args.tasks)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 30000)
+    sock.setsockopt(zmq.SNDHWM, 100000)
+    sock.connect(args.endpoint)
+    time.sleep(0.2)  # let the connection come up before the clock starts
+    dumps = orjson.dumps
+    start_wall = time.time()
+    sent = 0
+    rounds = -(-args.count // args.workflows)
+    for k in range(min(rounds, len(script))):
+        fields = script[k][0]
+        for w in range(args.workflows):
+            if sent >= args.count:
+                break
+            ev = {"workflow_id": f"{args.prefix}-{w}", "seq": k + 1, **fields}
+            sock.send(dumps(ev))
+            sent += 1
+    sock.close()
+    ctx.term()
+    _write(args.out, {"sent": sent, "start_wall": start_wall, "end_wall": time.time()})
+
+
 def role_ovl_push(args: argparse.Namespace) -> None:
     """W workflows run the script interleaved (round-robin), `rate` events/s in all,
     from the "go" line on stdin.
@@ -901,6 +932,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stamp", action="store_true", help="flat out, but stamp each event's send time")
     r.add_argument("--out", required=True)
 
+    r = sub.add_parser("mix-push")
+    r.add_argument("--endpoint", required=True)
+    r.add_argument("--prefix", required=True)
+    r.add_argument("--workflows", type=int, required=True)
+    r.add_argument("--tasks", type=int, required=True)
+    r.add_argument("--count", type=int, required=True)
+    r.add_argument("--out", required=True)
+
     r = sub.add_parser("http-push")
     r.add_argument("--url", required=True)
     r.add_argument("--count", type=int, required=True)
@@ -960,6 +999,7 @@ def main(argv: list[str] | None = None) -> int:
         "sse": role_sse,
         "idle": role_idle,
         "ovl-push": role_ovl_push,
+        "mix-push": role_mix_push,
         "ovl-sse": role_ovl_sse,
     }[args.role](args)
     return 0

@@ -32,6 +32,11 @@ def sse_frame(event_id: str, kind: str, body: bytes) -> bytes:
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), body)
 
 
+# A stored entry's columns: workflow_id, epoch, seq, seq_from, kind,
+# task_id, state, level (a LOG_LEVELS value, 0 for none).
+StoredFields = tuple[str, str, int, int, str, "str | None", "str | None", int]
+
+
 def dumps_exact(obj: Any) -> bytes:
     """orjson.dumps for bytes that live long: orjson returns its working
     buffer (4 KiB or more, seen with 3.13) without shrinking it, so keep an
@@ -111,26 +116,41 @@ class Entry:
         ancestors: tuple[str, ...] = (),
         terminal: bool = False,
         after_terminal: bool = False,
+        fields: StoredFields | None = None,
     ) -> Entry:
         """An entry read back from the store: `body` is exactly the bytes
         streamed when it was live, so a resume after a restart sends the
-        same bytes (store/, core/restore.py)."""
-        msg = orjson.loads(body)
+        same bytes (store/, core/restore.py). Its fields are the store's
+        columns (`fields`), or else read from the body."""
         entry = cls.__new__(cls)
-        entry.workflow_id = msg["workflow_id"]
+        if fields is None:
+            msg = orjson.loads(body)
+            level = msg.get("level")
+            fields = (
+                msg["workflow_id"],
+                msg["epoch"],
+                msg["seq"],
+                msg["from"] if msg["kind"] == "gap" else msg["seq"],
+                msg["kind"],
+                msg.get("task_id"),
+                msg.get("state"),
+                LOG_LEVELS[level] if level is not None else 0,
+            )
+        (
+            entry.workflow_id,
+            entry.epoch,
+            entry.seq,
+            entry.seq_from,
+            entry.kind,
+            entry.task_id,
+            entry.state,
+            entry.level,
+        ) = fields
+        entry.event_id = None  # a stored entry's id is in the dedup window (restored apart)
         entry.tenant = tenant
         entry.ancestors = ancestors
-        entry.epoch = msg["epoch"]
-        entry.seq = msg["seq"]
-        entry.seq_from = msg["from"] if msg["kind"] == "gap" else entry.seq
-        entry.kind = msg["kind"]
-        entry.task_id = msg.get("task_id")
-        entry.state = msg.get("state")
-        level = msg.get("level")
-        entry.level = LOG_LEVELS[level] if level is not None else 0
         entry.terminal = terminal
         entry.after_terminal = after_terminal
-        entry.event_id = msg.get("id")
         entry.body = body
         entry.size = 2 * len(body) + 200
         entry.offset = 0

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from .entry import NO_LOGS, Entry, level_slot
+from .entry import NO_LOGS, Entry, StoredFields, level_slot
 from .ring import Ring
 from .sequencer import Sequencer
 from .snapshot import TaskSnapshot, WorkflowSnapshot
@@ -61,6 +61,7 @@ class StoredEntry:
     workflow_id: str
     seq: int
     body: bytes
+    fields: StoredFields | None = None  # the store's columns (None: read from the body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +163,19 @@ def snapshot_from_message(msg: dict[str, Any]) -> WorkflowSnapshot:
     snap.message = msg.get("message")
     snap.result = msg.get("result")
     snap.error = msg.get("error")
+    tasks = snap.tasks
     for tid, t in msg.get("tasks", {}).items():
         task = TaskSnapshot(tid, t["created"])
-        for name in TaskSnapshot.__slots__:
-            if name in t:
-                setattr(task, name, t[name])
-        task.task_id = tid
-        snap.tasks[tid] = task
+        task.state = t["state"]
+        task.progress = t["progress"]
+        task.attempt = t["attempt"]
+        task.started = t["started"]
+        task.finished = t["finished"]
+        task.updated = t["updated"]
+        task.message = t["message"]
+        task.result = t["result"]
+        task.error = t["error"]
+        tasks[tid] = task
     return snap
 
 
@@ -251,18 +258,23 @@ def _fill(wf: Workflow, stored: list[StoredEntry], row: StoredWorkflow) -> None:
     snap = wf.snapshot
     terminal_seq = row.terminal_seq
     entries: list[Entry] = []
-    for e in stored:
+    first_kept = len(stored) - len(keep)
+    for k, e in enumerate(stored):
         after_terminal = terminal_seq is not None and e.seq > terminal_seq
-        entry = Entry.restored(e.body, tenant=wf.tenant, terminal=e.seq == terminal_seq, after_terminal=after_terminal)
-        if e.seq > row.snapshot_seq:
+        replay = e.seq > row.snapshot_seq and not after_terminal
+        if k < first_kept and not replay:
+            continue  # neither in the ring nor to replay
+        entry = Entry.restored(
+            e.body, tenant=wf.tenant, terminal=e.seq == terminal_seq, after_terminal=after_terminal, fields=e.fields
+        )
+        if replay:
             if entry.kind == "gap":
-                if not after_terminal:
-                    snap.seq = entry.seq
-            elif not after_terminal:
+                snap.seq = entry.seq
+            else:
                 msg = orjson.loads(e.body)
                 snap.apply(msg, entry.seq, msg["ts"])
-        entries.append(entry)
-    entries = entries[len(stored) - len(keep) :]
+        if k >= first_kept:
+            entries.append(entry)
     # Each entry's running log counts, from the workflow's total backwards.
     counts = list(wf.log_counts)
     for entry in reversed(entries):

@@ -120,8 +120,12 @@ def copy_rows(entries: Sequence[Entry], stored_at: int) -> bytes:
                     _copy_text(e.workflow_id),
                     _copy_text(e.epoch),
                     str(e.seq).encode(),
+                    str(e.seq_from).encode(),
                     _copy_text(e.tenant),
                     e.kind.encode(),
+                    _NULL if e.task_id is None else _copy_text(e.task_id),
+                    _NULL if e.state is None else _copy_text(e.state),
+                    str(e.level).encode(),
                     _NULL if e.event_id is None else _copy_text(e.event_id),
                     at,
                     e.body.replace(b"\\", b"\\\\"),
@@ -157,9 +161,11 @@ ON CONFLICT (workflow_id) DO UPDATE SET
         THEN excluded.snapshot_seq ELSE broker_workflows.snapshot_seq END
 """
 
+_EVENT_COLUMNS = "workflow_id, epoch, seq, seq_from, tenant, kind, task_id, state, level, event_id, stored_at, body"
 _STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS broker_stage "
-    "(workflow_id text, epoch text, seq bigint, tenant text, kind text, event_id text, stored_at bigint, body text) "
+    "(workflow_id text, epoch text, seq bigint, seq_from bigint, tenant text, kind text, task_id text, state text, "
+    "level smallint, event_id text, stored_at bigint, body text) "
     "ON COMMIT DELETE ROWS"
 )
 
@@ -173,13 +179,14 @@ def write_batch(conn: psycopg.Connection[Any], data: bytes, workflows: Sequence[
         with cur.copy("COPY broker_stage FROM STDIN") as copy:
             copy.write(data)
         cur.execute(
-            "INSERT INTO broker_events (workflow_id, epoch, seq, tenant, kind, event_id, stored_at, body) "
-            "SELECT workflow_id, epoch, seq, tenant, kind, event_id, stored_at, body FROM broker_stage "
+            f"INSERT INTO broker_events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM broker_stage "
             "ON CONFLICT DO NOTHING"
         )
         if workflows:
-            columns = list(zip(*((getattr(w, f) for f in WorkflowRow.__slots__) for w in workflows), strict=True))
-            cur.execute(_UPSERT, [list(c) for c in columns])
+            # One array per column. (Built eagerly: a generator per row here
+            # would read `w` late, after the loop, and repeat the last row.)
+            columns = [[getattr(w, f) for w in workflows] for f in WorkflowRow.__slots__]
+            cur.execute(_UPSERT, columns)
 
 
 # --------------------------------------------------------------- restore
@@ -189,7 +196,6 @@ def write_batch(conn: psycopg.Connection[Any], data: bytes, workflows: Sequence[
 class Restored:
     workflows: list[StoredWorkflow]
     entries: list[StoredEntry]
-    ids: list[tuple[str, str, int]]  # (tenant, id, stored_at ms), newest first
 
 
 def load(
@@ -199,13 +205,11 @@ def load(
     terminal_ttl: float,
     ring_events: int,
     restore_events: int,
-    dedup_ids: int,
-    dedup_age: float,
 ) -> Restored:
     """What a restart restores: the active workflows and the terminal ones
     within `terminal_ttl`, for each the entries after its snapshot and up
-    to min(ring_events, restore_events / workflows) before; the dedup
-    window's ids."""
+    to min(ring_events, restore_events / workflows) before (the dedup
+    window's ids: `load_ids`)."""
     horizon = now_ms - int(terminal_ttl * 1000)
     rows = conn.execute(
         "SELECT workflow_id, tenant, parent_id, epoch, engine, first_seq, last_seq, terminal_seq, terminal_wall, "
@@ -234,29 +238,51 @@ def load(
     entries: list[StoredEntry] = []
     if workflows:
         afters = [min(w.snapshot_seq, max(0, w.last_seq - per)) for w in workflows]
-        cur = conn.execute(
-            "SELECT e.workflow_id, e.seq, e.body FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
+        # Binary: the body arrives as the bytes streamed (no decode, no encode).
+        cur = conn.cursor(binary=True)
+        cur.execute(
+            f"SELECT e.workflow_id, e.seq, {_ENTRY_COLUMNS} FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
             "AS r(wid, epoch, after) JOIN broker_events e "
             "ON e.workflow_id = r.wid AND e.epoch = r.epoch AND e.seq > r.after "
             "ORDER BY e.workflow_id, e.seq",
             ([w.workflow_id for w in workflows], [w.epoch for w in workflows], afters),
         )
-        entries = [StoredEntry(wid, seq, body.encode()) for wid, seq, body in cur]
-    ids = conn.execute(
+        epochs = {w.workflow_id: w.epoch for w in workflows}
+        entries = [
+            StoredEntry(wid, seq, body, (wid, epochs[wid], seq, seq_from, kind, task, state, level))
+            for wid, seq, seq_from, kind, task, state, level, body in cur
+        ]
+    return Restored(workflows, entries)
+
+
+def load_ids(conn: psycopg.Connection[Any], *, now_ms: int, dedup_ids: int, dedup_age: float) -> list[Any]:
+    """(tenant, event id, stored_at ms) of the dedup window, newest first
+    (read beside `load`, on another connection)."""
+    return conn.execute(
         "SELECT tenant, event_id, stored_at FROM broker_events "
         "WHERE stored_at > %s AND event_id IS NOT NULL ORDER BY stored_at DESC LIMIT %s",
         (now_ms - int(dedup_age * 1000), dedup_ids),
     ).fetchall()
-    return Restored(workflows, entries, [(t, i, s) for t, i, s in ids])
 
 
-def history(conn: psycopg.Connection[Any], wid: str, epoch: str, after: int, limit: int) -> list[tuple[int, str]]:
-    """(seq, body) of a workflow's entries after `after`, in order: an
-    index seek on the primary key, never a scan."""
-    return conn.execute(
-        "SELECT seq, body FROM broker_events WHERE workflow_id = %s AND epoch = %s AND seq > %s ORDER BY seq LIMIT %s",
+# What a reader needs of a stored entry besides its ids: (seq_from, kind,
+# task_id, state, level) and the body as bytes (core/entry.py Entry.restored).
+_ENTRY_COLUMNS = "e.seq_from, e.kind, e.task_id, e.state, e.level, convert_to(e.body, 'UTF8')"
+
+
+def history(conn: psycopg.Connection[Any], wid: str, epoch: str, after: int, limit: int) -> list[StoredEntry]:
+    """A workflow's entries after `after`, in order: an index seek on the
+    primary key, never a scan."""
+    cur = conn.cursor(binary=True)
+    cur.execute(
+        f"SELECT e.seq, {_ENTRY_COLUMNS} FROM broker_events e "
+        "WHERE e.workflow_id = %s AND e.epoch = %s AND e.seq > %s ORDER BY e.seq LIMIT %s",
         (wid, epoch, after, limit),
-    ).fetchall()
+    )
+    return [
+        StoredEntry(wid, seq, body, (wid, epoch, seq, seq_from, kind, task, state, level))
+        for seq, seq_from, kind, task, state, level, body in cur
+    ]
 
 
 def workflow_head(conn: psycopg.Connection[Any], wid: str) -> tuple[str, str, int, int | None] | None:

@@ -6,7 +6,9 @@ schema is newer than this broker knows is refused, never used.
 
 Tables:
 
-- `broker_events`: every accepted entry, its exact streamed body, keyed by
+- `broker_events`: every accepted entry, its exact streamed body and the
+  fields a reader filters on (kind, task, state, level: read back without
+  parsing the body), keyed by
   (workflow, epoch, seq): the seek a resume needs, never a scan. `stored_at`
   (ms, when the writer took it) is indexed for retention and the dedup
   window's restore.
@@ -26,8 +28,12 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             workflow_id text NOT NULL,
             epoch text NOT NULL,
             seq bigint NOT NULL,
+            seq_from bigint NOT NULL,
             tenant text NOT NULL,
             kind text NOT NULL,
+            task_id text,
+            state text,
+            level smallint NOT NULL,
             event_id text,
             stored_at bigint NOT NULL,
             body text NOT NULL,

@@ -196,13 +196,14 @@ class Store:
         rows = await self.call(pg.history, wid, epoch, after, limit)
         return [
             Entry.restored(
-                body.encode(),
+                r.body,
                 tenant=tenant,
                 ancestors=ancestors,
-                terminal=seq == terminal,
-                after_terminal=terminal is not None and seq > terminal,
+                terminal=r.seq == terminal,
+                after_terminal=terminal is not None and r.seq > terminal,
+                fields=r.fields,
             )
-            for seq, body in rows
+            for r in rows
         ]
 
     def _log_dropped(self) -> None:
@@ -281,17 +282,25 @@ async def open_store(config: StoreConfig, state: BrokerState, *, connect_timeout
             log.info("store: schema migrated to version %d", applied[-1])
         began = trio.current_time()
         lim = state.limits
-        got = await store.call(
-            pg.load,
-            now_ms=int(time.time() * 1000),
-            terminal_ttl=lim.terminal_ttl,
-            ring_events=lim.ring_events,
-            restore_events=config.restore_events,
-            dedup_ids=lim.dedup_window,
-            dedup_age=state.ids.max_age,
-        )
+        now_ms = int(time.time() * 1000)
+        ids: list[Any] = []
+
+        async def read_ids() -> None:
+            ids.extend(
+                await store.call(pg.load_ids, now_ms=now_ms, dedup_ids=lim.dedup_window, dedup_age=state.ids.max_age)
+            )
+
+        async with trio.open_nursery() as nursery:  # two connections at once
+            nursery.start_soon(read_ids)
+            got = await store.call(
+                pg.load,
+                now_ms=now_ms,
+                terminal_ttl=lim.terminal_ttl,
+                ring_events=lim.ring_events,
+                restore_events=config.restore_events,
+            )
         loaded = trio.current_time() - began
-        result: RestoreResult = restore(state, got.workflows, got.entries, got.ids, trio.current_time(), time.time())
+        result: RestoreResult = restore(state, got.workflows, got.entries, ids, trio.current_time(), time.time())
         took = trio.current_time() - began
         store.restore_info = {
             "workflows": result.workflows,

@@ -103,7 +103,7 @@ DEFAULTS: dict[str, Any] = {
         "retention": 604800.0,
         "pool_size": 4,
         "statement_timeout": 10.0,
-        "restore_events": 200000,
+        "restore_events": 100000,
     },
     "cluster": {"bind": "", "replay_bind": "", "peers": [], "curve_secret_file": "", "curve_peers_dir": ""},
     "control": {"bind": "", "curve_secret_file": "", "curve_clients_dir": ""},
