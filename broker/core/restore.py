@@ -35,9 +35,9 @@ import orjson
 
 from .entry import NO_LOGS, Entry, StoredFields, level_slot
 from .ring import Ring
-from .sequencer import Sequencer
+from .sequencer import Release, Sequencer
 from .snapshot import TaskSnapshot, WorkflowSnapshot
-from .state import BrokerState, Workflow
+from .state import BrokerState, IngestResult, Workflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,11 +238,27 @@ def restore(
     for wf in ended:
         state.terminal[wf.id] = None
         state.terminal_lru[wf.id] = None
+    # The journal starts empty. Offset 1 stands for "before it": every
+    # restored workflow started there, and a terminal one ended there, so
+    # multi-workflow readers tell them from workflows yet to come (a
+    # `workflows=` / `parent=` stream of ended ones ends; a log stream's
+    # gap counts only what follows: core/reader.py).
+    journal = state.journal
+    journal.first_index = journal.next_index = 1
+    for wf in state.workflows.values():
+        wf.first_offset = 1
+        if wf.terminal:
+            wf.terminal_offset = 1
     kept = 0
+    mine = state.node_id + "-"
     for tenant, event_id, ts_ms in reversed(list(ids)):  # oldest first: the window forgets from that end
         prefix = "" if tenant == "default" else tenant + "\x00"
         state.ids.add(prefix + event_id, now - max(0.0, wall - ts_ms / 1000))
         kept += 1
+        # Ids this node made (`<node>-<n>`) go on after the last one, so
+        # none is made twice (core/state.py).
+        if event_id.startswith(mine) and (n := event_id[len(mine) :]).isascii() and n.isdigit():
+            state._next_id = max(state._next_id, int(n))
     state.ids.expire(now)
     if state.ring_bytes > limits.total_bytes:
         state._trim()
@@ -260,6 +276,9 @@ def _fill(wf: Workflow, stored: list[StoredEntry], row: StoredWorkflow) -> None:
     entries: list[Entry] = []
     first_kept = len(stored) - len(keep)
     for k, e in enumerate(stored):
+        gap_from = _gap_from(e)
+        if gap_from is not None:  # a straggler from it is late, as before the restart
+            wf.seq.gaps.append((gap_from, e.seq))
         after_terminal = terminal_seq is not None and e.seq > terminal_seq
         replay = e.seq > row.snapshot_seq and not after_terminal
         if k < first_kept and not replay:
@@ -281,12 +300,55 @@ def _fill(wf: Workflow, stored: list[StoredEntry], row: StoredWorkflow) -> None:
         entry.log_counts = tuple(counts)
         if entry.kind == "log" and not entry.after_terminal:
             counts[level_slot(entry.level)] -= 1
-    first = entries[0].seq_from - 1 if entries else row.last_seq
     # Absolute ring indexes start at the count of events before the first
-    # one held, so `dropped` says whether `since=0` still reaches seq 1.
+    # one held, so `dropped` says whether `since=0` still reaches the
+    # workflow's first seq (an engine's may be above 1).
+    if entries and entries[0].seq_from <= row.first_seq:
+        first, ring.dropped_seq = 0, 0
+    else:
+        ring.dropped_seq = entries[0].seq_from - 1 if entries else row.last_seq
+        first = max(1, ring.dropped_seq - row.first_seq + 1)
     ring.first_index = ring.next_index = first
-    ring.dropped_seq = first
     for entry in entries:
         ring.append(entry)
     if snap.seq < row.last_seq and not entries:
         snap.seq = row.last_seq
+
+
+def _gap_from(e: StoredEntry) -> int | None:
+    """The first seq of a stored `gap` entry; None for any other entry."""
+    if e.fields is not None:
+        return e.fields[3] if e.fields[4] == "gap" else None
+    if not e.body.startswith(b'{"kind":"gap"'):  # gap_body's first key (core/messages.py)
+        return None
+    from_seq: int = orjson.loads(e.body)["from"]
+    return from_seq
+
+
+def skip_unwritten(state: BrokerState, margin: int, now: float, wall: float) -> int:
+    """After an unclean stop (kill -9, a crash): entries may have been
+    streamed that the store never got — at most `margin` of them (the
+    spill queue's bound). A broker-sequenced workflow would hand their
+    seqs to new events, and a subscriber holding one of those cursors
+    would skip the new ones silently. So each active broker-sequenced
+    workflow's numbering goes on `margin` seqs later, behind a `gap`
+    covering the seqs that may have been lost (written to the store like
+    any entry: call this with `state.spill` set), and the broker's event
+    ids skip as far. Engine-sequenced workflows need nothing: the engine's
+    seqs are canonical (a lost range is a gap once later seqs arrive).
+    Returns the workflows skipped."""
+    state._wall = wall
+    result = IngestResult()
+    skipped = 0
+    for wf in list(state.workflows.values()):
+        seq = wf.seq
+        if seq.engine or wf.terminal or seq.next_seq is None:
+            continue
+        first = seq.next_seq
+        last = first + margin - 1
+        seq.next_seq = last + 1
+        state._apply(wf, [Release(last, None, first)], now, result)
+        skipped += 1
+    state._next_id += margin
+    state.counters["restart_skips"] += skipped
+    return skipped

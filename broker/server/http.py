@@ -178,6 +178,7 @@ def create_app(hub: Hub) -> QuartTrio:
             hub.release_body_bytes(len(body))
             raise InvalidArgument("'durable' needs a store (store.backend = \"postgres\")")
         dropped = store.queue.dropped if store is not None else 0
+        first = store.queue.pushed if store is not None else 0
         try:
             result = await hub.ingest_sliced(body, "http", publisher.tenant)
         finally:
@@ -187,8 +188,9 @@ def create_app(hub: Hub) -> QuartTrio:
             # queued so far (ours among them), shared with concurrent ones.
             if store.queue.dropped != dropped:
                 raise Unavailable("the store's spill queue is full: not stored")
-            if not await store.wait_committed(store.queue.pushed):
-                raise Unavailable(f"not committed within store.durable_timeout ({store.config.durable_timeout:g} s)")
+            if not await store.wait_committed(store.queue.pushed, first):
+                timeout = store.config.durable_timeout
+                raise Unavailable(f"not stored: not committed within store.durable_timeout ({timeout:g} s), or refused")
         rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]
         whole_body = len(result.rejected) == 1 and result.rejected[0][1].reason in ("invalid_json", "too_large")
         if whole_body:

@@ -297,7 +297,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                 if hub.store is not None:
                     # What ingest accepted goes to disk before we exit.
                     with trio.move_on_after(config.shutdown_timeout):
-                        if not await hub.store.wait_committed(hub.store.queue.pushed):
+                        if await hub.store.wait_committed(hub.store.queue.pushed):
+                            await hub.store.end_run(config.node.id)
+                        else:
                             log.error("store: %d events not written at exit", len(hub.store.queue))
                 nursery.cancel_scope.cancel()
         log.info("stopped")

@@ -52,6 +52,10 @@ def open_pool(dsn: str, size: int, statement_timeout: float, connect_timeout: fl
         kwargs={"application_name": APPLICATION_NAME, "connect_timeout": max(1, int(connect_timeout))},
         name="broker-store",
     )
+    # One plain attempt first: a refused connection, a bad password or no
+    # such database fails at once and says why (the pool would retry for
+    # `connect_timeout`, logging each try, and then only say it gave up).
+    psycopg.connect(dsn, application_name=APPLICATION_NAME, connect_timeout=max(2, int(connect_timeout))).close()
     try:
         pool.open(wait=True, timeout=connect_timeout)
     except Exception:
@@ -346,6 +350,24 @@ def prune(conn: psycopg.Connection[Any], cutoff_ms: int, limit: int) -> bool:
         )
         rows = cur.rowcount
     return events >= limit or rows >= limit
+
+
+def begin_run(conn: psycopg.Connection[Any], node_id: str) -> bool | None:
+    """Mark `node_id` running (not cleanly stopped); whether its last run
+    stopped cleanly (None: its first run on this database)."""
+    with conn.transaction():
+        row = conn.execute("SELECT clean FROM broker_nodes WHERE node_id = %s FOR UPDATE", (node_id,)).fetchone()
+        conn.execute(
+            "INSERT INTO broker_nodes (node_id, clean) VALUES (%s, false) "
+            "ON CONFLICT (node_id) DO UPDATE SET clean = false, updated = now()",
+            (node_id,),
+        )
+    return bool(row[0]) if row else None
+
+
+def end_run(conn: psycopg.Connection[Any], node_id: str) -> None:
+    """`node_id` stopped cleanly: everything it accepted is committed."""
+    conn.execute("UPDATE broker_nodes SET clean = true, updated = now() WHERE node_id = %s", (node_id,))
 
 
 def ping(conn: psycopg.Connection[Any]) -> None:

@@ -16,6 +16,9 @@ Tables:
   a restart needs to go on (epoch, mode, last seq, terminal seq, log
   counts) and a snapshot as of `snapshot_seq`; listing by tenant, newest
   first.
+- `broker_nodes`: per node, whether it stopped cleanly (everything
+  committed): a start after an unclean stop skips broker sequence numbers
+  that may have been streamed but never written (store/writer.py).
 """
 
 from __future__ import annotations
@@ -60,6 +63,11 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX broker_workflows_tenant_updated ON broker_workflows (tenant, updated DESC);
         CREATE INDEX broker_workflows_parent ON broker_workflows (parent_id) WHERE parent_id IS NOT NULL;
         CREATE INDEX broker_workflows_terminal_wall ON broker_workflows (terminal_wall);
+        CREATE TABLE broker_nodes (
+            node_id text PRIMARY KEY,
+            clean boolean NOT NULL,
+            updated timestamptz NOT NULL DEFAULT now()
+        );
         """,
     ),
 )

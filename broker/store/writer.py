@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,7 +36,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..config import StoreConfig
 from ..core.entry import Entry
 from ..core.errors import Unavailable
-from ..core.restore import RestoreResult, WorkflowRow, restore, workflow_rows
+from ..core.restore import RestoreResult, WorkflowRow, restore, skip_unwritten, workflow_rows
 from ..core.spill import SpillQueue
 from ..core.state import BrokerState, Workflow
 from . import pg
@@ -47,11 +48,17 @@ _T = TypeVar("_T")
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0  # seconds between attempts while the database is down
 LATENCIES_KEPT = 1024  # recent commit times, for stats
 HISTORY_PAGE = 500  # entries a resume reads from the store at a time
+PING_EVERY = 5.0  # seconds: an idle writer checks the database this often
 
 
 class StoreUnavailable(Unavailable):
     """The database could not be reached or did not answer in time (503
     where a request needed it)."""
+
+
+class StoreRefused(Unavailable):
+    """The database answered, and refused the statement (a bug, or data it
+    cannot take): retrying the same statement would fail the same way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,7 @@ class StoreStatistics:
     queue_peak: int
     written: int
     dropped: int
+    refused: int
     batches: int
     failures: int
     last_error: str
@@ -86,6 +94,9 @@ class Store:
         self._dropped_logged = 0
         self._latencies: list[float] = []
         self.restore_info: dict[str, Any] = {}
+        self.refused = 0  # entries the database refused (never stored)
+        self._refused: deque[tuple[int, int]] = deque(maxlen=64)  # their queue positions [lo, hi)
+        self._checked = 0.0  # when the database last answered (a write or a ping)
 
     # ------------------------------------------------------------- calls
 
@@ -106,8 +117,12 @@ class Store:
                 return await trio.to_thread.run_sync(run, limiter=self.limiter, abandon_on_cancel=True)
         except trio.TooSlowError:
             raise StoreUnavailable(f"no answer within {deadline:g} s") from None
-        except (psycopg.Error, PoolTimeout) as exc:
-            raise StoreUnavailable(_one_line(exc)) from None
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise StoreUnavailable(_one_line(exc)) from None  # the connection, the server: retry
+        except psycopg.errors.QueryCanceled as exc:
+            raise StoreUnavailable(_one_line(exc)) from None  # statement_timeout: slow, not wrong
+        except psycopg.Error as exc:
+            raise StoreRefused(_one_line(exc)) from None
 
     # ------------------------------------------------------------ writes
 
@@ -115,16 +130,17 @@ class Store:
         """Write what is queued now (a durable publish is waiting)."""
         self._kick.set()
 
-    async def wait_committed(self, target: int) -> bool:
+    async def wait_committed(self, target: int, first: int = 0) -> bool:
         """True once the first `target` entries ever queued are committed;
-        False after `store.durable_timeout`."""
+        False after `store.durable_timeout`, or if one of the entries from
+        position `first` on was refused by the database (never stored)."""
         self._durable_waiting += 1
         try:
             self.kick()
             with trio.move_on_after(self.config.durable_timeout):
                 while self.queue.done < target:
                     await self._committed.wait()
-                return True
+                return not any(lo < target and hi > first for lo, hi in self._refused)
             return False
         finally:
             self._durable_waiting -= 1
@@ -142,6 +158,8 @@ class Store:
                 self._kick = trio.Event()
             self._log_dropped()
             if not len(queue):
+                if trio.current_time() - self._checked >= PING_EVERY:
+                    await self._ping()  # idle: /readyz must still tell a database that went away
                 continue
             batch = queue.peek(cfg.batch_events)
             now = trio.current_time()
@@ -151,14 +169,24 @@ class Store:
             try:
                 await self.call(_write, batch, int(wall * 1000), rows)
             except StoreUnavailable as exc:
-                self.failures += 1
-                if self.status == "up":
-                    log.error("store: down (%s); %d events wait in the spill queue", exc, len(queue))
-                self.status, self.last_error = "down", str(exc)
+                self._down(exc)
                 await trio.sleep(retry)
                 retry = min(RETRY_MAX, retry * 2)
                 continue
+            except StoreRefused as exc:
+                # Written again it would fail again, and hold up everything
+                # behind it: set aside (counted, logged), never retried.
+                self.failures += 1
+                self.refused += len(batch)
+                self.last_error = str(exc)
+                log.error("store: the database refused a batch of %d events (%s): not stored", len(batch), exc)
+                self._refused.append((queue.done, queue.done + len(batch)))
+                queue.committed(len(batch))
+                self._committed.set()
+                self._committed = trio.Event()
+                continue
             took = trio.current_time() - began
+            self._checked = trio.current_time()
             if self.status != "up":
                 log.warning("store: up again; writing the %d events that waited", len(queue))
             self.status, retry = "up", RETRY_FIRST
@@ -173,12 +201,37 @@ class Store:
             self._committed.set()
             self._committed = trio.Event()
 
+    def _down(self, exc: Exception) -> None:
+        self.failures += 1
+        if self.status == "up":
+            log.error("store: down (%s); %d events wait in the spill queue", exc, len(self.queue))
+        self.status, self.last_error = "down", str(exc)
+
+    async def _ping(self) -> None:
+        self._checked = trio.current_time()
+        try:
+            await self.call(pg.ping)
+        except (StoreUnavailable, StoreRefused) as exc:
+            self._down(exc)
+            return
+        if self.status != "up":
+            log.warning("store: up again")
+            self.status = "up"
+
+    async def end_run(self, node_id: str) -> None:
+        """A clean stop: everything accepted is committed (the next start
+        need not skip sequence numbers: core/restore.py skip_unwritten)."""
+        try:
+            await self.call(pg.end_run, node_id)
+        except (StoreUnavailable, StoreRefused) as exc:
+            log.error("store: could not record the clean stop: %s", exc)
+
     async def history_page(self, wf: Workflow, after: int, limit: int = HISTORY_PAGE) -> list[Entry]:
         """The stored entries of `wf` (its epoch) after seq `after`, in
         order, at most `limit`; [] if the store cannot be read now (logged)."""
         try:
             return await self.entries(wf.id, wf.epoch, wf.tenant, wf.terminal_seq, after, limit, wf.ancestors)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, StoreRefused) as exc:
             log.warning("store: history of %r unavailable: %s", wf.id, exc)
             return []
 
@@ -245,6 +298,7 @@ class Store:
             queue_peak=q.peak,
             written=q.done,
             dropped=q.dropped,
+            refused=self.refused,
             batches=self.batches,
             failures=self.failures,
             last_error=self.last_error,
@@ -266,12 +320,12 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-async def open_store(config: StoreConfig, state: BrokerState, *, connect_timeout: float = 10.0) -> Store:
+async def open_store(config: StoreConfig, state: BrokerState) -> Store:
     """Connect, migrate, restore `state` (empty: before ingest binds).
     StoreUnavailable / pg.SchemaTooNew if that cannot be done."""
     try:
         pool = await trio.to_thread.run_sync(
-            pg.open_pool, config.dsn, config.pool_size, config.statement_timeout, connect_timeout
+            pg.open_pool, config.dsn, config.pool_size, config.statement_timeout, config.statement_timeout
         )
     except (psycopg.Error, PoolTimeout) as exc:
         raise StoreUnavailable(f"cannot connect: {_one_line(exc)}") from None
@@ -321,8 +375,22 @@ async def open_store(config: StoreConfig, state: BrokerState, *, connect_timeout
             result.ids,
             took,
         )
+        clean = await store.call(pg.begin_run, state.node_id)
     except BaseException:
         store.close()
         raise
     state.spill = store.queue
+    if clean is False:
+        # The last run did not stop cleanly: what it streamed but never
+        # wrote must not get its sequence numbers reused.
+        skipped = skip_unwritten(state, config.spill_events, trio.current_time(), time.time())
+        store.restore_info["unclean"] = True
+        store.restore_info["skipped"] = skipped
+        log.warning(
+            "store: the last run of node %r did not stop cleanly: %d broker-sequenced workflows go on "
+            "%d seqs later, behind a gap (seqs that may have been streamed but were never written)",
+            state.node_id,
+            skipped,
+            config.spill_events,
+        )
     return store
