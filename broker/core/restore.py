@@ -92,6 +92,11 @@ class WorkflowRow:
     log_counts: str
     snapshot: str | None
     snapshot_seq: int
+    # A new incarnation (not in the store yet): the batch first deletes
+    # what the store holds under this id and epoch (an engine-sequenced
+    # workflow started again after eviction: its epoch is "e" again) and
+    # the old row. Not a column.
+    fresh: bool = False
 
 
 SNAPSHOT_EVERY = 256  # a workflow's snapshot is saved at least every this many events …
@@ -144,9 +149,22 @@ def workflow_rows(
                 log_counts=orjson.dumps(list(e.log_counts)).decode(),
                 snapshot=snapshot,
                 snapshot_seq=snap.seq if snapshot is not None else 0,
+                fresh=not wf.stored,
             )
         )
     return rows, saved
+
+
+def mark_committed(
+    state: BrokerState, rows: Iterable[WorkflowRow], saved: Iterable[tuple[Workflow, int]], now: float
+) -> None:
+    """A batch with `rows` (and the snapshots `saved`) is committed."""
+    for wf, seq in saved:
+        wf.saved_seq, wf.saved_at = seq, now
+    for r in rows:
+        wf = state.workflows.get(r.workflow_id)
+        if wf is not None and wf.epoch == r.epoch:
+            wf.stored = True
 
 
 def snapshot_json(wf: Workflow) -> bytes:
@@ -209,6 +227,7 @@ def restore(
         wf.log_counts = row.log_counts or NO_LOGS
         wf.terminal_seq = row.terminal_seq
         wf.updated_at = now
+        wf.stored = True
         stored = by_wf.get(row.workflow_id, [])
         _fill(wf, stored, row)
         count += len(stored)

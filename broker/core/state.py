@@ -131,6 +131,7 @@ class Workflow:
         "log_counts",
         "saved_seq",
         "saved_at",
+        "stored",
     )
 
     def __init__(self, wid: str, tenant: str, parent_id: str | None, seq: Sequencer, ring: Ring[Entry]) -> None:
@@ -154,6 +155,10 @@ class Workflow:
         # writer's clock); see store/writer.py.
         self.saved_seq = 0
         self.saved_at = -1e9
+        # Its row is in the store (written once, or restored from it): a
+        # workflow not stored yet replaces what the store holds under its
+        # id (an earlier incarnation's), see core/restore.py workflow_rows.
+        self.stored = False
 
     @property
     def epoch(self) -> str:

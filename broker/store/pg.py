@@ -165,6 +165,7 @@ ON CONFLICT (workflow_id) DO UPDATE SET
         THEN excluded.snapshot_seq ELSE broker_workflows.snapshot_seq END
 """
 
+_ROW_COLUMNS = tuple(f for f in WorkflowRow.__slots__ if f != "fresh")  # the order of _UPSERT's
 _EVENT_COLUMNS = "workflow_id, epoch, seq, seq_from, tenant, kind, task_id, state, level, event_id, stored_at, body"
 _STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS broker_stage "
@@ -182,6 +183,17 @@ def write_batch(conn: psycopg.Connection[Any], data: bytes, workflows: Sequence[
         cur.execute(_STAGE)
         with cur.copy("COPY broker_stage FROM STDIN") as copy:
             copy.write(data)
+        fresh = [w for w in workflows if w.fresh]
+        if fresh:
+            # New incarnations: what the store holds under their id and
+            # epoch is an earlier one's (core/restore.py WorkflowRow.fresh).
+            ids, epochs = [w.workflow_id for w in fresh], [w.epoch for w in fresh]
+            cur.execute(
+                "DELETE FROM broker_events e USING unnest(%s::text[], %s::text[]) AS f(wid, epoch) "
+                "WHERE e.workflow_id = f.wid AND e.epoch = f.epoch",
+                (ids, epochs),
+            )
+            cur.execute("DELETE FROM broker_workflows WHERE workflow_id = ANY(%s)", (ids,))
         cur.execute(
             f"INSERT INTO broker_events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM broker_stage "
             "ON CONFLICT DO NOTHING"
@@ -189,7 +201,7 @@ def write_batch(conn: psycopg.Connection[Any], data: bytes, workflows: Sequence[
         if workflows:
             # One array per column. (Built eagerly: a generator per row here
             # would read `w` late, after the loop, and repeat the last row.)
-            columns = [[getattr(w, f) for w in workflows] for f in WorkflowRow.__slots__]
+            columns = [[getattr(w, f) for w in workflows] for f in _ROW_COLUMNS]
             cur.execute(_UPSERT, columns)
 
 

@@ -36,7 +36,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..config import StoreConfig
 from ..core.entry import Entry
 from ..core.errors import Unavailable
-from ..core.restore import RestoreResult, WorkflowRow, restore, skip_unwritten, workflow_rows
+from ..core.restore import RestoreResult, WorkflowRow, mark_committed, restore, skip_unwritten, workflow_rows
 from ..core.spill import SpillQueue
 from ..core.state import BrokerState, Workflow
 from . import pg
@@ -192,8 +192,7 @@ class Store:
             self.status, retry = "up", RETRY_FIRST
             queue.committed(len(batch))
             self.batches += 1
-            for wf, seq in saved:
-                wf.saved_seq, wf.saved_at = seq, now
+            mark_committed(state, rows, saved, now)
             lat = self._latencies
             lat.append(took * 1000)
             if len(lat) > LATENCIES_KEPT:
