@@ -162,9 +162,9 @@ def mark_committed(
     for wf, seq in saved:
         wf.saved_seq, wf.saved_at = seq, now
     for r in rows:
-        wf = state.workflows.get(r.workflow_id)
-        if wf is not None and wf.epoch == r.epoch:
-            wf.stored = True
+        live = state.workflows.get(r.workflow_id)
+        if live is not None and live.epoch == r.epoch:
+            live.stored = True
 
 
 def snapshot_json(wf: Workflow) -> bytes:
