@@ -4,12 +4,15 @@ with JWT auth; facts seen on `GET /v1/audit/stream` and the WebSocket
 
 from __future__ import annotations
 
+import itertools
+import socket
 import time
 from typing import Any
 
 import jwt
 import trio
 
+from .builders import tick
 from .e2e import client_for, module_broker, open_sse, uid, wf_path
 from .ws_client import ws_client
 
@@ -96,3 +99,47 @@ async def test_the_ws_audit_subscription_and_the_ring_bound(daemon) -> None:
             async with open_sse(c, "/v1/audit/stream?last_event_id=" + f"{epoch}.1", headers=bearer()) as s:
                 gap = await s.expect()
                 assert gap.event == "gap" and gap.json["missed"] > 0
+
+
+async def test_a_consumer_that_stops_reading_is_a_slow_consumer_closed_fact(broker_factory) -> None:
+    """A stream whose client stops reading (a raw socket with a 4 KiB
+    receive buffer, as in test_backpressure.py) is marked slow after
+    `stream.slow_consumer_timeout` (0.5 s here): one `slow_consumer.closed`
+    fact with its user, tenant and connection, then its
+    `connection.closed` says why (`slow_consumer`)."""
+    d = broker_factory(auth={"mode": "jwt", "secret": SECRET}, stream={"slow_consumer_timeout": 0.5})
+    wid = uid("sloth")
+    d.push({"workflow_id": wid, "type": "workflow.running", "tenant": "acme"})
+    facts = "connection.opened,slow_consumer.closed,connection.closed"
+    with trio.fail_after(20):
+        async with (
+            client_for(d) as c,
+            open_sse(c, f"/v1/audit/stream?tenant=acme&actions={facts}", headers=bearer()) as audit,
+        ):
+            assert audit.status == 200
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            with sock:
+                await sock.connect(("127.0.0.1", d.port))
+                auth = bearer(scope="subscribe", tenant="acme", sub="sloth")["Authorization"]
+                await sock.send(f"GET {wf_path(wid)} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n".encode())
+                opened = await audit.expect()
+                assert (opened.json["action"], opened.json["user"]) == ("connection.opened", "sloth")
+
+                async def pump() -> None:  # 8 KB events until its writes block
+                    for i in itertools.count():
+                        d.push(*[{**tick(wid, i * 20 + k, 8000), "tenant": "acme"} for k in range(20)])
+                        await trio.sleep(0.005)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump)
+                    slow = (await audit.expect()).json
+                    nursery.cancel_scope.cancel()
+            # The socket is closed (reset: unread data): the stream ends.
+            closed = (await audit.expect()).json
+    assert slow["action"] == "slow_consumer.closed", slow
+    assert (slow["user"], slow["tenant"], slow["transport"]) == ("sloth", "acme", "sse")
+    assert slow["connection"] == opened.json["connection"] and slow["detail"] == "no write progress for 0.5 s"
+    assert closed["action"] == "connection.closed" and closed["connection"] == slow["connection"]
+    assert closed["detail"] == "slow_consumer"
+    assert not [line for line in d.lines if "Traceback" in line], d.output()

@@ -9,6 +9,10 @@ allowed in.
   refused in the handshake, before any of its messages is read; each
   refusal is counted (`failures`) and logged (at most once per 10 s, with
   the count since).
+- libzmq has one ZAP endpoint per context (`inproc://zeromq.zap.01`), so
+  the groups of one context (ingest, control) share one authenticator:
+  each group is a ZAP domain (its section name, set on its sockets) with
+  its own clients directory, refusal count and callback.
 - An engine's public certificate may say `tenant = "…"` in its `metadata`
   section; pyzmq's loader ignores metadata, so `read_metadata` reads it.
   The authenticator gives every message of an authenticated connection its
@@ -28,6 +32,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,34 +94,50 @@ def load_clients(key: str, directory: str) -> dict[str, str | None]:
 
 
 class _Authenticator(ThreadAuthenticator):
-    """pyzmq's ZAP handler, counting the connections it refuses."""
+    """pyzmq's ZAP handler for one context, counting the connections it
+    refuses per ZAP domain (a `CurveServer`'s section)."""
 
-    def __init__(self, context: zmq.Context[Any], on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(self, context: zmq.Context[Any]) -> None:
         super().__init__(context)
-        self.on_refused = on_refused  # called in this thread: it must hand over to the loop itself
+        # Called in this thread: they must hand over to the loop themselves.
+        self.on_refused: dict[str, Callable[[str], None]] = {}
         self.lock = threading.Lock()
-        self.failures = 0
+        self.failures: Counter[str] = Counter()
+        self.groups = 0  # CurveServers started on it
+        self._domain = ""  # of the request being answered (one at a time, in this thread)
         self._logged_at = 0.0
         self._since_log = 0
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self._domain = msg[2].decode("utf-8", "replace") if len(msg) > 2 else ""
+        await super().handle_zap_message(msg)
 
     def _send_zap_reply(
         self, request_id: bytes, status_code: bytes, status_text: bytes, user_id: str = "anonymous"
     ) -> None:
         if status_code != b"200":
+            domain = self._domain
             with self.lock:
-                self.failures += 1
+                self.failures[domain] += 1
                 self._since_log += 1
                 now = time.monotonic()
                 if now - self._logged_at >= 10.0:
                     log.warning(
-                        "zmq: refused %d connection(s) with an unknown CURVE key (%s)",
+                        "zmq: refused %d connection(s) with an unknown CURVE key (%s: %s)",
                         self._since_log,
+                        domain,
                         status_text.decode("utf-8", "replace"),
                     )
                     self._logged_at, self._since_log = now, 0
-            if self.on_refused is not None:
-                self.on_refused(status_text.decode("utf-8", "replace"))
+            on_refused = self.on_refused.get(domain)
+            if on_refused is not None:
+                on_refused(status_text.decode("utf-8", "replace"))
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+# The running authenticator of each context (by the context's id), while
+# a CurveServer of that context uses it.
+_authenticators: dict[int, _Authenticator] = {}
 
 
 class CurveServer:
@@ -145,29 +166,44 @@ class CurveServer:
 
     @property
     def failures(self) -> int:
-        return 0 if self._auth is None else self._auth.failures
+        return 0 if self._auth is None else self._auth.failures[self.section]
 
     def _tenants(self) -> dict[str, str]:
         """z85 public key → tenant, for the certificates that name one."""
         return {k: t for k, t in self.clients.items() if t is not None}
 
     def start(self, ctx: zmq.Context[Any], on_refused: Callable[[str], None] | None = None) -> None:
-        """Run the authenticator (before any socket of the group binds);
+        """Run the context's authenticator, or join it, with this group's
+        clients as its domain (before any socket of the group binds);
         `on_refused(reason)` is called from its thread for each refusal."""
-        auth = _Authenticator(ctx, on_refused)
-        auth.start()
-        auth.configure_curve(domain="*", location=self.clients_dir)
+        auth = _authenticators.get(id(ctx))
+        if auth is None:
+            auth = _authenticators[id(ctx)] = _Authenticator(ctx)
+            auth.start()
+        auth.groups += 1
+        if on_refused is not None:
+            auth.on_refused[self.section] = on_refused
+        auth.configure_curve(domain=self.section, location=self.clients_dir)
         self._auth = auth
 
     def stop(self) -> None:
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
+        auth = self._auth
+        if auth is None:
+            return
+        self._auth = None
+        auth.on_refused.pop(self.section, None)
+        auth.groups -= 1
+        if not auth.groups:
+            auth.stop()
+            if _authenticators.get(id(auth.context)) is auth:
+                del _authenticators[id(auth.context)]
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
-        """Make `sock` a CURVE server with this group's keys (before bind)."""
+        """Make `sock` a CURVE server with this group's keys, in this
+        group's ZAP domain (before bind)."""
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
+        sock.zap_domain = self.section.encode()
         sock.curve_server = True
 
     def reload(self) -> bool:
@@ -181,7 +217,7 @@ class CurveServer:
         self.clients = clients
         self.tenants = self._tenants()
         if self._auth is not None:
-            self._auth.configure_curve(domain="*", location=self.clients_dir)
+            self._auth.configure_curve(domain=self.section, location=self.clients_dir)
         return True
 
 

@@ -222,6 +222,7 @@ class Hub:
         self.body_bytes_peak = 0
         self.gc_stats: GcStats | None = None  # set by run.serve (gc_policy)
         self.ingest_curve: CurveServer | None = None  # set by run.serve when ingest requires CURVE
+        self.control_curve: CurveServer | None = None  # … and when the control socket does
         self.control: ControlChannel | None = None  # set by run.serve when control.bind is set
         self.control_rate = RequestRate()  # control requests per principal
         self.audit_log = AuditLog(self.state.node_epoch, config.audit.ring_events)

@@ -135,6 +135,8 @@ def reload_keys(hub: Hub, config: Config) -> None:
         log.error("reload: %s; the JWT keys in force stay", exc)
         auth_ok = False
     curve_ok = hub.ingest_curve.reload() if hub.ingest_curve is not None else True
+    if hub.control_curve is not None:
+        curve_ok = hub.control_curve.reload() and curve_ok
     hub.reloads += 1
     hub.audit("config.reloaded", detail="keys read again" if auth_ok and curve_ok else "failed: the keys in force stay")
     if auth_ok and curve_ok:
@@ -196,6 +198,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
             curve.start(ctx, zmq_refused("ingest"))  # before the socket binds: without it any key would do
         if control_curve is not None:
             control_curve.start(ctx, zmq_refused("control"))
+            hub.control_curve = control_curve
         if cc.bind:
             try:
                 control_sock, control_endpoint = bind_control(ctx, cc.bind, control_curve)

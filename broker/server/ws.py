@@ -48,6 +48,7 @@ from ..core.control import data_size, parse_request
 from ..core.entry import Item, dumps_exact
 from ..core.errors import (
     WS_GOING_AWAY,
+    WS_INTERNAL,
     WS_NORMAL,
     BrokerError,
     InvalidArgument,
@@ -540,6 +541,18 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> No
                     return
                 await session.send(AUTHENTICATED)
             await session.run()
+        except ClientGone:
+            raise
+        except Exception:
+            # A bug in one session must never reach Hypercorn, whose error
+            # path would take the whole broker down: log it, close 1011.
+            log.exception("connection %d (ws %s): internal error; closed 1011", conn.id, conn.remote)
+            hub.counters["internal_errors"] += 1
+            with trio.move_on_after(1):
+                try:
+                    await websocket.close(WS_INTERNAL, "internal error")
+                except Exception:
+                    pass
         finally:
             hub.close_connection(conn)
     except ClientGone:

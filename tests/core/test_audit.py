@@ -56,7 +56,7 @@ def test_a_cursor_resumes_exactly_after_it_and_a_lost_stretch_is_a_gap() -> None
     behind = resumed  # it read up to ep.3; the ring now starts at ep.5
     items = behind.pull()
     assert items[0].kind == "gap" and orjson.loads(items[0].body)["missed"] == 1
-    for cursor in ("other.3", "ep.x", "ep.99", "garbage"):
+    for cursor in ("other.3", "ep.x", "ep.99", "garbage", "ep.0" + "9" * 19, "ep." + "9" * 10_000):
         items = AuditReader(log, AuditFilter(), cursor).pull()
         assert [it.kind for it in items] == ["gap"] and orjson.loads(items[0].body)["missed"] is None
     assert AuditReader(log, AuditFilter()).pull() == []  # fresh: live from now
