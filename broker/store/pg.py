@@ -176,13 +176,9 @@ _STAGE = (
 
 
 def write_batch(conn: psycopg.Connection[Any], data: bytes, workflows: Sequence[WorkflowRow]) -> None:
-    """One transaction: the entries (COPY into a staging table, then
-    INSERT … ON CONFLICT DO NOTHING, so a batch written again after a lost
-    commit acknowledgement is harmless) and their workflows' rows."""
+    """One transaction: the entries and their workflows' rows; a batch
+    written again after a lost commit acknowledgement is harmless."""
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(_STAGE)
-        with cur.copy("COPY broker_stage FROM STDIN") as copy:
-            copy.write(data)
         fresh = [w for w in workflows if w.fresh]
         if fresh:
             # New incarnations: what the store holds under their id and
@@ -194,6 +190,11 @@ def write_batch(conn: psycopg.Connection[Any], data: bytes, workflows: Sequence[
                 (ids, epochs),
             )
             cur.execute("DELETE FROM broker_workflows WHERE workflow_id = ANY(%s)", (ids,))
+        # COPY into a temporary table (not WAL-logged), then one INSERT …
+        # ON CONFLICT DO NOTHING: a batch written again is harmless.
+        cur.execute(_STAGE)
+        with cur.copy(f"COPY broker_stage ({_EVENT_COLUMNS}) FROM STDIN") as copy:
+            copy.write(data)
         cur.execute(
             f"INSERT INTO broker_events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM broker_stage "
             "ON CONFLICT DO NOTHING"

@@ -48,6 +48,7 @@ _T = TypeVar("_T")
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0  # seconds between attempts while the database is down
 LATENCIES_KEPT = 1024  # recent commit times, for stats
 HISTORY_PAGE = 500  # entries a resume reads from the store at a time
+BEHIND_BATCHES = 10  # a batch holds up to this many batch_events while the queue is longer
 PING_EVERY = 5.0  # seconds: an idle writer checks the database this often
 
 
@@ -161,7 +162,9 @@ class Store:
                 if trio.current_time() - self._checked >= PING_EVERY:
                     await self._ping()  # idle: /readyz must still tell a database that went away
                 continue
-            batch = queue.peek(cfg.batch_events)
+            # Behind (more queued than a batch): larger transactions, so the
+            # per-commit cost (a WAL flush) is shared by more events.
+            batch = queue.peek(min(len(queue), cfg.batch_events * BEHIND_BATCHES))
             now = trio.current_time()
             wall = time.time()
             rows, saved = workflow_rows(state, batch, now, wall)
