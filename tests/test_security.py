@@ -31,7 +31,7 @@ from .builders import nested_json
 from .conftest import ROOT, Daemon
 from .e2e import broker_cli, client_for, module_broker, open_sse, uid, wf_path
 from .test_curve import push as curve_push
-from .test_hardening import connect, read_all, rss_kb, status_and_json
+from .test_hardening import HealthProbe, connect, read_all, rss_kb, status_and_json
 from .ws_client import ws_client
 
 SECRET = "security-test-secret-0123456789abcdef-0123456789abcdef"
@@ -618,29 +618,6 @@ async def oversized_requests(d: Any, n: int) -> None:
         assert b"BBBB" not in raw
 
 
-class RawHealthProbe:
-    """GET /healthz on a fresh connection every 20 ms, over a raw socket
-    (tests/test_hardening.py's probe builds an httpx client each time,
-    which costs this process more CPU than the requests it measures)."""
-
-    def __init__(self, d: Any) -> None:
-        self.d = d
-        self.worst = 0.0
-        self.answers = 0
-
-    async def run(self) -> None:
-        while True:
-            began = trio.current_time()
-            sock = await connect(self.d)
-            with sock:
-                await sock.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                raw, closed = await read_all(sock, 30)
-            assert closed and raw.startswith(b"HTTP/1.1 200"), raw[:100]
-            self.worst = max(self.worst, trio.current_time() - began)
-            self.answers += 1
-            await trio.sleep(0.02)
-
-
 async def test_a_flood_of_bad_tokens_is_refused_cheaply_and_leaves_nothing_behind(broker_factory) -> None:
     """2,400 requests with bad tokens of every kind (garbage, expired,
     wrongly signed, `alg: none`, wrong audience, an algorithm not
@@ -660,7 +637,7 @@ async def test_a_flood_of_bad_tokens_is_refused_cheaply_and_leaves_nothing_behin
             for n in range(4):
                 nursery.start_soon(bad_requests, d, warmup[n::4], seen)
         base = rss_kb(d)
-        probe = RawHealthProbe(d)
+        probe = HealthProbe(d)
         async with trio.open_nursery() as outer:
             outer.start_soon(probe.run)
             began = trio.current_time()

@@ -26,7 +26,8 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,17 @@ def need_server(postgres: Any) -> PgServer:
 
 
 # ----------------------------------------------------------------- helpers
+
+
+@asynccontextmanager
+async def streaming_with_postgres_stopped(client: httpx.AsyncClient, server: PgServer, wid: str) -> AsyncIterator[Any]:
+    """A stream of `wid` (started and stored), then PostgreSQL stopped."""
+    await post_ok(client, ev(wid, "workflow.running"))
+    await wait_written(client)
+    async with open_sse(client, wf_path(wid)) as s:
+        assert (await s.expect()).event == "snapshot"
+        await trio.to_thread.run_sync(server.stop)
+        yield s
 
 
 async def sql(dsn: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -604,11 +616,7 @@ async def test_spill_queue_overflow_is_counted_logged_and_the_rest_written(postg
     wid = uid("spill")
     with trio.fail_after(40):
         async with client_for(d) as client:
-            await post_ok(client, ev(wid, "workflow.running"))
-            await wait_written(client)
-            async with open_sse(client, wf_path(wid)) as s:
-                assert (await s.expect()).event == "snapshot"
-                await trio.to_thread.run_sync(server.stop)
+            async with streaming_with_postgres_stopped(client, server, wid) as s:
                 d.push(*ticks(wid, 0, 200))
                 # Every event still reaches the stream (memory) …
                 assert [e.json["data"]["i"] for e in await s.take(200)] == list(range(200))
@@ -718,11 +726,7 @@ async def test_kill9_with_uncommitted_events_seen_a_resumed_cursor_misses_nothin
     wid = uid("reused")
     with trio.fail_after(40):
         async with client_for(d) as client:
-            await post_ok(client, ev(wid, "workflow.running"))
-            await wait_written(client)
-            async with open_sse(client, wf_path(wid)) as s:
-                assert (await s.expect()).event == "snapshot"
-                await trio.to_thread.run_sync(server.stop)
+            async with streaming_with_postgres_stopped(client, server, wid) as s:
                 d.push(*ticks(wid, 0, 10))
                 seen = await s.take(10)  # streamed from memory, not stored
         kill9(d)

@@ -108,15 +108,22 @@ def _event(args: argparse.Namespace, i: int, t: float) -> dict[str, Any]:
     return {"workflow_id": wf, "type": "tick", "data": data}
 
 
-def role_push(args: argparse.Namespace) -> None:
+def _push_socket(endpoint: str) -> tuple[Any, Any]:
+    """An engine's PUSH socket, connected (and given a moment to be)."""
     import zmq
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 30000)
     sock.setsockopt(zmq.SNDHWM, 100000)
-    sock.connect(args.endpoint)
+    sock.connect(endpoint)
     time.sleep(0.2)  # let the connection come up before the clock starts
+    return ctx, sock
+
+
+def role_push(args: argparse.Namespace) -> None:
+
+    ctx, sock = _push_socket(args.endpoint)
     max_send = 0.0
     start_wall = time.time()
     if args.rate or args.stamp:
@@ -489,15 +496,9 @@ def role_mix_push(args: argparse.Namespace) -> None:
     logs) of W workflows, interleaved round-robin, flat out: `count`
     events in all, engine-sequenced from seq 1. What the store scenario
     writes."""
-    import zmq
 
     script = overload_script(args.tasks)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 30000)
-    sock.setsockopt(zmq.SNDHWM, 100000)
-    sock.connect(args.endpoint)
-    time.sleep(0.2)  # let the connection come up before the clock starts
+    ctx, sock = _push_socket(args.endpoint)
     dumps = orjson.dumps
     start_wall = time.time()
     sent = 0
