@@ -46,7 +46,7 @@ async def test_admins_watch_security_facts_and_resume(daemon) -> None:
                 assert r.status_code == 403
                 denied = await audit.expect()
                 assert denied.json["action"] == "access.denied"
-                assert (denied.json["user"], denied.json["tenant"]) == (None, None)  # refused before it was anyone
+                assert (denied.json["user"], denied.json["tenant"]) == ("ada", "acme")  # its token was valid
                 # An admin closes a stream: its opening and the close are facts.
                 wid = uid("aud")
                 pub = bearer(scope="publish", tenant="acme", sub="engine")

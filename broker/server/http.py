@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -114,7 +114,7 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.errorhandler(BrokerError)
     async def _broker_error(err: BrokerError) -> Response:
-        hub.refused(err, "http", request.remote_addr or "")
+        hub.refused(err, "http", request.remote_addr or "", g.get("principal"))
         return error_response(err)
 
     @app.errorhandler(HTTPException)
@@ -131,6 +131,7 @@ def create_app(hub: Hub) -> QuartTrio:
     def principal(scope: str) -> Principal:
         """The request's principal, holding `scope` (401 / 403 otherwise)."""
         who = hub.principal_of(request.headers, request.args)
+        g.principal = who  # a refusal after this (a scope) is audited with who it was
         require(who, scope)
         return who
 
@@ -154,7 +155,7 @@ def create_app(hub: Hub) -> QuartTrio:
         try:
             publisher = principal("publish")
         except BrokerError as err:
-            hub.refused(err, "http", request.remote_addr or "")
+            hub.refused(err, "http", request.remote_addr or "", g.get("principal"))
             response = error_response(err)
             response.headers["Connection"] = "close"  # its body is never read
             return response
@@ -233,7 +234,7 @@ def create_app(hub: Hub) -> QuartTrio:
             body = await read_body(hub, MAX_CONTROL_BODY)
         except (BrokerError, _BodyRefused) as exc:
             err = exc.err if isinstance(exc, _BodyRefused) else exc
-            hub.refused(err, "http", request.remote_addr or "")
+            hub.refused(err, "http", request.remote_addr or "", g.get("principal"))
             response = error_response(err)
             response.headers["Connection"] = "close"  # its body was not read to its end
             return response
