@@ -90,7 +90,7 @@ class WorkflowRow:
     terminal_seq: int | None
     terminal_wall: int | None
     log_counts: str
-    snapshot: str | None
+    snapshot: bytes | None  # a `snapshot` message body, JSON
     snapshot_seq: int
     # A new incarnation (not in the store yet): the batch first deletes
     # what the store holds under this id and epoch (an engine-sequenced
@@ -101,6 +101,13 @@ class WorkflowRow:
 
 SNAPSHOT_EVERY = 256  # a workflow's snapshot is saved at least every this many events …
 SNAPSHOT_PERIOD = 1.0  # … or this many seconds (while it changes), and at its end
+# A busy workflow's row is written at most this often (with its snapshot, or
+# alone when no snapshot is due), not in every batch: at 1,000 busy
+# workflows a row per batch was nearly a row update per event. New
+# incarnations and terminal workflows are written at once. A row behind
+# its events is caught up at restore from the events after its last_seq
+# (`_fill`), which the restore always reads.
+ROW_PERIOD = SNAPSHOT_PERIOD
 
 
 def workflow_rows(
@@ -127,8 +134,10 @@ def workflow_rows(
         if caught_up and (
             terminal or not wf.saved_seq or seq - wf.saved_seq >= SNAPSHOT_EVERY or now - wf.saved_at >= SNAPSHOT_PERIOD
         ):
-            snapshot = snapshot_json(wf).decode()
+            snapshot = snapshot_json(wf)
             saved.append((wf, seq))
+        elif wf.stored and not terminal and now - wf.row_at < ROW_PERIOD:
+            continue  # written lately; its events say the rest (restore)
         terminal_wall = None
         if terminal and wf.terminal_at is not None:
             terminal_wall = int((wall - (now - wf.terminal_at)) * 1000)
@@ -165,6 +174,7 @@ def mark_committed(
         live = state.workflows.get(r.workflow_id)
         if live is not None and live.epoch == r.epoch:
             live.stored = True
+            live.row_at = now
 
 
 def snapshot_json(wf: Workflow) -> bytes:
@@ -294,17 +304,25 @@ def _fill(wf: Workflow, stored: list[StoredEntry], row: StoredWorkflow) -> None:
     terminal_seq = row.terminal_seq
     entries: list[Entry] = []
     first_kept = len(stored) - len(keep)
+    # The row may be behind its events (ROW_PERIOD): those after its
+    # last_seq move the numbering and the log counts on.
+    last_seq = max(row.last_seq, stored[-1].seq) if stored else row.last_seq
+    wf.seq.next_seq = last_seq + 1
+    counts = list(wf.log_counts)
     for k, e in enumerate(stored):
         gap_from = _gap_from(e)
         if gap_from is not None:  # a straggler from it is late, as before the restart
             wf.seq.gaps.append((gap_from, e.seq))
         after_terminal = terminal_seq is not None and e.seq > terminal_seq
         replay = e.seq > row.snapshot_seq and not after_terminal
-        if k < first_kept and not replay:
+        beyond = e.seq > row.last_seq
+        if k < first_kept and not replay and not beyond:
             continue  # neither in the ring nor to replay
         entry = Entry.restored(
             e.body, tenant=wf.tenant, terminal=e.seq == terminal_seq, after_terminal=after_terminal, fields=e.fields
         )
+        if beyond and entry.kind == "log" and not after_terminal:
+            counts[level_slot(entry.level)] += 1
         if replay:
             if entry.kind == "gap":
                 snap.seq = entry.seq
@@ -313,8 +331,8 @@ def _fill(wf: Workflow, stored: list[StoredEntry], row: StoredWorkflow) -> None:
                 snap.apply(msg, entry.seq, msg["ts"])
         if k >= first_kept:
             entries.append(entry)
+    wf.log_counts = tuple(counts)
     # Each entry's running log counts, from the workflow's total backwards.
-    counts = list(wf.log_counts)
     for entry in reversed(entries):
         entry.log_counts = tuple(counts)
         if entry.kind == "log" and not entry.after_terminal:
@@ -325,13 +343,13 @@ def _fill(wf: Workflow, stored: list[StoredEntry], row: StoredWorkflow) -> None:
     if entries and entries[0].seq_from <= row.first_seq:
         first, ring.dropped_seq = 0, 0
     else:
-        ring.dropped_seq = entries[0].seq_from - 1 if entries else row.last_seq
+        ring.dropped_seq = entries[0].seq_from - 1 if entries else last_seq
         first = max(1, ring.dropped_seq - row.first_seq + 1)
     ring.first_index = ring.next_index = first
     for entry in entries:
         ring.append(entry)
-    if snap.seq < row.last_seq and not entries:
-        snap.seq = row.last_seq
+    if snap.seq < last_seq and not entries:
+        snap.seq = last_seq
 
 
 def _gap_from(e: StoredEntry) -> int | None:

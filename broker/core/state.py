@@ -131,6 +131,7 @@ class Workflow:
         "log_counts",
         "saved_seq",
         "saved_at",
+        "row_at",
         "stored",
     )
 
@@ -155,6 +156,7 @@ class Workflow:
         # writer's clock); see store/writer.py.
         self.saved_seq = 0
         self.saved_at = -1e9
+        self.row_at = -1e9  # its row last written (core/restore.py ROW_PERIOD)
         # Its row is in the store (written once, or restored from it): a
         # workflow not stored yet replaces what the store holds under its
         # id (an earlier incarnation's), see core/restore.py workflow_rows.

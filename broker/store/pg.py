@@ -113,8 +113,16 @@ def _copy_text(value: str) -> bytes:
 _NULL = b"\\N"
 
 
+def _opt_text(value: str | None) -> bytes:
+    return _NULL if value is None else _copy_text(value)
+
+
+def _opt_int(value: int | None) -> bytes:
+    return _NULL if value is None else str(value).encode()
+
+
 def copy_rows(entries: Sequence[Entry], stored_at: int) -> bytes:
-    """COPY text data for `entries` (the broker_stage columns)."""
+    """COPY text data for `entries` (the `_EVENT_COLUMNS`)."""
     at = str(stored_at).encode()
     lines = []
     for e in entries:
@@ -127,10 +135,10 @@ def copy_rows(entries: Sequence[Entry], stored_at: int) -> bytes:
                     str(e.seq_from).encode(),
                     _copy_text(e.tenant),
                     e.kind.encode(),
-                    _NULL if e.task_id is None else _copy_text(e.task_id),
-                    _NULL if e.state is None else _copy_text(e.state),
+                    _opt_text(e.task_id),
+                    _opt_text(e.state),
                     str(e.level).encode(),
-                    _NULL if e.event_id is None else _copy_text(e.event_id),
+                    _opt_text(e.event_id),
                     at,
                     e.body.replace(b"\\", b"\\\\"),
                 )
@@ -140,12 +148,46 @@ def copy_rows(entries: Sequence[Entry], stored_at: int) -> bytes:
     return b"\n".join(lines)
 
 
-_UPSERT = """
-INSERT INTO broker_workflows (workflow_id, tenant, parent_id, epoch, engine, first_seq, last_seq, state,
-    created, updated, terminal_seq, terminal_wall, log_counts, snapshot, snapshot_seq)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::boolean[], %s::bigint[],
-    %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[],
-    %s::bigint[])
+def copy_workflow_rows(rows: Sequence[WorkflowRow]) -> bytes:
+    """COPY text data for `rows` (the `_ROW_COLUMNS`). Built here, not as
+    array parameters: psycopg's text-array dumper quotes every element in
+    Python (a regex per string), which for the snapshots' JSON cost more
+    than the rest of a batch together (measured with py-spy)."""
+    lines = []
+    for r in rows:
+        snapshot = r.snapshot
+        lines.append(
+            b"\t".join(
+                (
+                    _copy_text(r.workflow_id),
+                    _copy_text(r.tenant),
+                    _opt_text(r.parent_id),
+                    _copy_text(r.epoch),
+                    b"t" if r.engine else b"f",
+                    str(r.first_seq).encode(),
+                    str(r.last_seq).encode(),
+                    _copy_text(r.state),
+                    _opt_int(r.created),
+                    str(r.updated).encode(),
+                    _opt_int(r.terminal_seq),
+                    _opt_int(r.terminal_wall),
+                    _copy_text(r.log_counts),
+                    _NULL if snapshot is None else snapshot.replace(b"\\", b"\\\\"),
+                    str(r.snapshot_seq).encode(),
+                )
+            )
+        )
+    lines.append(b"")
+    return b"\n".join(lines)
+
+
+_ROW_COLUMNS = tuple(f for f in WorkflowRow.__slots__ if f != "fresh")
+_ROW_COLUMN_LIST = ", ".join(_ROW_COLUMNS)
+_ROW_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS broker_row_stage (LIKE broker_workflows INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_UPSERT = f"""
+INSERT INTO broker_workflows ({_ROW_COLUMN_LIST}) SELECT {_ROW_COLUMN_LIST} FROM broker_row_stage
 ON CONFLICT (workflow_id) DO UPDATE SET
     tenant = excluded.tenant,
     parent_id = excluded.parent_id,
@@ -165,7 +207,6 @@ ON CONFLICT (workflow_id) DO UPDATE SET
         THEN excluded.snapshot_seq ELSE broker_workflows.snapshot_seq END
 """
 
-_ROW_COLUMNS = tuple(f for f in WorkflowRow.__slots__ if f != "fresh")  # the order of _UPSERT's
 _EVENT_COLUMNS = "workflow_id, epoch, seq, seq_from, tenant, kind, task_id, state, level, event_id, stored_at, body"
 _STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS broker_stage "
@@ -190,20 +231,27 @@ def write_batch(conn: psycopg.Connection[Any], data: bytes, workflows: Sequence[
                 (ids, epochs),
             )
             cur.execute("DELETE FROM broker_workflows WHERE workflow_id = ANY(%s)", (ids,))
-        # COPY into a temporary table (not WAL-logged), then one INSERT …
-        # ON CONFLICT DO NOTHING: a batch written again is harmless.
-        cur.execute(_STAGE)
-        with cur.copy(f"COPY broker_stage ({_EVENT_COLUMNS}) FROM STDIN") as copy:
-            copy.write(data)
-        cur.execute(
-            f"INSERT INTO broker_events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM broker_stage "
-            "ON CONFLICT DO NOTHING"
-        )
+        # Straight into the table, in a savepoint: the usual case. A batch
+        # written again (its commit's acknowledgement was lost) meets its
+        # own rows; then the savepoint goes and the batch takes the long
+        # way: COPY into a temporary table (not WAL-logged) and one
+        # INSERT … ON CONFLICT DO NOTHING.
+        try:
+            with conn.transaction(), cur.copy(f"COPY broker_events ({_EVENT_COLUMNS}) FROM STDIN") as copy:
+                copy.write(data)
+        except psycopg.errors.UniqueViolation:
+            cur.execute(_STAGE)
+            with cur.copy(f"COPY broker_stage ({_EVENT_COLUMNS}) FROM STDIN") as copy:
+                copy.write(data)
+            cur.execute(
+                f"INSERT INTO broker_events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM broker_stage "
+                "ON CONFLICT DO NOTHING"
+            )
         if workflows:
-            # One array per column. (Built eagerly: a generator per row here
-            # would read `w` late, after the loop, and repeat the last row.)
-            columns = [[getattr(w, f) for w in workflows] for f in _ROW_COLUMNS]
-            cur.execute(_UPSERT, columns)
+            cur.execute(_ROW_STAGE)
+            with cur.copy(f"COPY broker_row_stage ({_ROW_COLUMN_LIST}) FROM STDIN") as copy:
+                copy.write(copy_workflow_rows(workflows))
+            cur.execute(_UPSERT)
 
 
 # --------------------------------------------------------------- restore
