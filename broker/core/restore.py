@@ -100,14 +100,14 @@ class WorkflowRow:
 
 
 SNAPSHOT_EVERY = 256  # a workflow's snapshot is saved at least every this many events …
-SNAPSHOT_PERIOD = 1.0  # … or this many seconds (while it changes), and at its end
+SNAPSHOT_PERIOD = 5.0  # … or this many seconds (while it changes), and at its end
 # A busy workflow's row is written at most this often (with its snapshot, or
 # alone when no snapshot is due), not in every batch: at 1,000 busy
 # workflows a row per batch was nearly a row update per event. New
 # incarnations and terminal workflows are written at once. A row behind
 # its events is caught up at restore from the events after its last_seq
 # (`_fill`), which the restore always reads.
-ROW_PERIOD = SNAPSHOT_PERIOD
+ROW_PERIOD = 1.0
 
 
 def workflow_rows(
