@@ -369,8 +369,11 @@ async def test_a_message_of_many_parts_never_holds_the_loop(broker_factory):
                     await trio.to_thread.run_sync(send_all)
                     async with open_sse(client, wf_path(wid)) as s:
                         assert s.status == 200
-                        snap = await s.expect()
-                        assert snap.event == "snapshot"
+                        # A snapshot if the workflow was there first; if the
+                        # stream came first and waited, the events from the
+                        # first (or a resync once the 10,000 outran the ring).
+                        first = await s.expect()
+                        assert first.event in ("snapshot", "log", "resync"), first.event
                     await poll(lambda: _state_of(client, wid, "completed"), 30)
                     await trio.sleep(0.3)
             finally:

@@ -632,10 +632,13 @@ async def test_unknown_workflow_that_starts_within_the_wait_is_streamed(daemon):
                 for view in ("", "tasks", "logs"):
                     nursery.start_soon(subscribe, view)
                 await trio.sleep(UNKNOWN_WAIT / 3)  # the engine starts the workflow a little later
-                daemon.push(ev(wid, "workflow.running"))
-    for view in ("", "tasks", "logs"):
+                daemon.push(ev(wid, "workflow.running"), task(wid, "t1", "running"), log(wid, "first line"))
+    # A stream that was there before the workflow gets every event of its
+    # view from the first (not a snapshot of what it missed only by being
+    # early): the workflow's start, the task's, the log line.
+    for view, seq, kind in (("", 1, "state"), ("tasks", 2, "state"), ("logs", 3, "log")):
         status, first, at = got[view]
-        assert status == 200 and first.event == "snapshot" and first.json["state"] == "running", view
+        assert status == 200 and first.event == kind and first.json["seq"] == seq, (view, first)
         assert at - t0 >= UNKNOWN_WAIT / 3 * 0.9
 
 

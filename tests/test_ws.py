@@ -647,8 +647,9 @@ async def test_unknown_workflow_is_not_found_after_the_wait(broker_factory):
             await c.roundtrip()  # the connection answers while both wait
             assert not any(m.get("kind") == "error" for m in c.pending)
             b.push(ev("wf-late", "workflow.running"))  # starts within the wait
-            snap = await c.next_sub("late")
-            assert snap["kind"] == "snapshot" and snap["workflow_id"] == "wf-late" and snap["seq"] == 1
+            # It was there first: it gets the workflow's first event, not a snapshot.
+            first, _ = await c.events("late", 1)
+            assert first[0]["kind"] == "state" and first[0]["workflow_id"] == "wf-late" and first[0]["seq"] == 1
             err = await expect_error(c, "not_found", sub="ghost")
             elapsed = trio.current_time() - start
             assert 0.4 <= elapsed < 3, elapsed
@@ -670,8 +671,8 @@ async def test_unsubscribe_while_waiting_for_the_workflow(broker_factory):
             await c.send({"op": "unsubscribe", "sub": "p"})
             assert await c.next_sub("p") == {"kind": "unsubscribed", "sub": "p"}
             b.push(ev("wf-later", "workflow.running"))
-            snap = await c.next_sub("q")  # the other one opens
-            assert snap["kind"] == "snapshot" and snap["seq"] == 1
+            first, _ = await c.events("q", 1)  # the other one opens, from the first event
+            assert first[0]["kind"] == "state" and first[0]["seq"] == 1
             await c.roundtrip()
             assert c.pending_for("p") == []
         stats = await wait_stats(b, lambda s: s["connections"]["total"] == 0)

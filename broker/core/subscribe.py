@@ -47,10 +47,10 @@ from .entry import Message
 from .errors import InvalidArgument, NotFound, PermissionDenied
 from .filters import Filter
 from .limits import Principal
-from .messages import workflow_end
-from .reader import NO_CONTENT, MultiReader, WorkflowReader, plan_multi_start, plan_workflow_start
+from .messages import SNAPSHOT, workflow_end
+from .reader import NO_CONTENT, MultiReader, Start, WorkflowReader, plan_multi_start, plan_workflow_start
 from .scope import KINDS, MULTI_KINDS, TENANT, WORKFLOW, WORKFLOWS, Scope
-from .state import BrokerState
+from .state import BrokerState, Workflow
 
 JOURNAL = "\x00journal"  # wait key of multi-workflow streams (no workflow id holds NUL)
 NEW_WORKFLOW = "\x00new"  # wait key of streams waiting for an unknown workflow
@@ -193,19 +193,28 @@ def open_subscription(
     coalesce_after: int = 256,
     counters: Counter[str] | None = None,
     stored: bool = False,
+    waited: bool = False,
 ) -> Opened | None:
     """The reader for `sub` as `principal` may read it (`authorize`), or
     None while its one workflow is unknown — or not visible to it (the
     caller waits for NEW_WORKFLOW, then raises `workflow_not_found`).
     Raises InvalidArgument for a `since` out of reach, PermissionDenied.
-    `stored`: a store holds what the rings no longer do (reader HISTORY)."""
+    `stored`: a store holds what the rings no longer do (reader HISTORY).
+    `waited`: the workflow was unknown when the stream asked for it, so
+    the stream was there before it began: without a cursor it gets every
+    event from the first (as `since=0`), not a snapshot of what it missed
+    only by being early — unless the ring no longer holds the first one
+    and there is no store, when it gets the snapshot as any stream does."""
     sub = authorize(principal, sub)
     scope, cursor = sub.scope, sub.cursor
     if not scope.multi:
         wf = state.get(scope.name)
         if wf is None or not scope.sees(wf.tenant, wf.id):
             return None
-        start = plan_workflow_start(wf, last_event_id=cursor.resume, since=cursor.since, stored=stored)
+        if waited and cursor.resume is None and cursor.since is None:
+            start = _from_first(wf, stored)
+        else:
+            start = plan_workflow_start(wf, last_event_id=cursor.resume, since=cursor.since, stored=stored)
         if start.mode == NO_CONTENT:
             return Opened(None, sub.key, workflow_end(wf))
         reader: WorkflowReader | MultiReader = WorkflowReader(
@@ -216,3 +225,11 @@ def open_subscription(
     start = plan_multi_start(state, last_event_id=cursor.resume, since=since)
     multi = MultiReader(state, sub.filter, start, scope=scope, coalesce_after=coalesce_after, counters=counters)
     return Opened(None if multi.done else multi, sub.key)
+
+
+def _from_first(wf: Workflow, stored: bool) -> Start:
+    """Where a stream that waited for `wf` starts: its first event."""
+    try:
+        return plan_workflow_start(wf, since=0, stored=stored)
+    except InvalidArgument:  # the ring dropped the first ones, no store
+        return Start(SNAPSHOT)

@@ -87,6 +87,7 @@ from .control import ControlChannel
 from .curve import CurveServer
 from .gc_policy import FullCollections, GcStats
 from .identity import Identity
+from .metrics import Metrics
 
 if TYPE_CHECKING:  # psycopg is imported only when a store is configured
     from ..store.writer import Store
@@ -226,6 +227,9 @@ class Hub:
         self.control: ControlChannel | None = None  # set by run.serve when control.bind is set
         self.control_rate = RequestRate()  # control requests per principal
         self.audit_log = AuditLog(self.state.node_epoch, config.audit.ring_events)
+        self.audit_counts: Counter[str] = Counter()  # facts recorded, by action (metrics)
+        self.metrics = Metrics()  # GET /metrics (server/metrics.py)
+        self.metrics.attach(self)
         self.reloads = self.reload_failures = 0  # SIGHUP key reloads (run.reload_keys)
         self.full_collections: FullCollections | None = None  # ditto: counts ended stream requests
         self.store: Store | None = None  # set by run.serve with store.backend = "postgres"
@@ -566,9 +570,10 @@ class Hub:
 
     # -------------------------------------------------------- subscriptions
 
-    def open(self, sub: Subscription, principal: Principal) -> Opened | None:
+    def open(self, sub: Subscription, principal: Principal, *, waited: bool = False) -> Opened | None:
         """Place `sub` on the state as `principal` may read it
-        (core/subscribe.py); None while its workflow is unknown to it."""
+        (core/subscribe.py); None while its workflow is unknown to it.
+        `waited`: it was unknown when the stream asked (every event then)."""
         return open_subscription(
             self.state,
             sub,
@@ -576,6 +581,7 @@ class Hub:
             coalesce_after=self.stream.coalesce_after,
             counters=self.counters,
             stored=self.store is not None,
+            waited=waited,
         )
 
     async def history(self, principal: Principal, wid: str, args: Mapping[str, str]) -> bytes:
@@ -647,7 +653,7 @@ class Hub:
         opened = self.open(sub, principal)
         if opened is None:
             with trio.move_on_after(self.stream.unknown_workflow_wait):
-                while (opened := self.open(sub, principal)) is None and not self._draining:
+                while (opened := self.open(sub, principal, waited=True)) is None and not self._draining:
                     if conn.closing:
                         raise Unavailable("the connection was closed while it waited for its workflow")
                     # A close does not wake this wait: look again every so often.
@@ -810,6 +816,7 @@ class Hub:
                 "connection": conn.id,
                 **fields,
             }
+        self.audit_counts[action] += 1
         entry = self.audit_log.record(action, int(time.time() * 1000), **fields)
         audit_log.info("%s", entry.body.decode())
         self._enqueue(self.schedule.touched((AUDIT,), trio.current_time()))
@@ -829,6 +836,11 @@ class Hub:
         self.audit(action, user=who.user, tenant=who.tenant, transport=transport, remote=remote, detail=err.message)
 
     # ----------------------------------------------------------- statistics
+
+    def oldest_write_age(self) -> float:
+        """Seconds the longest-blocked write in progress has waited (0.0: none)."""
+        started = [c.write_started for c in self.connections.values() if c.write_started is not None]
+        return trio.current_time() - min(started) if started else 0.0
 
     def statistics(self) -> HubStatistics:
         wake = self.schedule.statistics()

@@ -391,7 +391,7 @@ class WsSession:
             if model is None:
                 continue
             try:
-                opened = self.hub.open(model, self.conn.principal)
+                opened = self.hub.open(model, self.conn.principal, waited=True)
                 if opened is None and now < sub.deadline:
                     continue
                 self._stop(sub)  # stops listening for new workflows

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 import pytest
 
 from broker.core.errors import InvalidArgument, NotFound
@@ -24,7 +25,7 @@ from broker.core.subscribe import (
     workflow_not_found,
 )
 
-from .helpers import mk, send, wfe
+from .helpers import mk, send, task, wfe
 
 
 def sse(path_workflow: str | None, query: str, view: str = "all", last_event_id: str | None = None) -> Subscription:
@@ -224,6 +225,37 @@ def test_open_a_workflow_subscription() -> None:
     send(st, wfe())
     opened = open_subscription(st, sse("w", ""), ANONYMOUS)
     assert opened is not None and isinstance(opened.reader, WorkflowReader) and opened.key == "w"
+    assert [m.kind for m in opened.reader.pull()] == ["snapshot"]
+
+
+def test_a_subscription_that_waited_gets_every_event_from_the_first() -> None:
+    st = mk()
+    assert open_subscription(st, sse("w", ""), ANONYMOUS, waited=True) is None
+    send(st, wfe(), task("t", "running"), wfe(etype="workflow.completed"))
+    opened = open_subscription(st, sse("w", ""), ANONYMOUS, waited=True)
+    assert opened is not None and isinstance(opened.reader, WorkflowReader)
+    got = opened.reader.pull()
+    assert [(m.kind, orjson.loads(m.body)["seq"]) for m in got] == [
+        ("state", 1),
+        ("state", 2),
+        ("state", 3),
+        ("end", 3),
+    ]
+    # Without having waited: the snapshot, as before.
+    opened = open_subscription(st, sse("w", ""), ANONYMOUS)
+    assert opened is not None and opened.reader is not None
+    assert [m.kind for m in opened.reader.pull()] == ["snapshot", "end"]
+    # The client's cursor still decides.
+    opened = open_subscription(st, ws(workflow="w", since=1), ANONYMOUS, waited=True)
+    assert opened is not None and opened.reader is not None
+    assert [orjson.loads(m.body)["seq"] for m in opened.reader.pull()] == [2, 3, 3]
+
+
+def test_a_subscription_that_waited_too_long_for_the_ring_gets_the_snapshot() -> None:
+    st = mk(ring_events=4)
+    send(st, *[wfe(etype="x.tick") for _ in range(10)])  # the first ones left the ring
+    opened = open_subscription(st, sse("w", ""), ANONYMOUS, waited=True)
+    assert opened is not None and opened.reader is not None
     assert [m.kind for m in opened.reader.pull()] == ["snapshot"]
 
 
