@@ -75,6 +75,7 @@ class GcStats:
         self.pause_max = [0.0, 0.0, 0.0]
         self.collected = [0, 0, 0]  # unreachable objects freed (cyclic garbage)
         self._started = 0.0
+        self.on_pause: Callable[[int, float], None] | None = None  # (generation, seconds): the metrics
 
     def callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -87,6 +88,8 @@ class GcStats:
         self.pause_total[gen] += pause
         if pause > self.pause_max[gen]:
             self.pause_max[gen] = pause
+        if self.on_pause is not None:
+            self.on_pause(gen, pause)
 
     def to_json(self) -> dict[str, Any]:
         return {

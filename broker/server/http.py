@@ -31,6 +31,7 @@ from ..core.limits import Principal
 from ..core.subscribe import require
 from .cors import cors_headers
 from .hub import Hub
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 MAX_CONTROL_BODY = 131072  # bytes of a cancel / signal request's body
 
@@ -139,6 +140,11 @@ def create_app(hub: Hub) -> QuartTrio:
     async def healthz() -> Response:
         return json_response({"status": "ok"})
 
+    @app.route("/metrics")
+    async def metrics() -> Response:
+        # No token: it holds counts, never workflow data (labels are bounded).
+        return Response(hub.metrics.render(), status=200, content_type=METRICS_CONTENT_TYPE)
+
     @app.route("/readyz")
     async def readyz() -> Response:
         ready = not hub.draining and bool(hub.ingest_endpoint)
@@ -189,7 +195,10 @@ def create_app(hub: Hub) -> QuartTrio:
             # queued so far (ours among them), shared with concurrent ones.
             if store.queue.dropped != dropped:
                 raise Unavailable("the store's spill queue is full: not stored")
-            if not await store.wait_committed(store.queue.pushed, first):
+            began = trio.current_time()
+            committed = await store.wait_committed(store.queue.pushed, first)
+            hub.metrics.durable_commit.observe(trio.current_time() - began)
+            if not committed:
                 timeout = store.config.durable_timeout
                 raise Unavailable(f"not stored: not committed within store.durable_timeout ({timeout:g} s), or refused")
         rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]

@@ -180,6 +180,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
 
             try:
                 hub.store = await open_store(config.store, hub.state)
+                hub.store.on_commit = hub.metrics.store_write.observe
             except (StoreUnavailable, SchemaTooNew) as exc:
                 raise StartupError(f"store: {exc}") from None
         token = trio.lowlevel.current_trio_token()
@@ -258,6 +259,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
 
                 await nursery.start(http)
                 hub.gc_stats = gc_policy.install()
+                hub.gc_stats.on_pause = hub.metrics.observe_gc
                 hub.full_collections = gc_policy.FullCollections(trio.current_time())
                 nursery.start_soon(
                     gc_policy.serve_full_collections,

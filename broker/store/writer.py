@@ -94,6 +94,7 @@ class Store:
         self._durable_waiting = 0
         self._dropped_logged = 0
         self._latencies: list[float] = []
+        self.on_commit: Callable[[float], None] | None = None  # a batch's seconds: the metrics
         self.restore_info: dict[str, Any] = {}
         self.refused = 0  # entries the database refused (never stored)
         self._refused: deque[tuple[int, int]] = deque(maxlen=64)  # their queue positions [lo, hi)
@@ -196,6 +197,8 @@ class Store:
             queue.committed(len(batch))
             self.batches += 1
             mark_committed(state, rows, saved, now)
+            if self.on_commit is not None:
+                self.on_commit(took)
             lat = self._latencies
             lat.append(took * 1000)
             if len(lat) > LATENCIES_KEPT:
