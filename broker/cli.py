@@ -40,6 +40,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .server.run import StartupError, serve
 
     logs.setup(config.log.level, config.log.format)
+    import logging
+
+    logging.getLogger("broker").info(
+        "config: %s", args.config or "the built-in defaults (no -c FILE given; see broker check-config)"
+    )
     try:
         trio.run(serve, config)
     except StartupError as exc:
@@ -57,7 +62,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         load_verifier(config.auth)  # the key files are read and checked too
     except ConfigError as exc:
         return _fail(str(exc))
-    print(orjson.dumps(config.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    import tomli_w
+
+    source = args.config or "the built-in defaults (no -c FILE given)"
+    print(f"# broker check-config: the effective configuration, from {source}")
+    if args.json:
+        print(orjson.dumps(config.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(tomli_w.dumps(config.as_dict()), end="")
     return 0
 
 
@@ -95,49 +107,81 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_push(args: argparse.Namespace) -> int:
-    """Read JSON events, one per line, from stdin and push them over ZMQ."""
+def no_broker(endpoint: str, timeout: float) -> str:
+    """What `push` and `simulate` say when nothing takes their events."""
+    return (
+        f"no broker at {endpoint} (nothing took an event within {timeout:g} s: is it running there? "
+        "With CURVE: does it accept this engine's key?)"
+    )
+
+
+def open_publisher(args: argparse.Namespace, what: str) -> Publisher | str:
+    """A Publisher for `args.endpoint` (`--timeout`, CURVE keys), or the
+    one line to print when the endpoint or a key file is wrong."""
     import zmq
 
     from .client import Publisher
 
     try:
-        pub = Publisher(
+        return Publisher(
             args.endpoint,
-            curve_secret_file=args.curve_secret,
-            curve_server_key_file=args.curve_server_key,
+            curve_secret_file=getattr(args, "curve_secret", None),
+            curve_server_key_file=getattr(args, "curve_server_key", None),
             send_timeout_ms=int(args.timeout * 1000),
         )
+    except zmq.ZMQError as exc:
+        return f"{what}: bad --endpoint {args.endpoint!r} ({exc}); expected e.g. tcp://127.0.0.1:5557"
     except (OSError, ValueError) as exc:
-        return _fail(f"push: {exc}")
+        return f"{what}: {exc}"
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Read JSON events, one per line, from stdin and push them over ZMQ.
+    Each line is checked with the broker's own envelope rules first: a
+    line the broker would reject is reported (its line number, the
+    reject reason and why) and not sent. Exit 0 when every line went, 1
+    when some were refused here or no broker took them, 2 for a bad
+    endpoint or key file."""
+    import zmq
+
+    pub = open_publisher(args, "push")
+    if isinstance(pub, str):
+        return _fail(pub)
     try:
-        count = _push_lines(pub)
+        sent, refused = _push_lines(pub, args.max_frame_bytes)
     except zmq.Again:
         pub.close(linger_ms=0)
-        return _fail(
-            f"push: the broker at {args.endpoint} took nothing within {args.timeout:g} s "
-            "(not running, or it refused this engine's CURVE key)"
-        )
+        print(f"broker: push: {no_broker(args.endpoint, args.timeout)}", file=sys.stderr)
+        return 1
     pub.close()
-    print(f"pushed {count} events to {args.endpoint}", file=sys.stderr)
-    return 0
+    note = f"; {refused} line{'s' if refused != 1 else ''} refused (see above)" if refused else ""
+    print(f"pushed {sent} events to {args.endpoint}{note}", file=sys.stderr)
+    return 1 if refused else 0
 
 
-def _push_lines(pub: Publisher) -> int:
-    """Send stdin's JSON lines (others skipped, with a warning); how many went."""
-    count = 0
+def _push_lines(pub: Publisher, max_frame_bytes: int) -> tuple[int, int]:
+    """Send stdin's lines that the broker would accept; (events sent, lines
+    refused). A line may be one event or a JSON array (a batch)."""
+    from .core.envelope import decode_frame
+    from .core.errors import Reject
+
+    sent = refused = 0
     for lineno, line in enumerate(sys.stdin, 1):
         line = line.strip()
         if not line:
             continue
-        try:
-            orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            print(f"broker push: line {lineno}: not JSON ({exc}); skipped", file=sys.stderr)
+        frame = line.encode()
+        results = decode_frame(frame, max_frame_bytes)
+        bad = [(i, r) for i, r in enumerate(results) if isinstance(r, Reject)]
+        if bad:
+            for i, rej in bad:
+                where = f"line {lineno}" + (f", item {i + 1}" if len(results) > 1 else "")
+                print(f"broker: push: {where}: {rej.reason}: {rej.detail}; not sent", file=sys.stderr)
+            refused += 1
             continue
-        pub.send_raw(line.encode())
-        count += 1
-    return count
+        pub.send_raw(frame)
+        sent += len(results)
+    return sent, refused
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -164,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_config(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a config and print the effective values")
+    p = sub.add_parser("check-config", help="validate a config and print the effective values (TOML)")
     _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("migrate", help="create or upgrade the PostgreSQL store's schema (also done at start)")
@@ -177,7 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5557", help="broker's ingest endpoint")
     p.add_argument("--curve-secret", metavar="FILE", help="this engine's .key_secret (CURVE)")
     p.add_argument("--curve-server-key", metavar="FILE", help="the broker's public .key (CURVE)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds a send may wait for the broker (10)")
+    p.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to wait for a broker to take an event (3): then exit 1"
+    )
+    p.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=1048576,
+        help="the broker's ingest.max_frame_bytes: a longer line is refused here (1048576)",
+    )
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("keygen", help="write a CURVE certificate pair NAME.key / NAME.key_secret into DIR")
@@ -186,13 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tenant", help="bind an engine's certificate to a tenant (its events go there)")
     p.set_defaults(func=cmd_keygen)
 
-    p = sub.add_parser("simulate", help="push realistic simulated workflows over ZMQ (an engine simulator)")
+    p = sub.add_parser(
+        "simulate",
+        help="push realistic simulated workflows over ZMQ (an engine simulator)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     from .tools import simulate
 
     simulate.add_arguments(p)
     p.set_defaults(func=simulate.run)
 
-    p = sub.add_parser("bench", help="run the DESIGN §14 benchmark scenarios against a real broker process")
+    p = sub.add_parser("bench", help="run the benchmark scenarios against a real broker process (docs/benchmarks.md)")
     from .bench import runner
 
     runner.add_arguments(p)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import socket
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -438,7 +439,7 @@ async def test_direct_writes_false_is_valid_config(tmp_path: Path):
     cfg.write_text("[stream]\ndirect_writes = false\n")
     rc, out, err = await run_cli("check-config", "-c", str(cfg))
     assert rc == 0, err
-    assert orjson.loads(out)["stream"]["direct_writes"] is False
+    assert tomllib.loads(out)["stream"]["direct_writes"] is False
 
 
 async def test_stats_report_gc_pauses_per_generation(daemon):

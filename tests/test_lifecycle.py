@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+import tomllib
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,7 @@ async def test_check_config_prints_the_effective_config(tmp_path: Path):
     )
     rc, out, err = await run_cli("check-config", "-c", str(cfg))
     assert rc == 0, err
-    conf = orjson.loads(out)
+    conf = tomllib.loads(out)
     assert conf["shutdown_timeout"] == 2.5
     assert conf["node"]["id"] == "node-x"
     assert conf["http"]["bind"] == "127.0.0.1:9999"
@@ -279,7 +280,7 @@ async def test_check_config_prints_the_effective_config(tmp_path: Path):
 
     rc, out, err = await run_cli("check-config")
     assert rc == 0, err
-    assert orjson.loads(out)["http"]["bind"] == "127.0.0.1:8080"
+    assert tomllib.loads(out)["http"]["bind"] == "127.0.0.1:8080"
 
 
 BAD_CONFIGS = [

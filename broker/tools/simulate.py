@@ -24,7 +24,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..client import Publisher
+import zmq
+
+PROGRESS_EVERY = 5.0  # seconds between progress lines on stderr
 
 TASK_NAMES = ("extract", "validate", "transform", "enrich", "score", "load", "notify", "archive")
 LOG_LINES = (
@@ -112,7 +114,16 @@ def run(args: argparse.Namespace) -> int:
     sent = 0
     deadline = time.monotonic() + args.duration if args.duration else None
     start = time.monotonic()
-    with Publisher(args.endpoint) as pub:
+    from ..cli import no_broker, open_publisher
+
+    pub = open_publisher(args, "simulate")
+    if isinstance(pub, str):
+        print(f"broker: {pub}", file=sys.stderr)
+        return 2
+    every = 1.0 if args.verbose else PROGRESS_EVERY
+    progress_at = start + every
+    done = 0
+    try:
         while True:
             while len(active) < args.concurrent and (args.workflows == 0 or started < args.workflows):
                 active.append(workflow_script(f"{prefix}-{started + 1}", rng, shape))
@@ -125,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             except StopIteration:
                 active[i] = active[-1]
                 active.pop()
+                done += 1
                 continue
             if shape.seq:
                 wid = ev["workflow_id"]
@@ -138,8 +150,20 @@ def run(args: argparse.Namespace) -> int:
                 pause = due - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
-            if args.verbose and sent % 1000 == 0:
-                print(f"simulate: {sent} events, {started} workflows", file=sys.stderr)
+            if (now := time.monotonic()) >= progress_at:
+                progress_at = now + every
+                print(
+                    f"simulate: {sent} events sent ({sent / (now - start):.0f}/s), "
+                    f"{done} of {started} workflows done, {len(active)} running",
+                    file=sys.stderr,
+                )
+    except zmq.Again:
+        pub.close(linger_ms=0)
+        print(f"broker: simulate: {no_broker(args.endpoint, args.timeout)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    pub.close()
     elapsed = time.monotonic() - start
     print(
         f"simulate: pushed {sent} events of {started} workflows in {elapsed:.1f}s "
@@ -156,13 +180,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=20, help="events per second overall (0: as fast as possible)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: when done)")
     p.add_argument("--tasks", type=int, default=4, help="tasks per workflow (at most 8)")
-    p.add_argument("--progress-steps", type=int, default=3)
-    p.add_argument("--logs-per-task", type=int, default=3)
+    p.add_argument("--progress-steps", type=int, default=3, help="progress updates per task attempt")
+    p.add_argument("--logs-per-task", type=int, default=3, help="log lines per task attempt")
     p.add_argument("--fail-rate", type=float, default=0.05, help="chance a task fails for good")
     p.add_argument("--retry-rate", type=float, default=0.15, help="chance of each of up to 2 retries")
     p.add_argument("--child-rate", type=float, default=0.2, help="chance a workflow spawns a child")
     p.add_argument("--tenant", default="", help="tenant of every workflow (default: the broker's default)")
     p.add_argument("--prefix", default="", help="workflow id prefix (default: sim-<n>)")
     p.add_argument("--no-seq", action="store_true", help="let the broker sequence events (no engine seq)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a new run each time)")
+    p.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to wait for a broker to take an event: then exit 1"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="progress every second instead of every 5 s")
