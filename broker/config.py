@@ -178,6 +178,14 @@ class AuditConfig(_Section):
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceConfig(_Section):
+    """Running as a service (docs/operations.md): the data-path probe
+    behind systemd's watchdog and /readyz (server/probe.py); 0 = off."""
+
+    probe_interval: float = _key(5.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
 class StoreConfig(_Section):
     """DESIGN §10 (docs/store.md): with "postgres", every accepted event is
     written in batches off the hot path, and a restart restores the state."""
@@ -235,6 +243,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     shutdown_timeout: float = _key(5.0, "duration")
     source: str = "<defaults>"
 

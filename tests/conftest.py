@@ -141,6 +141,9 @@ BASE_SECTIONS: dict[str, dict[str, Any]] = {
     "http": {"bind": "127.0.0.1:0"},
     "stream": {"keepalive": 15, "unknown_workflow_wait": 2},
     "log": {"level": "info"},
+    # No data-path probe (its workflow and events would be in every count
+    # the tests assert); tests/test_notify.py turns it on.
+    "service": {"probe_interval": 0},
 }
 
 

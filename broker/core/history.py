@@ -27,7 +27,7 @@ from .envelope import TERMINAL_STATES
 from .errors import InvalidArgument, PermissionDenied
 from .filters import Filter
 from .limits import Principal
-from .state import BrokerState, Workflow
+from .state import SYSTEM_TENANT, BrokerState, Workflow
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -181,7 +181,7 @@ def summary_of_row(row: Sequence[Any]) -> dict[str, Any]:
 
 def _matches(q: ListQuery, s: Mapping[str, Any]) -> bool:
     return (
-        (q.tenant is None or s["tenant"] == q.tenant)
+        (s["tenant"] == q.tenant if q.tenant is not None else s["tenant"] != SYSTEM_TENANT)
         and (q.states is None or s["state"] in q.states)
         and (q.parent is None or s["parent_id"] == q.parent)
     )

@@ -152,6 +152,7 @@ class CurveServer:
         self.clients = load_clients(f"{section}.curve_clients_dir", clients_dir)
         self.tenants = self._tenants()
         self._auth: _Authenticator | None = None
+        self._internal: set[bytes] = set()  # the broker's own clients' keys (its probe), z85
 
     @classmethod
     def from_config(cls, section: str, secret_file: str, clients_dir: str) -> CurveServer | None:
@@ -185,6 +186,19 @@ class CurveServer:
             auth.on_refused[self.section] = on_refused
         auth.configure_curve(domain=self.section, location=self.clients_dir)
         self._auth = auth
+        self._allow_internal()
+
+    def allow(self, public_z85: bytes) -> None:
+        """Let a key of the broker's own in (its data-path probe), beside
+        the clients directory's, across reloads."""
+        self._internal.add(public_z85)
+        self._allow_internal()
+
+    def _allow_internal(self) -> None:
+        certs = self._auth.certs.get(self.section) if self._auth is not None else None
+        if certs is not None:
+            for key in self._internal:
+                certs[key] = True
 
     def stop(self) -> None:
         auth = self._auth
@@ -218,6 +232,7 @@ class CurveServer:
         self.tenants = self._tenants()
         if self._auth is not None:
             self._auth.configure_curve(domain=self.section, location=self.clients_dir)
+            self._allow_internal()
         return True
 
 

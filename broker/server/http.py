@@ -149,6 +149,12 @@ def create_app(hub: Hub) -> QuartTrio:
     async def readyz() -> Response:
         ready = not hub.draining and bool(hub.ingest_endpoint)
         body: dict[str, Any] = {"ready": ready, "ingest": hub.ingest_endpoint, "draining": hub.draining}
+        probe = hub.probe
+        if probe is not None:
+            # An event through our own ingest and back (server/probe.py).
+            body["data_path"] = probe.status()
+            if probe.ok is False:
+                ready = body["ready"] = False
         if hub.store is not None:
             # Streams go on from memory while the store is down: still ready.
             st = hub.store.statistics()

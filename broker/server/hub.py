@@ -91,6 +91,7 @@ from .metrics import Metrics
 
 if TYPE_CHECKING:  # psycopg is imported only when a store is configured
     from ..store.writer import Store
+    from .probe import Probe
 
 log = logging.getLogger("broker.hub")
 audit_log = logging.getLogger("broker.audit")
@@ -228,6 +229,7 @@ class Hub:
         self.control_rate = RequestRate()  # control requests per principal
         self.audit_log = AuditLog(self.state.node_epoch, config.audit.ring_events)
         self.audit_counts: Counter[str] = Counter()  # facts recorded, by action (metrics)
+        self.probe: Probe | None = None  # the data-path probe (set by run.serve: server/probe.py)
         self.metrics = Metrics()  # GET /metrics (server/metrics.py)
         self.metrics.attach(self)
         self.reloads = self.reload_failures = 0  # SIGHUP key reloads (run.reload_keys)

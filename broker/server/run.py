@@ -36,6 +36,8 @@ from .http import create_app
 from .hub import Hub
 from .identity import Identity
 from .listen import serve_http
+from .notify import Notifier
+from .probe import Probe
 from .zmq_ingest import bind_pull, serve_zmq_ingest
 
 log = logging.getLogger("broker")
@@ -149,6 +151,15 @@ def reload_keys(hub: Hub, config: Config) -> None:
         hub.reload_failures += 1
 
 
+async def _watchdog_from_the_loop(notifier: Notifier) -> None:
+    """WATCHDOG=1 from the event loop when the probe is off: a stuck loop
+    still gets the unit restarted."""
+    assert notifier.watchdog is not None
+    while True:
+        notifier.send(WATCHDOG=1)
+        await trio.sleep(notifier.watchdog / 2)
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT (or cancellation)."""
     config, budget = socket_budget(config, raise_nofile_limit())
@@ -171,8 +182,12 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
         raise StartupError("config key 'control.curve_secret_file': CURVE is set but control.bind is not")
     ctx = zmq.Context()
     control_sock = None
+    notifier = Notifier()
+    notifier.send(STATUS="starting")
+    probe: Probe | None = None
     try:
         if config.store.backend == "postgres":
+            notifier.send(STATUS="restoring from the store")
             # Before anything binds: no event may arrive for a workflow not
             # restored yet (store/writer.py).
             from ..store.pg import SchemaTooNew
@@ -258,6 +273,20 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                         http_done.set()
 
                 await nursery.start(http)
+                # The data-path probe (server/probe.py): an event through
+                # our own ingest and back, behind the watchdog and /readyz.
+                interval = config.service.probe_interval
+                if notifier.watchdog is not None and interval:
+                    interval = min(interval, notifier.watchdog / 3)
+                if interval:
+                    probe = hub.probe = Probe(hub, ctx, endpoint, interval, curve)
+                    probe.ok = await probe.once()
+                    if not probe.ok:
+                        log.warning("data path: the first probe did not come back (%s)", probe.error)
+                    alive = (lambda: notifier.send(WATCHDOG=1)) if notifier.watchdog is not None else None
+                    nursery.start_soon(probe.serve, alive)
+                elif notifier.watchdog is not None:
+                    nursery.start_soon(_watchdog_from_the_loop, notifier)
                 hub.gc_stats = gc_policy.install()
                 hub.gc_stats.on_pause = hub.metrics.observe_gc
                 hub.full_collections = gc_policy.FullCollections(trio.current_time())
@@ -280,12 +309,14 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                     f" control={control_at}" if control_at else "",
                 )
                 task_status.started(info)
+                notifier.send(READY=1, STATUS=f"ready: http {http_addr}, zmq {endpoint}")
 
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         reload_keys(hub, config)
                         continue
                     log.info("received %s: draining", signal.Signals(signum).name)
+                    notifier.send(STOPPING=1, STATUS="draining")
                     break
                 ingest_scope.cancel()
                 hub.tick()  # release what the reorder buffers hold past their window
@@ -309,6 +340,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                 nursery.cancel_scope.cancel()
         log.info("stopped")
     finally:
+        if probe is not None:
+            probe.close()
+        notifier.close()
         if hub.gc_stats is not None:
             gc_policy.uninstall(hub.gc_stats)
         if curve is not None:

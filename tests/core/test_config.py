@@ -28,6 +28,7 @@ from broker.config import (
     NodeConfig,
     OrderConfig,
     PeerConfig,
+    ServiceConfig,
     StoreConfig,
     StreamConfig,
     from_mapping,
@@ -108,6 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "cluster": {"bind": "", "replay_bind": "", "peers": [], "curve_secret_file": "", "curve_peers_dir": ""},
     "control": {"bind": "", "curve_secret_file": "", "curve_clients_dir": ""},
     "log": {"level": "info", "format": "text"},
+    "service": {"probe_interval": 5.0},
 }
 
 SECTION_TYPES = {
@@ -124,6 +126,7 @@ SECTION_TYPES = {
     "cluster": ClusterConfig,
     "control": ControlConfig,
     "log": LogConfig,
+    "service": ServiceConfig,
 }
 
 DURATIONS = [
