@@ -190,6 +190,11 @@ class AuditReader:
     def resume_cursor(self) -> str:
         return f"{self.log.epoch}.{self.index}"
 
+    @property
+    def behind(self) -> int:
+        """Audit facts recorded that it has not read yet."""
+        return max(0, self.log.ring.next_index - self.index)
+
     def pull(self) -> list[AuditEntry | AuditGap]:
         out: list[AuditEntry | AuditGap] = []
         if self._gap is not None:

@@ -225,6 +225,14 @@ class WorkflowReader:
         """The cursor to resume after everything pulled so far."""
         return f"{self.wf.epoch}:{self.seq}"
 
+    @property
+    def behind(self) -> int:
+        """Events of its workflow it has not passed yet (0 once done, or
+        while its opening snapshot, which covers them all, is still due)."""
+        if self.done or self._opening is not None:
+            return 0
+        return max(0, self.wf.snapshot.seq - self.seq)
+
     def _log_counts_before(self, index: int) -> tuple[int, ...]:
         ring = self.wf.ring
         if not ring.first_index <= index < ring.next_index:
@@ -387,6 +395,14 @@ class MultiReader:
     def resume_cursor(self) -> str:
         """The journal cursor to resume after everything pulled so far."""
         return f"{self.state.node_epoch}.{self.index}"
+
+    @property
+    def behind(self) -> int:
+        """Journal entries (of every workflow: the scope is applied as they
+        are read) it has not read yet; 0 once done."""
+        if self.done:
+            return 0
+        return max(0, self.state.journal.next_index - self.index)
 
     def _workflow(self, wid: str) -> Workflow | None:
         """The workflow `wid` if it exists for this reader's viewer."""

@@ -6,6 +6,11 @@ a write made elsewhere: the hub's direct writes), `park()` (wait for the
 client until woken or a deadline), `hand_back()` (end a park: the task has
 work), `close_soon()` (an admin close or the drain). The hub's watchdog
 reads `write_started` and sets `slow`; nothing else writes its fields.
+
+`subs` is what it reads, for the admins (`to_json`) and the metrics: an
+SSE stream's one subscription (`watch()`), a WebSocket session's dict of
+them (its own, shared). Each has a `reader` once placed, and a `pending`
+model while it waits for its workflow.
 """
 
 from __future__ import annotations
@@ -13,14 +18,22 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Protocol, TypeVar
 
 import trio
 
+from ..core.audit import AuditFilter, AuditReader
+from ..core.envelope import LOG_LEVELS
 from ..core.errors import SlowConsumer
+from ..core.filters import Filter
 from ..core.limits import Principal
+from ..core.reader import MultiReader, WorkflowReader
+from ..core.scope import WORKFLOWS, Scope
+from ..core.subscribe import Subscription
 
 T = TypeVar("T")
 
@@ -39,6 +52,83 @@ async def _call(fn: Callable[[], Awaitable[None]]) -> None:
     await fn()
 
 
+Reader = WorkflowReader | MultiReader | AuditReader
+LEVEL_NAMES = {v: k for k, v in LOG_LEVELS.items()}
+
+
+class Watched(Protocol):
+    """A subscription as a connection lists it (ws.WsSubscription is one)."""
+
+    @property
+    def reader(self) -> Reader | None: ...
+
+    @property
+    def pending(self) -> Subscription | None: ...
+
+
+class Watch:
+    """An SSE stream's one subscription (`Connection.watch`)."""
+
+    __slots__ = ("reader", "pending")
+
+    def __init__(self, reader: Reader | None, pending: Subscription | None = None) -> None:
+        self.reader = reader
+        self.pending = pending
+
+
+NO_SUBS: Mapping[str, Watched] = MappingProxyType({})
+
+
+def _iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _words(values: frozenset[str] | None) -> list[str] | None:
+    return None if values is None else sorted(values)
+
+
+def filter_json(flt: Filter | AuditFilter) -> dict[str, Any]:
+    if isinstance(flt, AuditFilter):
+        return {"actions": _words(flt.actions), "tenant": flt.tenant, "user": flt.user}
+    return {
+        "view": flt.view,
+        "types": _words(flt.types),
+        "tasks": _words(flt.tasks),
+        "states": _words(flt.states),
+        "level": LEVEL_NAMES.get(flt.min_level),
+        "coalesce": flt.coalesce,
+    }
+
+
+def _scope_json(scope: Scope) -> dict[str, Any]:
+    return {scope.kind: sorted(scope.ids) if scope.kind == WORKFLOWS else scope.name}
+
+
+def subscription_json(sub_id: str | None, watched: Watched) -> dict[str, Any]:
+    """One subscription for the admins: what it reads (its scope, as the
+    subscribe request names it), its filter, its cursor (where it would
+    resume: what it has read so far), how far behind it is (`lag`: events
+    of its workflow, or journal entries, not read yet) and whether it
+    still waits for its workflow."""
+    reader, pending = watched.reader, watched.pending
+    out: dict[str, Any] = {"id": sub_id}
+    if reader is None:
+        assert pending is not None
+        cursor = pending.cursor
+        since = None if cursor.since is None else str(cursor.since)
+        out.update(_scope_json(pending.scope))
+        out.update(filter=filter_json(pending.filter), cursor=cursor.resume or since, lag=0, waiting=True)
+        return out
+    if isinstance(reader, WorkflowReader):
+        out["workflow"] = reader.wf.id
+    elif isinstance(reader, MultiReader):
+        out.update(_scope_json(reader.scope))
+    else:
+        out["audit"] = True
+    out.update(filter=filter_json(reader.filter), cursor=reader.resume_cursor, lag=reader.behind, waiting=False)
+    return out
+
+
 class Connection:
     """One open stream (an SSE response or a WebSocket)."""
 
@@ -52,7 +142,8 @@ class Connection:
         "principal",
         "expires_at",
         "delivered",
-        "subscriptions",
+        "last_event",
+        "subs",
         "closing",
         "close_reason",
         "write_started",
@@ -85,7 +176,8 @@ class Connection:
         self.expires_at = math.inf  # trio clock: when its token expires (set_principal)
         self.set_principal(principal)
         self.delivered = 0
-        self.subscriptions = 0
+        self.last_event: float | None = None  # trio clock: its last write of events
+        self.subs: Mapping[str, Watched] = NO_SUBS  # what it reads (the module docstring)
         # An admin's DELETE or the drain: the stream flushes and closes (SSE
         # without `end`, so the client reconnects with its cursor; WS 1000
         # or 1001).
@@ -139,6 +231,7 @@ class Connection:
         straight to the socket, server/direct.py)."""
         counters = self._counters
         if events:
+            self.last_event = self.last_write
             self.delivered += events
             counters.delivered[self.transport] += events
             counters.streams["writes"] += 1
@@ -206,16 +299,39 @@ class Connection:
             return -self.tokens / self.rate
         return 0.0
 
+    # ---------------------------------------------------------------- admin
+
+    def watch(self, reader: Reader | None, pending: Subscription | None = None) -> None:
+        """An SSE stream's subscription: waiting for its workflow
+        (`pending`), then placed (`reader`)."""
+        self.subs = {"": Watch(reader, pending)}
+
+    def blocked(self, now: float) -> float:
+        """Seconds its current write has been blocked (0.0: none)."""
+        started = self.write_started
+        return 0.0 if started is None else now - started
+
     def to_json(self) -> dict[str, Any]:
+        """GET /v1/admin/connections: who, from where, since when, what it
+        reads and how far behind it is."""
+        now, wall = trio.current_time(), time.time()
+        p = self.principal
+        subs = [subscription_json(sub_id or None, w) for sub_id, w in self.subs.items()]
+        last = self.last_event
         return {
             "id": self.id,
             "transport": self.transport,
+            "principal": {"user": p.user, "tenant": p.tenant},
+            "user": p.user,  # also at the top, as before the principal was
+            "tenant": p.tenant,
             "remote": self.remote,
             "path": self.path,
-            "user": self.principal.user,
-            "tenant": self.principal.tenant,
-            "opened": int(self.opened * 1000),
+            "opened": _iso(self.opened),
+            "subscriptions": subs,
             "delivered": self.delivered,
-            "subscriptions": self.subscriptions,
+            "last_event": None if last is None else _iso(wall - (now - last)),
+            "lag": sum(s["lag"] for s in subs),
+            "blocked": round(self.blocked(now), 3),
             "slow": self.slow,
+            "closing": self.closing,
         }

@@ -31,7 +31,6 @@ from ..core.limits import Principal
 from ..core.subscribe import require
 from .cors import cors_headers
 from .hub import Hub
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 MAX_CONTROL_BODY = 131072  # bytes of a cancel / signal request's body
 
@@ -143,7 +142,8 @@ def create_app(hub: Hub) -> QuartTrio:
     @app.route("/metrics")
     async def metrics() -> Response:
         # No token: it holds counts, never workflow data (labels are bounded).
-        return Response(hub.metrics.render(), status=200, content_type=METRICS_CONTENT_TYPE)
+        body, content_type = hub.metrics.render(request.headers.get("Accept"))
+        return Response(body, status=200, content_type=content_type)
 
     @app.route("/readyz")
     async def readyz() -> Response:
@@ -201,10 +201,7 @@ def create_app(hub: Hub) -> QuartTrio:
             # queued so far (ours among them), shared with concurrent ones.
             if store.queue.dropped != dropped:
                 raise Unavailable("the store's spill queue is full: not stored")
-            began = trio.current_time()
-            committed = await store.wait_committed(store.queue.pushed, first)
-            hub.metrics.durable_commit.observe(trio.current_time() - began)
-            if not committed:
+            if not await store.wait_committed(store.queue.pushed, first):
                 timeout = store.config.durable_timeout
                 raise Unavailable(f"not stored: not committed within store.durable_timeout ({timeout:g} s), or refused")
         rejected = [{"index": i, "reason": r.reason, "message": r.detail} for i, r in result.rejected]
@@ -282,6 +279,14 @@ def create_app(hub: Hub) -> QuartTrio:
     async def admin_connections() -> Response:
         principal("admin")
         return json_response({"connections": [c.to_json() for c in hub.connections.values()]})
+
+    @app.route("/v1/admin/connections/<int:conn_id>")
+    async def admin_connection(conn_id: int) -> Response:
+        principal("admin")
+        conn = hub.connections.get(conn_id)
+        if conn is None:
+            raise NotFound(f"no connection {conn_id}")
+        return json_response(conn.to_json())
 
     @app.route("/v1/admin/connections/<int:conn_id>", methods=["DELETE"])
     async def admin_close_connection(conn_id: int) -> Response:

@@ -199,6 +199,9 @@ class Hub:
         # subscribers pull everything new when it comes up.
         self._queue: deque[str] = deque()
         self._queued: set[str] = set()
+        # Watched keys with entries not woken yet → when the first of them
+        # came (the publish→write histogram: one observation per key wake).
+        self._touched_at: dict[str, float] = {}
         self._pass_left: set[str] = set()  # keys of the running write pass not woken yet
         self._pass_took = 0.0  # seconds their wakes took
         self._slice_ended: float | None = None  # when the last slice left keys queued
@@ -386,6 +389,12 @@ class Hub:
         schedule = self.schedule
         keys = schedule.touched(touched, now)
         keys += schedule.touched((JOURNAL,), now)
+        since, watched = self._touched_at, schedule.watchers
+        for key in touched:
+            if key in watched and key not in since:
+                since[key] = now
+        if JOURNAL in watched and JOURNAL not in since:
+            since[JOURNAL] = now
         self._enqueue(keys)
         if created:
             # Rare, and waited on with a deadline: never deferred, first in line.
@@ -510,6 +519,7 @@ class Hub:
         (without the time the ingest ran in between): the next pass waits
         as long. Deferred wakes that fall due meanwhile join the queue."""
         queue, queued, pass_left = self._queue, self._queued, self._pass_left
+        since, publish_to_write = self._touched_at, self.metrics.publish_to_write.observe
         began = now = trio.current_time()
         away = 0.0 if self._slice_ended is None else began - self._slice_ended
         until = began + min(max(PASS_SLICE, away), MAX_SLICE)
@@ -519,6 +529,9 @@ class Hub:
             start = now
             self._call_listeners(key)
             now = trio.current_time()
+            first = since.pop(key, None)
+            if first is not None:  # its subscribers are written (directly) or handed their writes
+                publish_to_write(now - first)
             if key in pass_left:
                 pass_left.discard(key)
                 self._pass_took += now - start
@@ -550,6 +563,8 @@ class Hub:
             if (key, token_id) in self._watching:
                 self._watching.discard((key, token_id))
                 self.schedule.unwatch(key)
+                if key not in self.schedule.watchers:
+                    self._touched_at.pop(key, None)
 
     async def wait(self, key: str, timeout: float) -> bool:
         """Wait for new entries under `key` (a workflow id, JOURNAL or
@@ -654,6 +669,7 @@ class Hub:
         principal = conn.principal
         opened = self.open(sub, principal)
         if opened is None:
+            conn.watch(None, sub)  # the admins see what it waits for
             with trio.move_on_after(self.stream.unknown_workflow_wait):
                 while (opened := self.open(sub, principal, waited=True)) is None and not self._draining:
                     if conn.closing:
@@ -664,6 +680,7 @@ class Hub:
             if self._draining:
                 raise ShuttingDown("the broker is shutting down")
             raise workflow_not_found(sub)
+        conn.watch(opened.reader)
         return opened
 
     # ------------------------------------------------------------- watchdog

@@ -195,7 +195,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
 
             try:
                 hub.store = await open_store(config.store, hub.state)
-                hub.store.on_commit = hub.metrics.store_write.observe
+                hub.metrics.attach_store(hub.store)
             except (StoreUnavailable, SchemaTooNew) as exc:
                 raise StartupError(f"store: {exc}") from None
         token = trio.lowlevel.current_trio_token()

@@ -201,6 +201,7 @@ async def _audit_stream(
     hub.check_capacity(principal)
     reader = AuditReader(hub.audit_log, flt, cursor)  # first, so its own opening is its first fact
     conn = hub.open_connection("sse", req.remote, req.path, principal)
+    conn.watch(reader)
     try:
         close = [CLOSE] if scope.get("http_version") in ("1.0", "1.1") else []
         await _stream(hub, reader, AUDIT, conn, receive, send, [*SSE_HEADERS, *close, *cors])

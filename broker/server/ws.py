@@ -151,6 +151,7 @@ class WsSession:
         self.hub = hub
         self.conn = conn
         self.subs: dict[str, WsSubscription] = {}
+        conn.subs = self.subs  # the admins see them (Connection.to_json)
         self.last_seen = trio.current_time()
         self.node_epoch = hub.node_epoch
         self.due: set[str] = set()  # wait keys with news not yet pulled
@@ -404,7 +405,6 @@ class WsSession:
 
     def _add(self, sub: WsSubscription) -> None:
         self.subs[sub.id] = sub
-        self.conn.subscriptions = len(self.subs)
 
     def _stop(self, sub: WsSubscription) -> None:
         """The subscription ends: no more listening, gone from the session."""
@@ -417,7 +417,6 @@ class WsSession:
             self.hub.unlisten(NEW_WORKFLOW, sub)
         if self.subs.get(sub.id) is sub:
             del self.subs[sub.id]
-        self.conn.subscriptions = len(self.subs)
 
     def _notify(self, key: str) -> None:
         """Called by the hub: `key` has new entries (or a workflow appeared)."""

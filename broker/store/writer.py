@@ -94,7 +94,9 @@ class Store:
         self._durable_waiting = 0
         self._dropped_logged = 0
         self._latencies: list[float] = []
-        self.on_commit: Callable[[float], None] | None = None  # a batch's seconds: the metrics
+        # The metrics (server/metrics.py): a batch's commit, a durable publish's wait, in seconds.
+        self.on_commit: Callable[[float], None] | None = None
+        self.on_durable: Callable[[float], None] | None = None
         self.restore_info: dict[str, Any] = {}
         self.refused = 0  # entries the database refused (never stored)
         self._refused: deque[tuple[int, int]] = deque(maxlen=64)  # their queue positions [lo, hi)
@@ -137,6 +139,7 @@ class Store:
         False after `store.durable_timeout`, or if one of the entries from
         position `first` on was refused by the database (never stored)."""
         self._durable_waiting += 1
+        began = trio.current_time()
         try:
             self.kick()
             with trio.move_on_after(self.config.durable_timeout):
@@ -146,6 +149,8 @@ class Store:
             return False
         finally:
             self._durable_waiting -= 1
+            if self.on_durable is not None:
+                self.on_durable(trio.current_time() - began)
 
     async def serve(self, state: BrokerState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The write loop (the one task that writes)."""
