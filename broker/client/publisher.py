@@ -1,4 +1,4 @@
-"""A small client for engines: `Publisher` pushes events over ZMQ PUSH.
+"""`Publisher`: an engine pushes events to the broker over ZMQ PUSH.
 
 Sane defaults from FIELD-NOTES: `IMMEDIATE=1` (never queue into a pipe to a
 broker that is not there), a bounded `LINGER` so `close()` never hangs, and
