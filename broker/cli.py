@@ -1,4 +1,4 @@
-"""Command line: `broker run`, `broker check-config`, `broker migrate`, `broker push`, `broker keygen`, …
+"""Command line: `broker run`, `check-config`, `migrate`, `push`, `keygen`, `simulate`, `tail`, `bench`.
 
 Exit codes: 0 success, 2 bad config / cannot start (one line on stderr).
 """
@@ -248,6 +248,16 @@ def main(argv: list[str] | None = None) -> int:
 
     simulate.add_arguments(p)
     p.set_defaults(func=simulate.run)
+
+    p = sub.add_parser(
+        "tail",
+        help="follow a workflow (or a tenant's, a parent's) live in the terminal; exit 0 at its end",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from .tools import tail
+
+    tail.add_arguments(p)
+    p.set_defaults(func=tail.run)
 
     p = sub.add_parser("bench", help="run the benchmark scenarios against a real broker process (docs/benchmarks.md)")
     from .bench import runner

@@ -138,7 +138,8 @@ class Subscription:
     """See the module docstring. `cursor`: where it would resume after
     the last message taken from it (keep it to resume later); `view`: the
     state of the workflows it watches (WorkflowView); `reconnects`: how
-    often it resumed."""
+    often it resumed; `connected`: messages come (False before the first
+    and while it reconnects)."""
 
     def __init__(
         self,
@@ -174,6 +175,8 @@ class Subscription:
         self._wire = StreamState(cursor, single, listed_ids)
         self.view = WorkflowView()
         self.reconnects = 0
+        # Messages come (False before the first and while it reconnects).
+        self.connected = False
         self._stack: AsyncExitStack | None = None
         self._recv: trio.MemoryReceiveChannel[Any] | None = None
         self._thread: threading.Thread | None = None
@@ -321,6 +324,7 @@ class Subscription:
                     """Forward one message; True once the stream is over."""
                     nonlocal failing_since, delay
                     failing_since, delay = None, self.retry_min
+                    self.connected = True
                     self._wire.update(msg)
                     await send.send(msg)
                     return self._wire.done
@@ -345,6 +349,7 @@ class Subscription:
                         await send.send(SubscriptionError(FATAL_WS_CLOSES[code], detail or "", code))
                         return
                     log.info("subscription to %s: closed (%s); resuming from %s", self.base, code, self._wire.cursor)
+                self.connected = False
                 now = trio.current_time()
                 if failing_since is None:
                     failing_since = now
@@ -395,6 +400,7 @@ class Subscription:
                 if resp.status_code >= 500 or resp.status_code in (408, 429):
                     raise _Reconnect(f"{resp.status_code} {code}: {message}")
                 raise SubscriptionError(code, message, resp.status_code)
+            self.connected = True
             decoder = SseDecoder()
             # Closed here, not left to the GC when the stream stops early
             # (trio warns of an async generator it has to finalize).
@@ -448,6 +454,7 @@ class Subscription:
 
     async def _ws_session(self, ws: trio_websocket.WebSocketConnection, emit: Emit) -> None:
         await ws.send_message(self._ws_subscribe().decode())
+        self.connected = True
         while True:
             with trio.move_on_after(self.read_timeout) as waited:
                 frame = await ws.get_message()
