@@ -97,7 +97,9 @@ async def test_json_prints_every_message_with_its_cursor_and_exits_0_at_the_end(
 
             async def run() -> None:
                 args = [*TAIL, "--workflows", f"{a},{b}", "--json", "--url", broker.url]
-                result.append(await trio.run_process(args, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False))
+                result.append(
+                    await trio.run_process(args, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+                )
 
             nursery.start_soon(run)
             await opened(broker)
