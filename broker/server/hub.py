@@ -235,7 +235,7 @@ class Hub:
         self.probe: Probe | None = None  # the data-path probe (set by run.serve: server/probe.py)
         self.metrics = Metrics()  # GET /metrics (server/metrics.py)
         self.metrics.attach(self)
-        self.reloads = self.reload_failures = 0  # SIGHUP key reloads (run.reload_keys)
+        self.reloads = self.reload_failures = 0  # SIGHUP reloads (run.reload)
         self.full_collections: FullCollections | None = None  # ditto: counts ended stream requests
         self.store: Store | None = None  # set by run.serve with store.backend = "postgres"
 
@@ -917,5 +917,16 @@ class Hub:
             "zmq_auth_failures": 0 if curve is None else curve.failures,
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
+        }
+        # What SIGHUP may change, as in force now (run.reload).
+        lim = self.config.limits
+        out["in_force"] = {
+            "limits": {
+                "global": lim.global_,
+                "per_user": lim.per_user,
+                "per_tenant": lim.per_tenant,
+                "events_per_second": lim.events_per_second,
+            },
+            "log_level": logging.getLevelName(logging.getLogger().level).lower(),
         }
         return out

@@ -122,33 +122,80 @@ def socket_budget(config: Config, nofile: int) -> tuple[Config, SocketBudget]:
     return config, SocketBudget(budget.sockets)
 
 
-def reload_keys(hub: Hub, config: Config) -> None:
-    """SIGHUP: read the JWT keys (the config file's [auth] as it is now)
-    and the CURVE clients directory again, without dropping a connection.
-    A reload that fails keeps the keys in force and logs why; auth.mode
-    itself changes only with a restart."""
+def reload(hub: Hub, config: Config, nofile: int) -> None:
+    """SIGHUP: read the config file again and take from it, without
+    dropping a connection, the JWT keys ([auth]), the limits and the log
+    level, and read the CURVE clients directories again. A file that does
+    not load changes nothing from it; a part that fails keeps what is in
+    force; each says why in the log. Everything else (binds, the store,
+    auth.mode, stream settings) changes only with a restart."""
+    fresh: Config | None
     try:
         fresh = load_config(config.source) if config.source != "<defaults>" else config
-        if fresh.auth.mode != hub.identity.mode:
-            raise ConfigError(f"auth.mode changed to {fresh.auth.mode!r}: that needs a restart")
-        hub.identity = Identity(fresh.auth)
-        auth_ok = True
     except ConfigError as exc:
-        log.error("reload: %s; the JWT keys in force stay", exc)
-        auth_ok = False
+        log.error("reload: %s; nothing from the file changes", exc)
+        fresh = None
+    auth_ok = fresh is not None
+    changed: list[str] = []
+    if fresh is not None:
+        try:
+            if fresh.auth.mode != hub.identity.mode:
+                raise ConfigError(f"auth.mode changed to {fresh.auth.mode!r}: that needs a restart")
+            hub.identity = Identity(fresh.auth)
+        except ConfigError as exc:
+            log.error("reload: %s; the JWT keys in force stay", exc)
+            auth_ok = False
+        changed = reload_limits(hub, fresh.limits, nofile)
+        old_level = logging.getLevelName(logging.getLogger().level).lower()
+        if old_level != fresh.log.level:
+            changed.append(f"log.level {old_level} -> {fresh.log.level}")
     curve_ok = hub.ingest_curve.reload() if hub.ingest_curve is not None else True
     if hub.control_curve is not None:
         curve_ok = hub.control_curve.reload() and curve_ok
     hub.reloads += 1
-    hub.audit("config.reloaded", detail="keys read again" if auth_ok and curve_ok else "failed: the keys in force stay")
-    if auth_ok and curve_ok:
+    ok = auth_ok and curve_ok
+    what = "keys read again" + "".join(f"; {c}" for c in changed)
+    hub.audit(
+        "config.reloaded", detail=what if ok else f"failed: the keys in force stay{''.join(f'; {c}' for c in changed)}"
+    )
+    if ok:
         log.info(
-            "reload: keys read again (auth %s, CURVE clients %s)",
+            "reload: %s (auth %s, CURVE clients %s)",
+            what,
             hub.identity.mode,
             len(hub.ingest_curve.clients) if hub.ingest_curve is not None else "off",
         )
     else:
         hub.reload_failures += 1
+    if fresh is not None:  # last, so that the line above is still logged at the old level
+        logging.getLogger().setLevel(fresh.log.level.upper())
+
+
+def reload_limits(hub: Hub, limits: LimitsConfig, nofile: int) -> list[str]:
+    """New connection limits, in force for the connections that open from
+    now on (open ones stay, also past a lowered limit; `per_user` evicts
+    at its user's next connection, `events_per_second` paces connections
+    opened after it). `global` is held to the socket budget as at start."""
+    budget = budget_for(nofile, limits.global_)
+    if budget.lowered:
+        log.warning(
+            "reload: limits.global = %d does not fit the open-file limit %d: using %d",
+            limits.global_,
+            nofile,
+            budget.global_limit,
+        )
+        limits = dataclasses.replace(limits, global_=budget.global_limit)
+    old = hub.config.limits
+    if limits == old:
+        return []
+    table = hub.table
+    table.global_limit, table.per_user, table.per_tenant = limits.global_, limits.per_user, limits.per_tenant
+    hub.config = dataclasses.replace(hub.config, limits=limits)
+    return [
+        f"limits.{f.name.rstrip('_')} {getattr(old, f.name):g} -> {getattr(limits, f.name):g}"
+        for f in dataclasses.fields(limits)
+        if getattr(old, f.name) != getattr(limits, f.name)
+    ]
 
 
 async def _watchdog_from_the_loop(notifier: Notifier) -> None:
@@ -162,7 +209,8 @@ async def _watchdog_from_the_loop(notifier: Notifier) -> None:
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT (or cancellation)."""
-    config, budget = socket_budget(config, raise_nofile_limit())
+    nofile = raise_nofile_limit()
+    config, budget = socket_budget(config, nofile)
     try:
         hub = Hub(config)  # reads the auth keys
     except ConfigError as exc:
@@ -313,7 +361,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
 
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        reload_keys(hub, config)
+                        reload(hub, config, nofile)
                         continue
                     log.info("received %s: draining", signal.Signals(signum).name)
                     notifier.send(STOPPING=1, STATUS="draining")
