@@ -83,10 +83,11 @@ def open_streams(daemon: Daemon) -> int:
 
 
 async def opened(daemon: Daemon) -> None:
-    """Until the subscription's stream is open (waiting for its workflow,
-    so that it gets every event from the first)."""
+    """Until a subscription is placed (waiting for its workflow, so that
+    it gets every event from the first): a WebSocket is listed from its
+    accept on, its subscription once its `subscribe` was read."""
     async with httpx.AsyncClient(base_url=daemon.url) as http:
-        while not (await http.get("/v1/admin/connections")).json()["connections"]:
+        while not any(c["subscriptions"] for c in (await http.get("/v1/admin/connections")).json()["connections"]):
             await trio.sleep(0.01)
 
 
