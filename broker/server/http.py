@@ -16,6 +16,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .. import __version__
 from ..core.control import data_size, parse_request
 from ..core.errors import (
     BrokerError,
@@ -29,6 +30,7 @@ from ..core.errors import (
 )
 from ..core.limits import Principal
 from ..core.subscribe import require
+from . import dashboard
 from .cors import cors_headers
 from .hub import Hub
 
@@ -134,6 +136,38 @@ def create_app(hub: Hub) -> QuartTrio:
         g.principal = who  # a refusal after this (a scope) is audited with who it was
         require(who, scope)
         return who
+
+    static = dashboard.load()
+
+    def static_response(name: str) -> Response:
+        found = static.get(name)
+        if found is None:
+            raise NotFound(f"no file '{name}'")
+        body, content_type = found
+        response = Response(body, status=200, content_type=content_type)
+        response.headers.update(dashboard.HEADERS)
+        return response
+
+    @app.route("/")
+    async def dashboard_page() -> Response:
+        return static_response("index.html")
+
+    @app.route("/static/<name>")
+    async def static_file(name: str) -> Response:
+        return static_response(name)
+
+    @app.route("/v1/info")
+    async def info() -> Response:
+        # No token: what a client (the dashboard) needs before it has one.
+        return json_response(
+            {
+                "version": __version__,
+                "node": hub.config.node.id,
+                "auth": hub.identity.mode,
+                "control": hub.control is not None,
+                "store": hub.store is not None,
+            }
+        )
 
     @app.route("/healthz")
     async def healthz() -> Response:
