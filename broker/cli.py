@@ -185,7 +185,7 @@ def _push_lines(pub: Publisher, max_frame_bytes: int) -> tuple[int, int]:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    """Write NAME.key (public) and NAME.key_secret in DIR (DESIGN §7)."""
+    """Write NAME.key (public) and NAME.key_secret in DIR (CURVE certificates)."""
     from .server.curve import write_certificates
 
     tenant = args.tenant

@@ -145,6 +145,8 @@ class StreamConfig(_Section):
     ws_ping_interval: float = _key(30.0, "positive")
     ws_pong_timeout: float = _key(10.0, "positive")
     direct_writes: bool = _key(True, "bool")
+    # gzip for SSE clients that send Accept-Encoding: gzip (server/sse.py).
+    compression: bool = _key(False, "bool")
 
 
 @dataclass(frozen=True, slots=True)

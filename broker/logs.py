@@ -1,4 +1,9 @@
-"""Logging: one line per record on stdout (journald-friendly), text or JSON."""
+"""Logging: one line per record on stdout (journald-friendly), text or JSON.
+
+A record about a connection or a workflow carries its id (`extra=ids(…)`):
+`conn=12 workflow="wf-1"` at the end of a text line, `"conn"` and
+`"workflow"` fields in JSON, so a line can be found by either.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,27 @@ import time
 import orjson
 
 
+def ids(conn: int | None = None, workflow: str | None = None) -> dict[str, int | str]:
+    """The `extra=` of a record about connection `conn` / workflow `workflow`."""
+    out: dict[str, int | str] = {}
+    if conn is not None:
+        out["conn"] = conn
+    if workflow is not None:
+        out["workflow"] = workflow
+    return out
+
+
+def _ids_text(record: logging.LogRecord) -> str:
+    conn = getattr(record, "conn", None)
+    workflow = getattr(record, "workflow", None)
+    out = ""
+    if conn is not None:
+        out += f" conn={conn}"
+    if workflow is not None:
+        out += " workflow=" + orjson.dumps(workflow).decode()  # quoted: an id may hold spaces
+    return out
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         body = {
@@ -17,6 +43,10 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key in ("conn", "workflow"):
+            value = getattr(record, key, None)
+            if value is not None:
+                body[key] = value
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(body).decode()
@@ -31,7 +61,13 @@ class _TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         # One record, one line, even for tracebacks.
-        return super().format(record).replace("\n", "\\n")
+        line = super().format(record)
+        ids = _ids_text(record)
+        if ids:
+            # Before a traceback (which format() appends), not after it.
+            head, sep, tail = line.partition("\n")
+            line = head + ids + sep + tail
+        return line.replace("\n", "\\n")
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:

@@ -166,6 +166,9 @@ async def test_an_http_cancel_reaches_the_engine_as_the_documented_body(daemon) 
                     err = await ws.next(lambda m: m.get("kind") in ("ack", "error"))
                     assert err["code"] == "not_found"
                     await ws.roundtrip()
+                # Its log line names the workflow, findable by id (broker/logs.py).
+                line = next(line for line in daemon.lines if f"control cancel of {wid!r}" in line)
+                assert line.endswith(f'workflow="{wid}"'), line
             finally:
                 engine.close()
 

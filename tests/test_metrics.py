@@ -204,7 +204,8 @@ SECRET = "metrics-test-secret-0123456789abcdef-0123456789abcdef"
 
 
 def token(sub: str, tenant: str, scope: str) -> dict[str, str]:
-    body = {"sub": sub, "tenant": tenant, "scope": scope, "aud": "broker", "exp": int(time.time() + 300)}
+    # Made at import, so valid for longer than the whole suite takes.
+    body = {"sub": sub, "tenant": tenant, "scope": scope, "aud": "broker", "exp": int(time.time() + 3 * 3600)}
     return {"Authorization": "Bearer " + jwt.encode(body, SECRET, algorithm="HS256")}
 
 

@@ -54,7 +54,7 @@ def bearer(tok: str) -> dict[str, str]:
 
 
 PUBLISH = {t: token(sub=f"engine-{t}", tenant=t, scope="publish") for t in ("acme", "globex")}
-ADMIN = token(sub="root", tenant="ops", scope="admin")
+ADMIN = token(sub="root", tenant="ops", scope="admin", ttl=3 * 3600)  # made at import: outlives the suite
 
 
 async def publish(client: httpx.AsyncClient, tenant: str, *events: dict[str, Any]) -> httpx.Response:

@@ -1375,7 +1375,9 @@ def overload_table(r: dict[str, Any]) -> str:
     return _render(head, rows) + f"\n{ref}\n{note}"
 
 
-SCENARIOS = ("ingest", "fanout", "many", "overload", "idle", "storm", "store")
+SCENARIOS = ("ingest", "fanout", "many", "overload", "idle", "storm", "store", "compression")
+# compression: (subscribers, events/s, seconds) per scale
+COMPRESSION = {"full": (50, 2000, 15.0), "quick": (20, 2000, 6.0), "tiny": (3, 200, 1.5)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1420,6 +1422,11 @@ def run(args: argparse.Namespace) -> int:
                     results[name] = scenario_storm(scale, workdir)
                 elif name == "store":
                     results[name] = scenario_store(scale, workdir)
+                elif name == "compression":
+                    from .compression import scenario_compression
+
+                    subs, rate, seconds = COMPRESSION[scale.name]
+                    results[name] = scenario_compression(Broker, workdir, subs, rate, seconds)
             except BenchError as exc:
                 print(f"broker bench: {name} failed: {exc}", flush=True)
                 results[name + "_error"] = str(exc)
@@ -1435,6 +1442,12 @@ def run(args: argparse.Namespace) -> int:
         print()
         print("store (PostgreSQL, fsync on; the realistic mix):")
         print(store_table(results["store"]))
+    if "compression" in results:
+        from .compression import compression_table
+
+        print()
+        print("compression (SSE gzip; the realistic mix of broker simulate, every subscriber on its tenant stream):")
+        print(compression_table(results["compression"]))
     if args.json:
         for r in results.values():
             if isinstance(r, dict):

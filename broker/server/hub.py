@@ -82,6 +82,7 @@ from ..core.subscribe import (
     workflow_not_found,
 )
 from ..core.wake import WakeSchedule
+from ..logs import ids
 from .connection import Connection, ConnectionCounters
 from .control import ControlChannel
 from .curve import CurveServer
@@ -710,6 +711,7 @@ class Hub:
                         conn.transport,
                         conn.remote,
                         timeout,
+                        extra=ids(conn.id),
                     )
 
     def begin_drain(self) -> None:
@@ -776,6 +778,7 @@ class Hub:
             principal.user or "anonymous",
             remote,
             request_id,
+            extra=ids(workflow=req.workflow_id),
         )
         return request_id
 

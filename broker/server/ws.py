@@ -60,6 +60,7 @@ from ..core.limits import UNIDENTIFIED, Principal
 from ..core.messages import error_body
 from ..core.reader import MultiReader, WorkflowReader
 from ..core.subscribe import AUDIT, NEW_WORKFLOW, Opened, Subscription
+from ..logs import ids
 from .asgi import ScopeInfo
 from .connection import Connection
 from .hub import Hub
@@ -234,7 +235,12 @@ class WsSession:
         if self.last_seen < ping_sent:
             await self._read_queued()
         if self.last_seen < ping_sent:
-            log.info("ws %d: no pong within %ss, closing", self.conn.id, self.hub.stream.ws_pong_timeout)
+            log.info(
+                "ws %d: no pong within %ss, closing",
+                self.conn.id,
+                self.hub.stream.ws_pong_timeout,
+                extra=ids(self.conn.id),
+            )
             await self.close(WS_GOING_AWAY, "pong timeout")
 
     async def _read_queued(self) -> None:
@@ -545,7 +551,9 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Any, send: Any) -> No
         except Exception:
             # A bug in one session must never reach Hypercorn, whose error
             # path would take the whole broker down: log it, close 1011.
-            log.exception("connection %d (ws %s): internal error; closed 1011", conn.id, conn.remote)
+            log.exception(
+                "connection %d (ws %s): internal error; closed 1011", conn.id, conn.remote, extra=ids(conn.id)
+            )
             hub.counters["internal_errors"] += 1
             with trio.move_on_after(1):
                 try:

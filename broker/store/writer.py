@@ -39,6 +39,7 @@ from ..core.errors import Unavailable
 from ..core.restore import RestoreResult, WorkflowRow, mark_committed, restore, skip_unwritten, workflow_rows
 from ..core.spill import SpillQueue
 from ..core.state import BrokerState, Workflow
+from ..logs import ids
 from . import pg
 
 log = logging.getLogger("broker.store")
@@ -242,7 +243,7 @@ class Store:
         try:
             return await self.entries(wf.id, wf.epoch, wf.tenant, wf.terminal_seq, after, limit, wf.ancestors)
         except (StoreUnavailable, StoreRefused) as exc:
-            log.warning("store: history of %r unavailable: %s", wf.id, exc)
+            log.warning("store: history of %r unavailable: %s", wf.id, exc, extra=ids(workflow=wf.id))
             return []
 
     async def entries(

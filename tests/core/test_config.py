@@ -79,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
         "ws_ping_interval": 30,
         "ws_pong_timeout": 10,
         "direct_writes": True,
+        "compression": False,
     },
     "limits": {"per_user": 5, "per_tenant": 1000, "global": 20000, "events_per_second": 0},
     "auth": {
