@@ -53,8 +53,10 @@ def bearer(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
 
 
-PUBLISH = {t: token(sub=f"engine-{t}", tenant=t, scope="publish") for t in ("acme", "globex")}
-ADMIN = token(sub="root", tenant="ops", scope="admin", ttl=3 * 3600)  # made at import: outlives the suite
+# Made at import (collection), minutes before some tests run: valid for longer
+# than the whole suite takes.
+PUBLISH = {t: token(sub=f"engine-{t}", tenant=t, scope="publish", ttl=3 * 3600) for t in ("acme", "globex")}
+ADMIN = token(sub="root", tenant="ops", scope="admin", ttl=3 * 3600)
 
 
 async def publish(client: httpx.AsyncClient, tenant: str, *events: dict[str, Any]) -> httpx.Response:
