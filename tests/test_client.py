@@ -48,6 +48,11 @@ def event_seqs(messages: list[Message]) -> list[int]:
     return [m.data["seq"] for m in messages if m.is_event]
 
 
+def reached(seq: int) -> Callable[[list[Message]], bool]:
+    """`collect` until an event at or past `seq` came."""
+    return lambda got: bool(event_seqs(got)) and event_seqs(got)[-1] >= seq
+
+
 def assert_once(messages: list[Message], events: list[dict[str, Any]], first: int = 1) -> None:
     """Each event of `events` (seqs from `first`) came exactly once and in
     order, progress excepted: the broker coalesces a task's progress to
@@ -114,6 +119,21 @@ def test_sync_iterator_waits_for_the_workflow_and_stops_at_its_end(broker: Daemo
     assert sub.reconnects == 0
 
 
+def test_a_slow_sync_consumer_still_gets_every_message(broker: Daemon) -> None:
+    wid = uid("slow-sync")
+    # More than the client's buffer (256), but few enough that the socket
+    # buffers hold them: the broker is not held up (it would degrade a
+    # subscriber that stops reading into a resync, by design).
+    lines = [log(wid, f"line {i}") for i in range(300)]
+    with subscribe(broker.url, workflow=wid) as sub:
+        wait_until(lambda: open_streams(broker) == 1)
+        broker.push(ev(wid, "workflow.running"), *lines, ev(wid, "workflow.completed"))
+        wait_until(lambda: sub._queue is not None and sub._queue.full(), timeout=10)  # the client's buffer is full
+        got = list(sub)
+    logs = [m.data["message"] for m in got if m.kind == "log"]
+    assert logs == [f"line {i}" for i in range(300)] and got[-1].kind == "end"
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_sync_iterator_raises_what_no_retry_mends(broker: Daemon, transport: Any) -> None:
     with pytest.raises(SubscriptionError) as bad:
@@ -162,20 +182,14 @@ async def test_every_event_exactly_once_across_admin_closes(broker: Daemon, tran
     wid = uid(f"closes-{transport}")
     events = lifecycle(wid, 40)
     with trio.fail_after(30):
-        async with subscribe(
-            broker.url,
-            workflow=wid,
-            transport=transport,
-            retry_min=0.05,
-            retry_max=0.2,
-        ) as sub:
+        async with subscribe(broker.url, workflow=wid, transport=transport, retry_min=0.05, retry_max=0.2) as sub:
             got: list[Message] = []
             await opened(broker)
             broker.push(*events[:30])
-            got += await collect(sub, lambda g: bool(event_seqs(g)) and event_seqs(g)[-1] >= 30)
+            got += await collect(sub, reached(30))
             assert await close_connections(broker) == 1
             broker.push(*events[30:60])
-            got += await collect(sub, lambda g: bool(event_seqs(g)) and event_seqs(g)[-1] >= 60)
+            got += await collect(sub, reached(60))
             assert await close_connections(broker) == 1
             broker.push(*events[60:])
             got += await collect(sub)
@@ -195,16 +209,10 @@ async def test_every_event_exactly_once_across_a_broker_restart_with_the_store(
     wid = uid(f"restart-{transport}")
     events = lifecycle(wid, 20, first_seq=1)
     with trio.fail_after(60):
-        async with subscribe(
-            daemon.url,
-            workflow=wid,
-            transport=transport,
-            retry_min=0.05,
-            retry_max=0.3,
-        ) as sub:
+        async with subscribe(daemon.url, workflow=wid, transport=transport, retry_min=0.05, retry_max=0.3) as sub:
             await opened(daemon)
             daemon.push(*events[:20])
-            got = await collect(sub, lambda g: bool(event_seqs(g)) and event_seqs(g)[-1] >= 20)
+            got = await collect(sub, reached(20))
             # Written before the stop: a graceful stop flushes the store.
             assert await trio.to_thread.run_sync(daemon.stop, signal.SIGTERM) == 0, daemon.output()
             daemon = broker_factory(**sections)

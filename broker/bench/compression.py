@@ -52,32 +52,32 @@ class _Sub(threading.Thread):
         except OSError as exc:
             self.error = str(exc)
 
-    def _read(self) -> None:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
+    def _fill(self, buf: bytes, enough: Any) -> bytes | None:
+        """`buf` with more read until `enough(buf)`; None at EOF."""
+        while not enough(buf):
             data = self.sock.recv(65536)
             if not data:
-                return
+                return None
             buf += data
+        return buf
+
+    def _read(self) -> None:
+        buf: bytes | None = self._fill(b"", lambda b: b"\r\n\r\n" in b)
+        if buf is None:
+            return
         head, buf = buf.split(b"\r\n\r\n", 1)
         self.gzip = b"content-encoding: gzip" in head.lower()
         z = zlib.decompressobj(31) if self.gzip else None
         while True:
             # Chunked: <hex size>\r\n<data>\r\n
-            while b"\r\n" not in buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    return
-                buf += data
+            if (buf := self._fill(buf, lambda b: b"\r\n" in b)) is None:
+                return
             size_line, buf = buf.split(b"\r\n", 1)
             size = int(size_line, 16)
             if size == 0:
                 return
-            while len(buf) < size + 2:
-                data = self.sock.recv(65536)
-                if not data:
-                    return
-                buf += data
+            if (buf := self._fill(buf, lambda b, n=size + 2: len(b) >= n)) is None:
+                return
             chunk, buf = buf[:size], buf[size + 2 :]
             self.wire += size
             text = z.decompress(chunk) if z is not None else chunk

@@ -183,6 +183,7 @@ class Subscription:
         self._queue: queue.Queue[Any] | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._cancel: trio.CancelScope | None = None
+        self._closing = False  # close() was called (sync use)
 
     @property
     def cursor(self) -> str | None:
@@ -284,25 +285,40 @@ class Subscription:
         try:
             self._queue.put_nowait(item)
         except queue.Full:  # the consumer is behind: wait for it, off the loop
-            await trio.to_thread.run_sync(self._queue.put, item, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(self._put, item, abandon_on_cancel=True)
+
+    def _put(self, item: Any) -> bool:
+        """Put `item` once there is room; False if the consumer closed first."""
+        assert self._queue is not None
+        while not self._closing:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _put_done(self) -> None:
+        """The end mark, after every message (a slow consumer still gets
+        them all); once it closed, room is made for the mark instead."""
         assert self._queue is not None
-        while True:
+        while not self._put(_DONE):
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
             try:
                 self._queue.put_nowait(_DONE)
                 return
-            except queue.Full:  # nobody reads any more: make room for the end mark
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    pass
+            except queue.Full:
+                continue
 
     def close(self) -> None:
         """Stop (sync use): disconnect and end the iteration."""
         thread = self._thread
         if thread is None or thread is threading.current_thread():
             return
+        self._closing = True
         token, cancel = self._token, self._cancel
         if token is not None and cancel is not None and thread.is_alive():
             try:
