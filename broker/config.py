@@ -145,7 +145,8 @@ class StreamConfig(_Section):
     ws_ping_interval: float = _key(30.0, "positive")
     ws_pong_timeout: float = _key(10.0, "positive")
     direct_writes: bool = _key(True, "bool")
-    # gzip for SSE clients that send Accept-Encoding: gzip (server/sse.py).
+    # gzip for SSE clients that send Accept-Encoding: gzip (server/sse.py),
+    # permessage-deflate for WebSocket clients that offer it (server/listen.py).
     compression: bool = _key(False, "bool")
 
 

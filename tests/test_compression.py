@@ -124,7 +124,8 @@ async def test_curl_compressed_reads_the_stream_live(broker_factory) -> None:
     assert b"event: end" in seen, seen[-300:]
 
 
-async def test_websocket_negotiates_permessage_deflate_when_offered(broker: Daemon) -> None:
+async def _ws_handshake(daemon: Daemon) -> bytes:
+    """The response head of a WebSocket handshake offering permessage-deflate."""
     request = (
         b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -133,13 +134,20 @@ async def test_websocket_negotiates_permessage_deflate_when_offered(broker: Daem
     with trio.fail_after(10):
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         with sock:
-            await sock.connect(("127.0.0.1", broker.port))
+            await sock.connect(("127.0.0.1", daemon.port))
             await sock.send(request)
             head = b""
             while b"\r\n\r\n" not in head:
                 head += await sock.recv(4096)
     assert head.startswith(b"HTTP/1.1 101"), head
-    assert b"sec-websocket-extensions: permessage-deflate" in head.lower(), head
+    return head.lower()
+
+
+async def test_websocket_deflate_is_negotiated_only_with_compression_on(broker_factory) -> None:
+    on: Daemon = broker_factory(stream={"compression": True})
+    off: Daemon = broker_factory()
+    assert b"sec-websocket-extensions: permessage-deflate" in await _ws_handshake(on)
+    assert b"sec-websocket-extensions" not in await _ws_handshake(off)  # the offer declined
 
 
 @pytest.mark.browser

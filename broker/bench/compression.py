@@ -146,9 +146,7 @@ def _run(
 ) -> dict[str, Any]:
     from .runner import BenchError, cpu_s
 
-    # WebSocket: permessage-deflate is negotiated when offered, whatever
-    # stream.compression says (docs/protocol.md "Compression").
-    broker = broker_cls(workdir, stream={"compression": gzip and not ws, "coalesce_after": 100_000})
+    broker = broker_cls(workdir, stream={"compression": gzip, "coalesce_after": 100_000})
     clients: list[_Sub] = []
     try:
         host, port = broker.url.removeprefix("http://").rsplit(":", 1)

@@ -148,11 +148,25 @@ async def _ws_events_then_close(self: WSStream) -> None:
         await self.send(StreamClosed(stream_id=self.stream_id))
 
 
+_ws_accept = WSStream._accept
+
+
+async def _ws_accept_deflate_if_allowed(self: WSStream, message: Any) -> None:
+    """Hypercorn accepts permessage-deflate whenever the client offers it;
+    the broker only with `stream.compression` (the Hypercorn config's
+    `broker_ws_deflate`, set by run.py): otherwise the offer is declined,
+    as RFC 7692 lets a server do (the handshake answers without it)."""
+    if not getattr(self.config, "broker_ws_deflate", True):
+        self.handshake.extensions = None
+    await _ws_accept(self, message)
+
+
 # Module state of Hypercorn's, replaced once on import (checked by
 # tests/test_hardening.py against the pinned version).
 H11Protocol._send_error_response = _json_error_response  # type: ignore[method-assign]
 H11Protocol._check_protocol = _http11_only  # type: ignore[method-assign]
 WSStream._handle_events = _ws_events_then_close  # type: ignore[method-assign]
+WSStream._accept = _ws_accept_deflate_if_allowed  # type: ignore[method-assign]
 
 
 class _AcceptLog:

@@ -85,6 +85,8 @@ def _hypercorn_config(config: Config) -> HypercornConfig:
     hc.graceful_timeout = config.shutdown_timeout
     hc.websocket_max_message_size = 64 * 1024
     hc.backlog = config.http.backlog
+    # WebSocket permessage-deflate only with stream.compression (listen.py).
+    hc.broker_ws_deflate = config.stream.compression  # type: ignore[attr-defined]
     return hc
 
 
