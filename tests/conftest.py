@@ -239,3 +239,11 @@ def pg_dsn(postgres: PgServer | ExternalPg) -> Iterator[str]:
             postgres.start()
     with psycopg.connect(postgres.admin_dsn, autocommit=True, connect_timeout=10) as conn:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every browser test is also slow: `-m "not slow"` (the fast loop)
+    leaves Chromium out."""
+    for item in items:
+        if item.get_closest_marker("browser") is not None:
+            item.add_marker(pytest.mark.slow)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import trio
 
 from .builders import ev, task
@@ -76,6 +77,7 @@ class SlowReader:
             await trio.sleep(pause)
 
 
+@pytest.mark.slow
 async def test_stalled_client_is_closed_while_healthy_subscriber_gets_everything(broker_factory, tmp_path):
     # Room for ~0.6 s of lag before a resync: on a loaded 2-core CI machine a
     # healthy reader can be held up for ~100 ms (the default 256 events at
@@ -172,6 +174,7 @@ async def _run_slow_reader(broker_factory, wid: str, view: str, kind: str, count
     return reader
 
 
+@pytest.mark.slow
 async def test_slow_state_reader_gets_resync_and_ends_in_the_right_state(broker_factory):
     tasks = 2000
     reader = await _run_slow_reader(broker_factory, "slow-state", "", "task", tasks * 2, 4000)
@@ -250,6 +253,7 @@ async def _stall_then_read(sock: trio.socket.SocketType, stall: float, done) -> 
             return
 
 
+@pytest.mark.slow
 async def test_sse_write_completing_late_ends_with_error_event(broker_factory):
     # Writes blocked past slow_consumer_timeout (1 s) mark the stream slow; the
     # client reads again inside the grace (the kernel would abort at 2 s), so
@@ -280,6 +284,7 @@ async def test_sse_write_completing_late_ends_with_error_event(broker_factory):
     assert st["streams"]["slow_consumer_closed"] == 1
 
 
+@pytest.mark.slow
 async def test_ws_write_completing_late_closes_4008(broker_factory):
     import wsproto
     from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage

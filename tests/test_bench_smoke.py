@@ -17,10 +17,13 @@ import threading
 import time
 
 import orjson
+import pytest
 
 from broker.bench.worker import overload_script, ovl_subscribe
 
 from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_tiny_runs_every_scenario(tmp_path):

@@ -197,6 +197,7 @@ async def test_every_event_exactly_once_across_admin_closes(broker: Daemon, tran
     assert sub.reconnects >= 2 and got[-1].kind == "end"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_every_event_exactly_once_across_a_broker_restart_with_the_store(
     pg_dsn: str, broker_factory: Callable[..., Daemon], transport: str

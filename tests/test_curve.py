@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import jwt
 import orjson
+import pytest
 import trio
 
 from .conftest import ROOT
@@ -53,6 +54,7 @@ async def workflow(c: httpx.AsyncClient, wid: str) -> dict[str, Any] | None:
     return r.json() if r.status_code == 200 else None
 
 
+@pytest.mark.slow
 async def test_only_known_engines_get_in_and_certificates_bind_tenants(tmp_path: Path, broker_factory) -> None:
     server_dir, clients, engines = tmp_path / "server", tmp_path / "clients", tmp_path / "engines"
     server_pub, server_secret = keygen("broker", server_dir)
@@ -189,6 +191,7 @@ async def _reload_failed(c: httpx.AsyncClient, secret: str) -> bool:
     return r.status_code == 200 and r.json()["security"]["reload_failures"] >= 1
 
 
+@pytest.mark.slow
 def test_curve_config_errors_are_one_line(tmp_path: Path) -> None:
     _, secret = keygen("broker", tmp_path / "server")
     public_only = tmp_path / "server" / "broker.key"

@@ -363,6 +363,7 @@ async def _connections(client: httpx.AsyncClient, n: int) -> dict[str, Any] | No
     return st if st["connections"]["total"] == n else None
 
 
+@pytest.mark.slow
 async def test_partial_direct_write_is_flushed_then_slow_consumer_closed(broker_factory):
     broker = broker_factory(stream={"slow_consumer_timeout": 1})
     wid = uid("partial")

@@ -14,6 +14,7 @@ import socket
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from broker.server import gc_policy
@@ -128,6 +129,7 @@ async def _collected(client: httpx.AsyncClient) -> int:
     return sum(gen["collected"] for gen in (await stats(client))["gc"].values())
 
 
+@pytest.mark.slow
 async def test_closed_connections_make_the_daemon_collect_their_garbage(daemon):
     wid = "gc-churn"
     daemon.push(ev(wid, "workflow.running"))

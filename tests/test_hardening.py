@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import trio
 import zmq
 
@@ -127,6 +128,7 @@ async def test_a_body_that_stops_early_is_answered_408_and_closed(broker_factory
         assert closed and 0.9 <= took < 3, took
 
 
+@pytest.mark.slow
 async def test_a_body_that_drips_forever_meets_the_total_deadline(broker_factory):
     d = broker_factory(http=FAST)
     with trio.fail_after(20):
@@ -178,6 +180,7 @@ async def test_many_pending_bodies_hold_no_memory_or_sockets_past_their_deadline
         assert probe.worst < 1.0, probe.worst
 
 
+@pytest.mark.slow
 async def test_request_bodies_together_stay_within_max_pending_body_bytes(broker_factory):
     d = broker_factory(http={**FAST, "body_timeout": 10, "body_idle_timeout": 5, "max_pending_body_bytes": 200_000})
     with trio.fail_after(30):
@@ -210,6 +213,7 @@ async def _bodies_done(client: httpx.AsyncClient) -> dict[str, Any] | None:
 # ------------------------------------------- 2. sockets the client is done with
 
 
+@pytest.mark.slow
 async def test_closed_and_finished_connections_free_their_sockets_at_once(broker_factory):
     # The idle timer must not be what frees them.
     d = broker_factory(http={"idle_timeout": 30}, stream={"unknown_workflow_wait": 0.05})
@@ -262,6 +266,7 @@ async def test_connections_that_end_with_their_response_are_closed(broker_factor
             assert raw.startswith(b"HTTP/1.1 200"), raw[:60]
 
 
+@pytest.mark.slow
 async def test_idle_slow_and_silent_connections_are_closed_on_the_idle_timer(broker_factory):
     d = broker_factory(http=FAST)
     wid = uid("slow")
@@ -313,6 +318,7 @@ async def test_idle_slow_and_silent_connections_are_closed_on_the_idle_timer(bro
         assert results["h2c preface, then silence"] < 1.5  # answered in HTTP/1.1 and closed
 
 
+@pytest.mark.slow
 async def test_a_low_open_file_limit_lowers_limits_global_and_accept_pauses_instead_of_failing(broker_factory):
     d = broker_factory(nofile=256, http={"idle_timeout": 2}, limits={"global": 1000})
     assert any("WARNING" in line and "limits.global = 1000" in line and "using 160" in line for line in d.lines), (
@@ -345,6 +351,7 @@ async def test_a_low_open_file_limit_lowers_limits_global_and_accept_pauses_inst
 # ----------------------------------------------------- 3. ZMQ message shapes
 
 
+@pytest.mark.slow
 async def test_a_message_of_many_parts_never_holds_the_loop(broker_factory):
     d = broker_factory()
     wid = uid("parts")
@@ -393,6 +400,7 @@ async def _state_of(client: httpx.AsyncClient, wid: str, state: str) -> bool:
 # --------------------------------------------------------- 4. full collections
 
 
+@pytest.mark.slow
 async def test_cheap_bad_requests_cannot_set_off_a_long_collection(broker_factory):
     d = broker_factory(buffer={"max_workflows": 200_000})
     n = 100_000
@@ -495,6 +503,7 @@ async def test_integers_beyond_64_bits_are_rejected_never_changed(broker_factory
             assert got.json["data"] == {"n": 1.2345678901234568e29, "m": 18446744073709551615}
 
 
+@pytest.mark.slow
 async def test_every_error_is_json(broker_factory):
     d = broker_factory()
     with trio.fail_after(15):

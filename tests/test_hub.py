@@ -11,6 +11,7 @@ import collections
 from collections.abc import Awaitable, Callable
 
 import orjson
+import pytest
 import trio
 import trio.testing
 
@@ -26,6 +27,7 @@ def frame(*events: dict) -> bytes:
     return orjson.dumps(list(events))
 
 
+@pytest.mark.slow
 def test_sustained_overload_wakes_every_key_and_the_pass_list_stays_bounded() -> None:
     n_keys, cost, fan_subs = 200, 0.001, 300
 

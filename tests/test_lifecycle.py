@@ -422,6 +422,7 @@ async def test_check_config_rejects_out_of_range_values_in_one_line(tmp_path: Pa
     assert out == ""
 
 
+@pytest.mark.slow
 async def test_run_with_an_out_of_range_config_exits_2_at_once(tmp_path: Path):
     """`broker run` for every bad config above, side by side: each must exit 2
     with one line naming the key, and none may hang or start serving."""
@@ -461,6 +462,7 @@ CYCLES = 10_000
 CLIENTS = 8
 
 
+@pytest.mark.slow
 async def test_no_leak_after_10000_sse_connect_disconnect_cycles(broker_factory):
     d = broker_factory()
     wid = uid()

@@ -87,6 +87,7 @@ def systemd(tmp_path: Path):
     s.close()
 
 
+@pytest.mark.slow
 async def test_ready_watchdog_from_the_probe_and_stopping(tmp_path: Path, systemd: Systemd) -> None:
     env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "600000"}  # 0.6 s: probes every 0.2 s
     d = start(tmp_path, env)

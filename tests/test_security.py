@@ -256,6 +256,7 @@ async def test_an_sse_stream_ends_when_its_token_expires_with_its_resume_id(daem
                 assert (await s.expect()).json["message"] == "after"
 
 
+@pytest.mark.slow
 async def test_websocket_auth_by_first_message_refresh_and_expiry(daemon) -> None:
     url = daemon.ws_url + "/v1/ws"
     with trio.fail_after(30):
@@ -317,6 +318,7 @@ async def test_per_user_limits_count_real_principals(daemon) -> None:
                             assert users.count("ada-limits") == 2 and users.count("bob-limits") == 1, users
 
 
+@pytest.mark.slow
 def test_check_config_reads_the_key_files_and_hides_the_secret(tmp_path: Path) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = tmp_path / "public.pem"
@@ -359,6 +361,7 @@ async def test_a_huge_exp_is_refused_not_a_server_error(daemon) -> None:
             assert r.status_code == 401 and "exp" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 async def test_a_busy_stream_is_closed_at_its_tokens_expiry_too(broker_factory) -> None:
     """A paced stream always has more to write: the expiry is checked
     between its writes too, not only when it waits."""
@@ -620,6 +623,7 @@ async def oversized_requests(d: Any, n: int) -> None:
         assert b"BBBB" not in raw
 
 
+@pytest.mark.slow
 async def test_a_flood_of_bad_tokens_is_refused_cheaply_and_leaves_nothing_behind(broker_factory) -> None:
     """2,400 requests with bad tokens of every kind (garbage, expired,
     wrongly signed, `alg: none`, wrong audience, an algorithm not
@@ -998,6 +1002,7 @@ async def test_cursors_and_filters_crafted_to_be_expensive_are_answered_at_once(
     assert not [line for line in d.lines if "Traceback" in line], d.output()
 
 
+@pytest.mark.slow
 async def test_the_production_example_config_is_accepted_once_its_key_files_exist(tmp_path: Path) -> None:
     """config/broker.production.toml as shipped names its key files under
     /etc/broker/: without them check-config refuses it, naming the first.

@@ -642,6 +642,7 @@ async def test_unknown_workflow_that_starts_within_the_wait_is_streamed(daemon):
         assert at - t0 >= UNKNOWN_WAIT / 3 * 0.9
 
 
+@pytest.mark.slow
 async def test_unknown_workflow_is_404_after_the_wait(daemon):
     wid = uid()
     with trio.fail_after(10):

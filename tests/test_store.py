@@ -173,6 +173,7 @@ def kill9(daemon: Daemon) -> None:
 # ------------------------------------------------------ 1. migrate, refusals
 
 
+@pytest.mark.slow
 async def test_migrate_then_nothing_to_do_then_a_newer_schema_is_refused(tmp_path: Path, pg_dsn: str):
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
     cfg = write_config(tmp_path / "store.toml", {"store": {"backend": "postgres", "dsn": pg_dsn}})
@@ -239,6 +240,7 @@ async def test_migrate_then_nothing_to_do_then_a_newer_schema_is_refused(tmp_pat
 TERMINAL_TTL = 4.0  # the restart (about 1 s) must fit in it with room to spare
 
 
+@pytest.mark.slow
 async def test_graceful_restart_keeps_epochs_seqs_snapshots_cursors_ids_and_recent_terminal(
     pg_dsn: str, broker_factory
 ):
@@ -338,6 +340,7 @@ async def _gone(client: httpx.AsyncClient, wid: str) -> bool:
 BIG_RING = {"ring_events": 50000, "ring_bytes": 64 * 1048576}
 
 
+@pytest.mark.slow
 async def test_kill9_loses_no_durable_publish_and_a_resumed_cursor_gets_exactly_the_suffix(pg_dsn: str, broker_factory):
     # coalesce_after: the subscriber must get every event (no resync
     # should it fall behind on a loaded machine).
@@ -458,6 +461,7 @@ STEP_EVENTS = 10
 ZMQ_ALLOWANCE = 200
 
 
+@pytest.mark.slow
 async def test_kill9_loses_at_most_the_last_flush_window_of_a_non_durable_zmq_publish(pg_dsn: str, broker_factory):
     sections = {"store": store_section(pg_dsn, flush_ms=FLUSH_MS), "buffer": BIG_RING}
     d = broker_factory(**sections)
@@ -545,6 +549,7 @@ DURABLE_TIMEOUT = 1.0
 SLACK = 1.0  # seconds beyond store.durable_timeout a 503 may take (a loaded machine)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["stop", "kill9"])
 async def test_postgres_away_streams_go_on_then_everything_is_written_once_in_order(
     postgres, pg_dsn: str, broker_factory, how: str
@@ -652,6 +657,7 @@ async def test_spill_queue_overflow_is_counted_logged_and_the_rest_written(postg
 # ----------------------------------------------------- 5. durable publish
 
 
+@pytest.mark.slow
 async def test_durable_publish_is_503_within_the_timeout_while_postgres_hangs(postgres, pg_dsn: str, broker_factory):
     server = need_server(postgres)
     sections = {"store": store_section(pg_dsn, flush_ms=20, durable_timeout=DURABLE_TIMEOUT)}
@@ -717,6 +723,7 @@ async def test_durable_needs_a_store_and_a_boolean(pg_dsn: str, broker_factory):
 # -------------------------------------------------------- an unclean stop
 
 
+@pytest.mark.slow
 async def test_kill9_with_uncommitted_events_seen_a_resumed_cursor_misses_nothing(
     postgres, pg_dsn: str, broker_factory
 ):
@@ -751,6 +758,7 @@ async def test_kill9_with_uncommitted_events_seen_a_resumed_cursor_misses_nothin
 DEEP = 50_000
 
 
+@pytest.mark.slow
 async def test_a_resume_50000_events_back_streams_the_store_then_live_exactly_once(pg_dsn: str, broker_factory):
     """A cursor 50,000 events back (the ring holds 1,024): the store's
     entries in order, each once, then the live ring with no gap and no

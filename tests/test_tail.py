@@ -20,6 +20,8 @@ from .conftest import ROOT, Daemon
 from .e2e import uid
 from .test_client import opened
 
+pytestmark = pytest.mark.slow
+
 TAIL = [sys.executable, "-m", "broker", "tail"]
 
 

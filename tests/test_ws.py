@@ -757,6 +757,7 @@ async def test_end_message_for_a_cursor_at_the_end_carries_its_cursor(broker):
 HEARTBEAT = {"ws_ping_interval": 0.5, "ws_pong_timeout": 0.5}
 
 
+@pytest.mark.slow
 async def test_client_answering_pings_stays_connected(broker_factory):
     b = broker_factory(stream=HEARTBEAT)
     b.push(ev("wf-hb", "workflow.running"))
@@ -771,6 +772,7 @@ async def test_client_answering_pings_stays_connected(broker_factory):
             assert events[0]["message"] == "still connected"
 
 
+@pytest.mark.slow
 async def test_pongs_are_read_while_events_stream_without_pause(broker_factory):
     """One task serves the connection: between writes it must still read
     the client's pongs, or a busy subscription would be closed as silent."""

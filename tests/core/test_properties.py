@@ -193,6 +193,7 @@ def resume_case(draw: st.DrawFn) -> tuple[list[dict[str, Any]], int]:
     return events, ring_events
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(resume_case())
 def test_resume_from_any_cursor(case: tuple[list[dict[str, Any]], int]) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from unittest import mock
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -635,6 +636,7 @@ def further(draw: st.DrawFn, specs: list[Spec], unknown_gaps: dict[str, list[tup
     return [orjson.dumps(ev) for ev in order]
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(scenarios(), st.data())
 def test_restore_matches_what_was_committed(sc: Scenario, data: st.DataObject) -> None:
