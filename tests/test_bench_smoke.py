@@ -61,6 +61,9 @@ def test_bench_tiny_runs_every_scenario(tmp_path):
 
     ovl = r["overload"]
     assert ovl["pull_ref_eps"] > 0
+    send = ovl["send_ref"]  # the write path's reference: every send() went out, to every socket
+    assert send["conns"] == 20 and send["sends"] == 2000 and send["blocked"] == 0 and send["rate"] > 0
+    assert send["user_us"] + send["sys_us"] > 0
     steps = ovl["steps"]
     assert [s["rate"] for s in steps] == [100, 400]
     for s in steps:

@@ -299,6 +299,7 @@ class Scale:
     ovl_workflows: int = 1000
     ovl_subs_each: int = 5
     ovl_pull_ref_events: int = 200_000
+    ovl_send_ref_sends: int = 100_000
     linger: float = LINGER
     sub_procs: int = 4
     name: str = "full"
@@ -307,10 +308,10 @@ class Scale:
 
 FULL = Scale(500_000, 1000, 1000, 30, 20_000, 1000, 5, 5000, 30, 10_000, 1000, name="full")
 QUICK = Scale(200_000, 1000, 1000, 8, 5_000, 1000, 5, 5000, 8, 4000, 1000, name="quick")
-QUICK.ovl_rates, QUICK.ovl_seconds = (2000, 10000, 40000), 4
+QUICK.ovl_rates, QUICK.ovl_seconds, QUICK.ovl_send_ref_sends = (2000, 10000, 40000), 4, 50_000
 TINY = Scale(2_000, 20, 100, 1.5, 200, 10, 2, 200, 1.5, 40, 20, sub_procs=2, name="tiny")
 TINY.ovl_rates, TINY.ovl_seconds, TINY.ovl_workflows, TINY.ovl_subs_each = (100, 400), 1.5, 10, 2
-TINY.ovl_pull_ref_events, TINY.linger = 2_000, 0.5
+TINY.ovl_pull_ref_events, TINY.ovl_send_ref_sends, TINY.linger = 2_000, 2_000, 0.5
 
 
 def pull_reference(workdir: Path, n: int) -> dict[str, Any]:
@@ -325,6 +326,18 @@ def pull_reference(workdir: Path, n: int) -> dict[str, Any]:
         result = workers.result(ref, ref_out, 300)
         workers.result(push, push_out, 60)
         return result
+    finally:
+        workers.close()
+
+
+def send_reference(workdir: Path, conns: int, sends: int, rate: float) -> dict[str, Any]:
+    """Bare `send()`s to `conns` loopback sockets (worker.role_send_ref):
+    what one write costs the kernel today, the floor of a write pass."""
+    workers = Workers(workdir)
+    try:
+        ref, ref_out = workers.start("send-ref", "--conns", str(conns), "--sends", str(sends), "--rate", str(rate))
+        workers.wait_ready(ref)
+        return workers.result(ref, ref_out, 60 + sends / rate)
     finally:
         workers.close()
 
@@ -972,6 +985,10 @@ def scenario_overload(scale: Scale, workdir: Path) -> dict[str, Any]:
     ref = pull_reference(workdir, scale.ovl_pull_ref_events)
     out["pull_ref_eps"] = ref["rate"]
     out["pull_ref_events"] = scale.ovl_pull_ref_events
+    # … and what one write costs: a send() to one of as many sockets as the
+    # steps have subscribers (a write pass writes each of them once).
+    subs = scale.ovl_workflows * scale.ovl_subs_each
+    out["send_ref"] = send_reference(workdir, subs, scale.ovl_send_ref_sends, 25_000)
     steps = []
     for rate in scale.ovl_rates:
         print(f"  overload step {rate}/s", flush=True)
@@ -1368,6 +1385,14 @@ def overload_table(r: dict[str, Any]) -> str:
             )
         )
     ref = f"bare pyzmq PULL loop, same run: {fmt(r['pull_ref_eps'], ',.0f')} frames/s"
+    send = r.get("send_ref")
+    if send:
+        ref += (
+            f"\nbare send() of {send['bytes']} B to {fmt(send['conns'], ',d')} loopback sockets, same run: "
+            f"{send['user_us'] + send['sys_us']:.1f} µs of CPU each ({send['sys_us']:.1f} in the kernel) "
+            f"at {fmt(send['rate'], ',.0f')}/s: a write pass over them all ≥ "
+            f"{send['conns'] * (send['user_us'] + send['sys_us']) / 1000:.0f} ms"
+        )
     note = (
         "latency: publish→receive (from each event's send time t); ingest = server_ts − t (the ZMQ queue), "
         "deliv = receive − server_ts (hub + write); broker CPU: share of one core; RSS at the step's end"

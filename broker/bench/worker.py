@@ -99,6 +99,79 @@ def role_pull_ref(args: argparse.Namespace) -> None:
     ctx.term()
 
 
+def role_send_ref(args: argparse.Namespace) -> None:
+    """The write path's reference: non-blocking `send()`s of 200 bytes
+    round-robin to `conns` loopback TCP sockets, `rate` a second, while a
+    forked reader drains them all. A broker's direct write is one such
+    call plus its Python; its CPU per send (user + system, from rusage)
+    is the floor of a write pass today."""
+    import resource
+    import selectors
+
+    _raise_nofile()
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(min(args.conns, 4096))
+    port = lst.getsockname()[1]
+    size = 200
+    pid = os.fork()
+    if pid == 0:  # the reader
+        try:
+            lst.close()
+            conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(args.conns)]
+            sel = selectors.DefaultSelector()
+            for c in conns:
+                c.setblocking(False)
+                sel.register(c, selectors.EVENT_READ)
+            left = args.sends * size
+            while left > 0:
+                for key, _ in sel.select(5):
+                    try:
+                        left -= len(key.fileobj.recv(65536))  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        pass
+        finally:
+            os._exit(0)
+    socks = []
+    for _ in range(args.conns):
+        s, _ = lst.accept()
+        s.setblocking(False)
+        socks.append(s)
+    lst.close()
+    _ready()
+    data = b"x" * size
+    burst = 25  # sends between two looks at the clock
+    blocked = 0
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    n = len(socks)
+    for i in range(args.sends):
+        try:
+            socks[i % n].send(data)
+        except BlockingIOError:
+            blocked += 1
+        if i % burst == burst - 1:
+            time.sleep(max(0.0, start + (i + 1) / args.rate - time.perf_counter()))
+    elapsed = time.perf_counter() - start
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    os.waitpid(pid, 0)
+    for s in socks:
+        s.close()
+    sends = args.sends
+    _write(
+        args.out,
+        {
+            "conns": n,
+            "sends": sends,
+            "bytes": size,
+            "rate": sends / elapsed,
+            "blocked": blocked,
+            "user_us": 1e6 * (r1.ru_utime - r0.ru_utime) / sends,
+            "sys_us": 1e6 * (r1.ru_stime - r0.ru_stime) / sends,
+        },
+    )
+
+
 def _event(args: argparse.Namespace, i: int, t: float) -> dict[str, Any]:
     wf = f"{args.workflow}-{i % args.workflows}" if args.workflows > 1 else args.workflow
     index = i // args.workflows if args.workflows > 1 else i
@@ -933,6 +1006,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stamp", action="store_true", help="flat out, but stamp each event's send time")
     r.add_argument("--out", required=True)
 
+    r = sub.add_parser("send-ref")
+    r.add_argument("--conns", type=int, required=True)
+    r.add_argument("--sends", type=int, required=True)
+    r.add_argument("--rate", type=float, required=True, help="sends per second")
+    r.add_argument("--out", required=True)
+
     r = sub.add_parser("mix-push")
     r.add_argument("--endpoint", required=True)
     r.add_argument("--prefix", required=True)
@@ -995,6 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     {
         "pull-ref": role_pull_ref,
+        "send-ref": role_send_ref,
         "push": role_push,
         "http-push": role_http_push,
         "sse": role_sse,
