@@ -124,12 +124,19 @@ def role_send_ref(args: argparse.Namespace) -> None:
                 c.setblocking(False)
                 sel.register(c, selectors.EVENT_READ)
             left = args.sends * size
-            while left > 0:
-                for key, _ in sel.select(5):
+            while left > 0 and sel.get_map():
+                ready = sel.select(5)
+                if not ready:
+                    break  # the sender stopped: nothing came for 5 s
+                for key, _ in ready:
+                    sock: socket.socket = key.fileobj  # type: ignore[assignment]
                     try:
-                        left -= len(key.fileobj.recv(65536))  # type: ignore[union-attr]
+                        data = sock.recv(65536)
                     except BlockingIOError:
-                        pass
+                        continue
+                    if not data:  # the sender closed it (or died)
+                        sel.unregister(sock)
+                    left -= len(data)
         finally:
             os._exit(0)
     socks = []
