@@ -257,6 +257,23 @@ async def test_listed_workflows_stop_when_each_has_ended(broker: Daemon, transpo
     assert {sub.view.workflows[w].state for w in (a, b)} == {"completed"}
 
 
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_parent_subscription_is_over_once_its_tree_has_ended(broker: Daemon, transport: str) -> None:
+    # The client cannot know a tree's end by itself: SSE's stream closes and
+    # its resume is answered 204, a WebSocket's gets `unsubscribed` "ended".
+    root = uid("tree")
+    child = uid("tree-child")
+    broker.push(ev(root, "workflow.running"))
+    with trio.fail_after(15):
+        async with subscribe(broker.url, parent=root, transport=transport) as sub:
+            await opened(broker)
+            broker.push(ev(child, "workflow.running", parent_id=root))
+            broker.push(ev(child, "workflow.completed", parent_id=root))
+            broker.push(ev(root, "workflow.completed"))
+            got = await collect(sub)
+    assert [m.workflow_id for m in got if m.kind == "end"] == [child, root]
+
+
 @pytest.mark.parametrize("flags", [[], ["--trio", "--ws"]])
 async def test_the_example_follows_a_workflow_to_its_end(broker: Daemon, flags: list[str]) -> None:
     wid = uid("example")

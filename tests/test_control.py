@@ -196,6 +196,13 @@ async def test_control_requests_are_refused_as_section_8_says(daemon) -> None:
             assert await status(f"/v1/workflows/{wid}/cancel", b'{"extra": 1}') == (400, "invalid_argument")
             assert await status(f"/v1/workflows/{wid}/cancel", b"[1]") == (400, "invalid_argument")
             assert await status(f"/v1/workflows/{wid}/cancel", b"nope") == (400, "invalid_argument")
+            # A body past 128 KiB: refused for what it is, not counted as an ingest reject.
+            rejected = (await c.get("/v1/admin/rejected", headers=bearer(scope="admin"))).json()
+            big = await c.post(f"/v1/workflows/{wid}/cancel", content=b" " * 131073, headers=bearer())
+            assert big.status_code == 400 and big.json()["error"]["message"] == (
+                "a control request's body is at most 131072 bytes"
+            )
+            assert (await c.get("/v1/admin/rejected", headers=bearer(scope="admin"))).json() == rejected
             pub = {"Authorization": f"Bearer {token('acme', 'publish')}"}
             done = orjson.dumps({"workflow_id": wid, "type": "workflow.completed"})
             assert (await c.post("/v1/events", content=done, headers=pub)).status_code == 202

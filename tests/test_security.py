@@ -316,6 +316,21 @@ async def test_per_user_limits_count_real_principals(daemon) -> None:
                             conns = (await c.get("/v1/admin/connections", headers=bearer(ADMIN))).json()
                             users = [x.get("user") for x in conns["connections"]]
                             assert users.count("ada-limits") == 2 and users.count("bob-limits") == 1, users
+        # A WebSocket evicted so is told why (1000: it may resume).
+        url = daemon.ws_url + "/v1/ws"
+        cleo = [(b"Authorization", f"Bearer {token(sub='cleo-limits')}".encode())]
+        async with ws_client(url, extra_headers=cleo) as oldest:
+            await oldest.send({"op": "subscribe", "sub": "s", "workflow": a})
+            assert (await oldest.next_sub("s"))["kind"] == "snapshot"
+            async with ws_client(url, extra_headers=cleo), ws_client(url, extra_headers=cleo) as newest:
+                await newest.send({"op": "ping"})
+                await newest.next(lambda m: m["kind"] == "pong")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await oldest.next()
+                assert closed.value.reason.code == 1000
+                assert closed.value.reason.reason == (
+                    "closed at limits.per_user: a newer connection of the same user took its place"
+                )
 
 
 @pytest.mark.slow

@@ -302,8 +302,10 @@ async def test_workflows_list_subscription(broker):
             broker.push(log("m-c", "still not mine"))
             broker.push(ev("m-late", "workflow.completed"))
             events, raw = await c.until("m", lambda e: e["kind"] == "end" and e["workflow_id"] == "m-late")
+            # Every listed workflow ended: the subscription is finished (and
+            # says so), its id free again.
+            assert await c.next_sub("m") == {"kind": "unsubscribed", "sub": "m", "reason": "ended"}
             await c.roundtrip()
-            # Every listed workflow ended: the subscription is finished, its id free again.
             assert c.pending_for("m") == []
             await subscribe(c, "m", workflows=["m-c"])
             again = await c.next_sub("m")
@@ -319,6 +321,26 @@ async def test_workflows_list_subscription(broker):
         ("end", "m-late"),
     ]
     check_journal_cursors(raw0 + raw, "m", epoch)
+
+
+async def test_a_multi_subscription_whose_scope_had_ended_is_told_so_at_once(broker):
+    """SSE answers 204 (nothing more will come); a WebSocket subscription
+    gets `unsubscribed` with reason `ended` instead of no answer at all."""
+    broker.push([ev("d-a", "workflow.completed"), ev("d-p", "workflow.completed")])
+    broker.push(ev("d-c", "workflow.failed", parent_id="d-p"))
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=broker.url) as http:
+            for query in ("workflows=d-a", "parent=d-p"):
+                assert (await http.get(f"/v1/stream?{query}")).status_code == 204, query
+        async with ws_client(ws_url(broker)) as c:
+            await subscribe(c, "w", workflows=["d-a"])
+            assert await c.next_sub("w") == {"kind": "unsubscribed", "sub": "w", "reason": "ended"}
+            await subscribe(c, "p", parent="d-p")
+            assert await c.next_sub("p") == {"kind": "unsubscribed", "sub": "p", "reason": "ended"}
+            # Asked for, `unsubscribed` has no reason; the ids are free again.
+            await subscribe(c, "w", workflows=["d-live"])
+            await c.send({"op": "unsubscribe", "sub": "w"})
+            assert await c.next_sub("w") == {"kind": "unsubscribed", "sub": "w"}
 
 
 async def test_tenant_subscription_includes_new_workflows_of_that_tenant(broker):

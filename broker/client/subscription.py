@@ -69,7 +69,8 @@ class _Reconnect(Exception):
 
 
 class _Over(Exception):
-    """Nothing more will come (204: the cursor is at or after the end)."""
+    """Nothing more will come (SSE 204, WS `unsubscribed` "ended": the
+    cursor is at or after the end)."""
 
 
 def subscribe(
@@ -481,6 +482,8 @@ class Subscription:
             if kind == "ping":
                 await ws.send_message('{"op":"pong"}')
                 continue
+            if kind == "unsubscribed" and head.get("reason") == "ended":
+                raise _Over  # its multi-workflow scope ended (the broker's word for SSE's 204)
             if kind in ("authenticated", "ack", "pong", "unsubscribed", "subscribed"):
                 continue
             if kind == "error":

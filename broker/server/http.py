@@ -56,9 +56,11 @@ class _BodyRefused(Exception):
         self.err = err
 
 
-async def read_body(hub: Hub, limit: int) -> bytes:  # the caller releases len() of it
+async def read_body(hub: Hub, limit: int, ingest: bool = True) -> bytes:  # the caller releases len() of it
     """The request body, within bounds (DESIGN §13, docs/protocol.md
-    "Limits and timeouts"): at most `limit` bytes (else 400), all of it
+    "Limits and timeouts"): at most `limit` bytes (else 400: for `ingest`
+    bodies `ingest.max_frame_bytes`, counted as a reject like an oversized
+    ZMQ frame; else a control request's own bound), all of it
     within `http.body_timeout` of the request's head and with no pause
     longer than `http.body_idle_timeout` (else 408), and the bodies of all
     requests in progress together within `http.max_pending_body_bytes`
@@ -88,6 +90,8 @@ async def read_body(hub: Hub, limit: int) -> bytes:  # the caller releases len()
                 )
             size += len(chunk)
             if size > limit:
+                if not ingest:
+                    raise _BodyRefused(InvalidArgument(f"a control request's body is at most {limit} bytes"))
                 # Count it like an oversized ZMQ frame, without reading the rest.
                 hub.state.record_reject(
                     Reject("too_large", f"body over {limit} bytes"), time.time(), "http", b"".join(chunks)
@@ -277,7 +281,7 @@ def create_app(hub: Hub) -> QuartTrio:
         """DESIGN §8: 202 with the request id once published."""
         try:
             who = hub.principal_of(request.headers, request.args)
-            body = await read_body(hub, MAX_CONTROL_BODY)
+            body = await read_body(hub, MAX_CONTROL_BODY, ingest=False)
         except (BrokerError, _BodyRefused) as exc:
             err = exc.err if isinstance(exc, _BodyRefused) else exc
             hub.refused(err, "http", request.remote_addr or "", g.get("principal"))

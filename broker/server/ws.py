@@ -200,7 +200,7 @@ class WsSession:
             if self.hub.draining:
                 await self._drain()
             if conn.closing:
-                await self.close(WS_NORMAL, "closed by an administrator")
+                await self.close(WS_NORMAL, CLOSE_REASONS.get(conn.close_reason, "closed by the broker"))
             if conn.expired:  # its token (DESIGN §7): never left open past it
                 await self.close(Unauthenticated.ws_close, "token expired")
             if self.due and trio.current_time() >= self.paced_until:
@@ -289,7 +289,7 @@ class WsSession:
             elif op == "unsubscribe":
                 sub = self._existing(msg)
                 self._stop(sub)
-                await self.send(b'{"kind":"unsubscribed","sub":' + sub.id_json + b"}")
+                await self.send(_unsubscribed(sub))
             elif op == "auth":
                 self._refresh(msg)
                 await self.send(AUTHENTICATED)
@@ -381,6 +381,8 @@ class WsSession:
         if opened.reader is None:
             if opened.end is not None:
                 await self.send(self._frame(sub, opened.end.cursor, [opened.end]))
+            else:  # a multi-workflow scope that had ended (SSE: 204)
+                await self.send(_unsubscribed(sub, ENDED))
             return
         sub.reader = opened.reader
         sub.key = opened.key
@@ -453,6 +455,8 @@ class WsSession:
                 await self.send(self._encode(sub, items), len(items))
             if reader.done:
                 self._stop(sub)
+                if sub.multi:  # its scope ended: each workflow's `end` went out, and now this
+                    await self.send(_unsubscribed(sub, ENDED))
             elif items and conn.rate:
                 pause = conn.pace_delay(len(items))
                 if pause:
@@ -476,6 +480,21 @@ class WsSession:
 
 
 AUTHENTICATED = b'{"kind":"authenticated"}'
+# The close frame's reason for each way the hub closes a connection (its
+# `close_reason`); the code is 1000 for all: the client may resume.
+CLOSE_REASONS = {
+    "admin": "closed by an administrator",
+    "limits.per_user": "closed at limits.per_user: a newer connection of the same user took its place",
+}
+# `unsubscribed`'s reason when the broker ends a subscription: its
+# multi-workflow scope ended (every listed workflow, or a parent's tree).
+ENDED = "ended"
+
+
+def _unsubscribed(sub: WsSubscription, reason: str | None = None) -> bytes:
+    """The subscription is over: asked for (`unsubscribe`), or `reason`."""
+    tail = b"}" if reason is None else b',"reason":"' + reason.encode() + b'"}'
+    return b'{"kind":"unsubscribed","sub":' + sub.id_json + tail
 
 
 async def _first_auth(hub: Hub, websocket: AsgiWebSocket) -> Principal:
