@@ -87,6 +87,14 @@ async def test_the_ws_audit_subscription_and_the_ring_bound(daemon) -> None:
                 msg = await ws.next_sub("a")
                 facts.extend(msg["events"] if msg.get("kind") == "batch" else [msg])
             assert {f["action"] for f in facts} == {"auth.failed"} and all(f["kind"] == "audit" for f in facts)
+            # One fact more, alone in its message: its cursor comes once,
+            # beside `sub`, not again inside.
+            async with client_for(daemon) as c:
+                await c.get("/v1/admin/stats")
+            one = await ws.next_sub("a")
+            assert one["kind"] == "audit" and one["action"] == "auth.failed"
+            frame = next(str(f) for f in reversed(ws.frames) if '"sub":"a"' in str(f))
+            assert frame.count('"cursor"') == 1, frame
             # Not an admin: refused for that subscription only.
         async with ws_client(
             url, extra_headers=[(b"Authorization", bearer("subscribe")["Authorization"].encode())]

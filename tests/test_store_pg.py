@@ -92,3 +92,19 @@ def test_history_seeks_and_listings_page(pg_dsn: str) -> None:
         assert [
             r[0] for r in pg.list_workflows(conn, tenant=None, states=["running"], parent="h", after=None, limit=9)
         ] == ["c2", "c1", "c0"]
+        # `active`: every state that is not terminal, whatever its word.
+        for wid, etype in (
+            ("s-1", "workflow.suspended"),
+            ("s-2", "workflow.waiting_for_input"),
+            ("s-3", "workflow.failed"),
+        ):
+            st.ingest_frame(orjson.dumps(ev(wid, etype, tenant="t2")), now=9.0)
+        _write(conn, st, 10.0)
+
+        def listed(states: list[str] | None, active: bool) -> list[str]:
+            rows = pg.list_workflows(conn, tenant="t2", states=states, parent=None, after=None, limit=9, active=active)
+            return sorted(r[0] for r in rows)
+
+        assert listed([], True) == ["s-1", "s-2"]
+        assert listed(["failed"], True) == ["s-1", "s-2", "s-3"]
+        assert listed(["suspended"], False) == ["s-1"]

@@ -32,6 +32,7 @@ class WsClient:
         self.pings = 0
         self.pending: list[Msg] = []
         self.raw: list[Msg] = []  # every message received, in order (pings included)
+        self.frames: list[str | bytes] = []  # … and each as it came, before parsing
 
     async def send(self, obj: Any) -> None:
         if isinstance(obj, (str, bytes)):
@@ -41,7 +42,9 @@ class WsClient:
 
     async def _read_one(self) -> tuple[Msg, bool]:
         """The next message; True with it if it was a server ping already answered."""
-        msg = orjson.loads(await self.ws.get_message())
+        frame = await self.ws.get_message()
+        self.frames.append(frame)
+        msg = orjson.loads(frame)
         self.raw.append(msg)
         if msg.get("kind") == "ping":
             self.pings += 1

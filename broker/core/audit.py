@@ -64,6 +64,12 @@ class AuditEntry:
     def kind(self) -> str:
         return "audit"
 
+    @property
+    def ws_body(self) -> bytes:
+        """The body without its `cursor`: a WebSocket message of one fact
+        carries the cursor on the outside, beside `sub` (once, not twice)."""
+        return _without_cursor(self.body, b'{"kind":"audit",', self.cursor)
+
     def sse(self) -> bytes:
         if self._sse is None:
             self._sse = b"id: %s\nevent: audit\ndata: %s\n\n" % (self.cursor.encode(), self.body)
@@ -81,8 +87,20 @@ class AuditGap:
         self.cursor = cursor
         self.body = orjson.dumps({"kind": "gap", "cursor": cursor, "missed": missed})
 
+    @property
+    def ws_body(self) -> bytes:
+        return _without_cursor(self.body, b'{"kind":"gap",', self.cursor)
+
     def sse(self) -> bytes:
         return b"id: %s\nevent: gap\ndata: %s\n\n" % (self.cursor.encode(), self.body)
+
+
+def _without_cursor(body: bytes, head: bytes, cursor: str) -> bytes:
+    """`body` as built above (`head`, then `"cursor":"<cursor>",`) without
+    that key: a cursor holds no character JSON escapes."""
+    key = b'"cursor":"' + cursor.encode() + b'",'
+    assert body.startswith(head + key), body[:80]
+    return head + body[len(head) + len(key) :]
 
 
 class AuditLog:

@@ -152,6 +152,11 @@ def _int(obj: dict[str, Any], key: str, minimum: int) -> int | None:
     return value
 
 
+def is_state_word(value: str) -> bool:
+    """A state as events name it: a lower-case word of at most 64 characters."""
+    return len(value) <= 64 and _STATE_RE.fullmatch(value) is not None
+
+
 def kind_of(event_type: str) -> str:
     """Stream message kind for an event type (DESIGN.md §5)."""
     if event_type == "task.progress":

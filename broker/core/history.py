@@ -23,7 +23,7 @@ from typing import Any
 
 from .cursor import parse_workflow_cursor
 from .entry import Entry
-from .envelope import TERMINAL_STATES
+from .envelope import TERMINAL_STATES, is_state_word
 from .errors import InvalidArgument, PermissionDenied
 from .filters import Filter
 from .limits import Principal
@@ -31,7 +31,6 @@ from .state import SYSTEM_TENANT, BrokerState, Workflow
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-STATES = frozenset({"created", "pending", "running", "completed", "failed", "cancelled"})
 
 
 def _limit(raw: str | None) -> int:
@@ -114,10 +113,11 @@ def history_body(epoch: str, scanned: Sequence[Entry], limit: int, flt: Filter) 
 @dataclass(frozen=True, slots=True)
 class ListQuery:
     tenant: str | None
-    states: frozenset[str] | None
+    states: frozenset[str] | None  # None: every state (unless `active`)
     parent: str | None
     after: tuple[int, str] | None  # (updated, workflow id) of the last one seen
     limit: int
+    active: bool = False  # also every state that is not terminal (any word an engine sends)
 
 
 def parse_list_query(args: Mapping[str, str], principal: Principal) -> ListQuery:
@@ -132,14 +132,21 @@ def parse_list_query(args: Mapping[str, str], principal: Principal) -> ListQuery
             raise PermissionDenied("'tenant' must name the token's own tenant")
         tenant = grant.tenant
     states: frozenset[str] | None = None
+    active = False
     if "state" in args:
+        # A workflow's state is any lower-case word its engine sent
+        # (`workflow.suspended`, `workflow.waiting_for_input`): `active`
+        # is every one that is not terminal, not a fixed list.
         words = {w.strip() for w in args["state"].split(",") if w.strip()}
         if "terminal" in words:
             words = (words - {"terminal"}) | TERMINAL_STATES
         if "active" in words:
-            words = (words - {"active"}) | (STATES - TERMINAL_STATES)
-        if not words or not words <= STATES:
-            raise InvalidArgument("'state' must list states: " + ", ".join(sorted(STATES)) + ", active, terminal")
+            words.discard("active")
+            active = True
+        bad = sorted(w for w in words if not is_state_word(w))
+        if bad or not (words or active):
+            shown = f" ('{bad[0][:64]}' is not)" if bad else ""
+            raise InvalidArgument(f"'state' must list lower-case state words, 'active' or 'terminal'{shown}")
         states = frozenset(words)
     after = None
     if "after" in args:
@@ -147,7 +154,7 @@ def parse_list_query(args: Mapping[str, str], principal: Principal) -> ListQuery
         if not sep or not ts.isascii() or not ts.isdigit() or len(ts) > 19 or not wid:
             raise InvalidArgument("'after' must be the 'next' of the page before")
         after = (int(ts), wid)
-    return ListQuery(tenant, states, args.get("parent") or None, after, _limit(args.get("limit")))
+    return ListQuery(tenant, states, args.get("parent") or None, after, _limit(args.get("limit")), active)
 
 
 def summary(wf: Workflow) -> dict[str, Any]:
@@ -182,7 +189,7 @@ def summary_of_row(row: Sequence[Any]) -> dict[str, Any]:
 def _matches(q: ListQuery, s: Mapping[str, Any]) -> bool:
     return (
         (s["tenant"] == q.tenant if q.tenant is not None else s["tenant"] != SYSTEM_TENANT)
-        and (q.states is None or s["state"] in q.states)
+        and (q.states is None or s["state"] in q.states or (q.active and s["state"] not in TERMINAL_STATES))
         and (q.parent is None or s["parent_id"] == q.parent)
     )
 

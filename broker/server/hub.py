@@ -647,6 +647,7 @@ class Hub:
                 parent=q.parent,
                 after=q.after,
                 limit=q.limit + 1,
+                active=q.active,
             )
             page = merge_stored(self.state, q, principal, rows)
         return list_body(page, q.limit)

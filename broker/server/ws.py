@@ -475,7 +475,9 @@ class WsSession:
         `seq`), shared by every subscriber (encoded once)."""
         head = b'{"sub":' + sub.id_json + b',"cursor":"' + cursor.encode() + b'"'
         if len(items) == 1:
-            return head + b"," + items[0].body[1:]
+            item = items[0]
+            body = item.ws_body if isinstance(item, (AuditEntry, AuditGap)) else item.body
+            return head + b"," + body[1:]
         return head + b',"kind":"batch","events":[' + b",".join([it.body for it in items]) + b"]}"
 
 

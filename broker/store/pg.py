@@ -18,6 +18,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from ..core.entry import Entry
+from ..core.envelope import TERMINAL_STATES
 from ..core.restore import StoredEntry, StoredWorkflow, WorkflowRow
 from .schema import LATEST, MIGRATIONS
 
@@ -386,17 +387,25 @@ def list_workflows(
     parent: str | None,
     after: tuple[int, str] | None,
     limit: int,
+    active: bool = False,
 ) -> list[tuple[Any, ...]]:
     """Workflows' summaries, newest first (updated, then id, descending),
-    after the (updated, id) position `after`."""
+    after the (updated, id) position `after`; in `states` (None: any), or
+    with `active` also in any state that is not terminal."""
     where: list[str] = []
     args: list[Any] = []
     if tenant is not None:
         where.append("tenant = %s")
         args.append(tenant)
-    if states is not None:
-        where.append("state = ANY(%s)")
-        args.append(list(states))
+    if states is not None or active:
+        either = []
+        if states:
+            either.append("state = ANY(%s)")
+            args.append(list(states))
+        if active:
+            either.append("state <> ALL(%s)")
+            args.append(sorted(TERMINAL_STATES))
+        where.append("(" + " OR ".join(either) + ")" if either else "false")
     if parent is not None:
         where.append("parent_id = %s")
         args.append(parent)
