@@ -40,6 +40,7 @@ import h11
 import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Event, Updated
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import WSStream
@@ -87,14 +88,29 @@ ACCEPT_LOG_EVERY = 10.0  # seconds between log lines about failing accepts
 class BrokerTCPServer(TCPServer):
     """Hypercorn's connection server, closing what it is done with at once."""
 
+    _reader_done = False
+
     async def _read_data(self) -> None:
         try:
             await super()._read_data()
         finally:
             # The client closed (or the socket did): the keep-alive timer
             # must not hold the connection open until it expires.
+            self._reader_done = True
             with trio.CancelScope(shield=True):
                 await self.idle_task.stop()
+
+    async def protocol_send(self, event: Event) -> None:
+        # A response that ends after the client closed: h11 may still see
+        # both sides done (the close not read yet) and recycle the
+        # connection for a next request, starting the keep-alive timer —
+        # after the reader above has stopped it and ended. Nothing can come
+        # on a connection whose reader is gone: no timer, and the server
+        # closes it now (≈ 1 in 200 one-request connections of the stream
+        # path waited http.idle_timeout for it, measured).
+        if isinstance(event, Updated) and event.idle and self._reader_done:
+            return
+        await super().protocol_send(event)
 
     async def _close(self) -> None:
         # Called from the request's task too, which may be cancelled right
