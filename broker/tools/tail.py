@@ -19,12 +19,14 @@ import sys
 import time
 from collections import deque
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..client import Message, Subscription, SubscriptionError, subscribe
 from ..core.snapshot import WorkflowSnapshot
+
+if TYPE_CHECKING:  # imported when the command runs: `broker run` need not load the client (httpx, …)
+    from ..client import Message, Subscription
 
 STATE_STYLES = {
     "created": "dim",
@@ -67,6 +69,8 @@ def _words(value: str | None) -> list[str] | None:
 
 def open_subscription(args: argparse.Namespace) -> Subscription | str:
     """The subscription the arguments ask for, or what is wrong with them."""
+    from ..client import subscribe
+
     scopes = {
         "workflow": args.workflow,
         "tenant": args.tenant,
@@ -100,6 +104,8 @@ def open_subscription(args: argparse.Namespace) -> Subscription | str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..client import SubscriptionError
+
     sub = open_subscription(args)
     if isinstance(sub, str):
         print(f"broker: {sub}", file=sys.stderr)
