@@ -225,6 +225,15 @@ async def test_migrate_then_nothing_to_do_then_a_newer_schema_is_refused(tmp_pat
             assert "ready" not in out
             # Nothing was changed by the refused broker.
             assert await sql(pg_dsn, "SELECT version FROM broker_migrations ORDER BY 1") == [(1,), (99,)]
+            # A schema of the right version that the restore cannot read
+            # (a table gone): one line and exit 2 too, not a traceback.
+            await sql(pg_dsn, "DELETE FROM broker_migrations WHERE version = 99")
+            await sql(pg_dsn, "DROP TABLE broker_workflows")
+            rc, out, err, _ = await run_cli("run", "-c", str(run_cfg))
+            assert rc == 2, (out, err)
+            line = one_line(err)
+            assert "store: UndefinedTable" in line and "broker_workflows" in line, line
+            assert "Traceback" not in err and "ready" not in out
 
     rc, out, err, took = found["unreachable"]
     print(f"\n[store] unreachable store: broker run exited {rc} after {took:.2f} s: {err.strip()}")

@@ -108,3 +108,38 @@ def test_history_seeks_and_listings_page(pg_dsn: str) -> None:
         assert listed([], True) == ["s-1", "s-2"]
         assert listed(["failed"], True) == ["s-1", "s-2", "s-3"]
         assert listed(["suspended"], False) == ["s-1"]
+
+
+async def test_the_restore_leaves_the_collector_as_it_found_it(pg_dsn: str) -> None:
+    """open_store turns Python's collector off while it reads and rebuilds
+    (a faster restart: docs/benchmarks.md); it is on again after, also
+    when the restore fails half-way."""
+    import gc
+
+    import pytest
+    import trio
+
+    from broker.config import StoreConfig
+    from broker.store.writer import StoreRefused, open_store
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        pg.migrate(conn)
+        st = _state()
+        for i in range(5):
+            st.ingest_frame(orjson.dumps(ev("gc-wf", "x.tick", data={"i": i})), now=1.0)
+        _write(conn, st, 2.0)
+    cfg = StoreConfig(backend="postgres", dsn=pg_dsn)
+    assert gc.isenabled()
+    with trio.fail_after(30):
+        state = BrokerState("n1")
+        store = await open_store(cfg, state)
+        try:
+            assert gc.isenabled()
+            assert state.workflows["gc-wf"].snapshot.seq == 5  # restored
+        finally:
+            store.close()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("DROP TABLE broker_workflows")  # the restore's read fails now
+        with pytest.raises(StoreRefused):
+            await open_store(cfg, BrokerState("n2"))
+    assert gc.isenabled()

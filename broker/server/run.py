@@ -241,12 +241,12 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
             # Before anything binds: no event may arrive for a workflow not
             # restored yet (store/writer.py).
             from ..store.pg import SchemaTooNew
-            from ..store.writer import StoreUnavailable, open_store
+            from ..store.writer import StoreRefused, StoreUnavailable, open_store
 
             try:
                 hub.store = await open_store(config.store, hub.state)
                 hub.metrics.attach_store(hub.store)
-            except (StoreUnavailable, SchemaTooNew) as exc:
+            except (StoreUnavailable, StoreRefused, SchemaTooNew) as exc:
                 raise StartupError(f"store: {exc}") from None
         token = trio.lowlevel.current_trio_token()
 

@@ -332,6 +332,18 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def _store_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first StoreUnavailable / StoreRefused inside `group`, else the group."""
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        elif isinstance(exc, (StoreUnavailable, StoreRefused)):
+            return exc
+    return group
+
+
 async def open_store(config: StoreConfig, state: BrokerState) -> Store:
     """Connect, migrate, restore `state` (empty: before ingest binds).
     StoreUnavailable / pg.SchemaTooNew if that cannot be done."""
@@ -362,15 +374,20 @@ async def open_store(config: StoreConfig, state: BrokerState) -> Store:
                 await store.call(pg.load_ids, now_ms=now_ms, dedup_ids=lim.dedup_window, dedup_age=state.ids.max_age)
             )
 
-        async with trio.open_nursery() as nursery:  # two connections at once
-            nursery.start_soon(read_ids)
-            got = await store.call(
-                pg.load,
-                now_ms=now_ms,
-                terminal_ttl=lim.terminal_ttl,
-                ring_events=lim.ring_events,
-                restore_events=config.restore_events,
-            )
+        try:
+            async with trio.open_nursery() as nursery:  # two connections at once
+                nursery.start_soon(read_ids)
+                got = await store.call(
+                    pg.load,
+                    now_ms=now_ms,
+                    terminal_ttl=lim.terminal_ttl,
+                    ring_events=lim.ring_events,
+                    restore_events=config.restore_events,
+                )
+        except BaseExceptionGroup as group:
+            # A read failed (both, often, alike): its own error, which the
+            # caller reports in one line, not the nursery's group of them.
+            raise _store_error(group) from None
         loaded = trio.current_time() - began
         result: RestoreResult = restore(state, got.workflows, got.entries, ids, trio.current_time(), time.time())
         if collecting:
