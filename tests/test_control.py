@@ -26,18 +26,22 @@ daemon = module_broker(
 
 # The engine: SUB to the control socket for one workflow id; prints "ready",
 # then each message's topic and body, one JSON line each, until stdin closes.
+# Only its main thread touches the socket (a zmq socket is not thread-safe:
+# closed from the stdin thread while a recv was in progress, the process
+# once failed to exit); the stdin thread only says when to stop.
 ENGINE = r"""
 import sys, threading, zmq
 ctx = zmq.Context(); s = ctx.socket(zmq.SUB)
 s.connect(sys.argv[1]); s.setsockopt(zmq.SUBSCRIBE, sys.argv[2].encode())
 print("ready", flush=True)
-threading.Thread(target=lambda: (sys.stdin.read(), s.close(0), ctx.term()), daemon=True).start()
-while True:
-    try:
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+while not done.is_set():
+    if s.poll(50):
         topic, body = s.recv_multipart()
-    except zmq.ZMQError:
-        break
-    print(topic.decode() + " " + body.decode(), flush=True)
+        print(topic.decode() + " " + body.decode(), flush=True)
+s.close(0)
+ctx.term()
 """
 
 
