@@ -5,15 +5,20 @@ and listings page."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import orjson
 import psycopg
+import pytest
+import trio
 
+from broker.config import StoreConfig
 from broker.core.restore import mark_committed, workflow_rows
 from broker.core.spill import SpillQueue
 from broker.core.state import BrokerState
 from broker.store import pg
+from broker.store.writer import StoreRefused, open_store
 
 from .builders import ev
 
@@ -114,14 +119,6 @@ async def test_the_restore_leaves_the_collector_as_it_found_it(pg_dsn: str) -> N
     """open_store turns Python's collector off while it reads and rebuilds
     (a faster restart: docs/benchmarks.md); it is on again after, also
     when the restore fails half-way."""
-    import gc
-
-    import pytest
-    import trio
-
-    from broker.config import StoreConfig
-    from broker.store.writer import StoreRefused, open_store
-
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         pg.migrate(conn)
         st = _state()
