@@ -13,8 +13,11 @@ ensure_venv() {
         "$VENV/bin/python" -m pip install -q --upgrade pip
     fi
     local stamp="$VENV/.installed$extras"
-    # Reinstall only when pyproject.toml changed since the last install.
-    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    # Reinstall only when pyproject.toml or setup.py changed since the last
+    # install, or a source of the compiled core (setup.py: broker/core is
+    # compiled with mypyc; a stale build would refuse to import).
+    if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] \
+        || [ -n "$(find "$ROOT/broker/core" -name '*.py' -newer "$stamp" -print -quit)" ]; then
         echo "scripts: installing the broker${extras:+ with $extras}" >&2
         "$VENV/bin/python" -m pip install -q -e "$ROOT$extras"
         touch "$stamp"

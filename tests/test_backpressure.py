@@ -22,9 +22,9 @@ import orjson
 import pytest
 import trio
 
-from .builders import ev, task
+from .builders import ev, log, task
 from .conftest import ROOT
-from .e2e import client_for, open_sse, poll, stats, wf_path
+from .e2e import client_for, open_sse, poll, post_events, stats, wf_path
 
 SLOW_TIMEOUT = 2.0
 
@@ -320,3 +320,39 @@ async def test_ws_write_completing_late_closes_4008(broker_factory):
             st = await poll(lambda: _slow_closed(client), 5)
     assert [c.code for c in closes] == [4008]
     assert st["streams"]["slow_consumer_closed"] == 1
+
+
+async def test_a_caught_up_subscriber_gets_a_whole_burst(broker):
+    """protocol.md, "Slow consumers": a subscriber that was caught up gets
+    the whole burst that woke it; `stream.coalesce_after` (256) is for a
+    burst that piles up while a write is still going on. After one line
+    was delivered (a direct write, done when it returns) and the stream
+    sat idle, a batch of 300 lines comes whole: no `gap`, on the
+    single-workflow log stream, the multi-workflow one and WebSocket."""
+    from .ws_client import ws_client
+
+    wid, lines = "burst-1", 300
+    async with client_for(broker) as client:
+        await post_events(client, ev(wid, "workflow.running"))
+        with trio.fail_after(20):
+            async with (
+                open_sse(client, wf_path(wid, "logs")) as single,
+                open_sse(client, f"/v1/stream?workflows={wid}&types=log") as multi,
+                ws_client(broker.ws_url + "/v1/ws") as ws,
+            ):
+                await ws.send({"op": "subscribe", "sub": "s", "workflow": wid, "filter": {"types": ["log"]}})
+                assert (await ws.next_sub("s"))["kind"] == "snapshot"
+                for s in (single, multi):
+                    assert (await s.expect()).event == "snapshot"
+                await post_events(client, log(wid, "one"))
+                for s in (single, multi):
+                    assert (await s.expect()).json["message"] == "one"
+                assert (await ws.next_sub("s"))["message"] == "one"
+                await trio.sleep(0.3)  # idle: every write long done
+                await post_events(client, [log(wid, f"m{i}") for i in range(lines)])
+                for s in (single, multi):
+                    got = [(await s.expect()) for _ in range(lines)]
+                    assert [e.event for e in got] == ["log"] * lines
+                    assert [e.json["message"] for e in got] == [f"m{i}" for i in range(lines)]
+                events, _ = await ws.events("s", lines)
+                assert [e["kind"] for e in events] == ["log"] * lines

@@ -213,6 +213,10 @@ class AuditReader:
         """Audit facts recorded that it has not read yet."""
         return max(0, self.log.ring.next_index - self.index)
 
+    def written(self) -> None:
+        """The adapter's write is done (readers' common interface; an audit
+        stream has no burst to skip, so nothing changes)."""
+
     def pull(self) -> list[AuditEntry | AuditGap]:
         out: list[AuditEntry | AuditGap] = []
         if self._gap is not None:

@@ -37,6 +37,9 @@ def sse_frame(event_id: str, kind: str, body: bytes) -> bytes:
 StoredFields = tuple[str, str, int, int, str, "str | None", "str | None", int]
 
 
+_NO_MSG: dict[str, Any] = {}  # restored(): the fields come apart from any message
+
+
 def dumps_exact(obj: Any) -> bytes:
     """orjson.dumps for bytes that live long: orjson returns its working
     buffer (4 KiB or more, seen with 3.13) without shrinking it, so keep an
@@ -79,22 +82,40 @@ class Entry:
         terminal: bool = False,
         after_terminal: bool = False,
         seq_from: int | None = None,
+        body: bytes | None = None,
+        fields: StoredFields | None = None,
     ) -> None:
-        self.workflow_id: str = msg["workflow_id"]
+        """A live entry: its fields read from `msg`, its body encoded from
+        it. With `body` and `fields` (`restored()`), an entry read back
+        from the store, `msg` unused."""
+        if fields is None:
+            level = msg.get("level")
+            self.workflow_id: str = msg["workflow_id"]
+            self.epoch: str = msg["epoch"]
+            self.seq: int = msg["seq"]
+            self.seq_from = self.seq if seq_from is None else seq_from
+            self.kind: str = msg["kind"]
+            self.task_id: str | None = msg.get("task_id")
+            self.state: str | None = msg.get("state")
+            self.level = LOG_LEVELS[level] if level is not None else 0
+            self.event_id: str | None = msg.get("id")  # for the store's dedup restore
+        else:
+            (
+                self.workflow_id,
+                self.epoch,
+                self.seq,
+                self.seq_from,
+                self.kind,
+                self.task_id,
+                self.state,
+                self.level,
+            ) = fields
+            self.event_id = None  # a stored entry's id is in the dedup window (restored apart)
         self.tenant = tenant
         self.ancestors = ancestors  # the workflow's parent, grandparent, …
-        self.epoch: str = msg["epoch"]
-        self.seq: int = msg["seq"]
-        self.seq_from = self.seq if seq_from is None else seq_from
-        self.kind: str = msg["kind"]
-        self.task_id: str | None = msg.get("task_id")
-        self.state: str | None = msg.get("state")
-        level = msg.get("level")
-        self.level = LOG_LEVELS[level] if level is not None else 0
         self.terminal = terminal
         self.after_terminal = after_terminal
-        self.event_id: str | None = msg.get("id")  # for the store's dedup restore
-        self.body = dumps_exact(msg)
+        self.body = dumps_exact(msg) if body is None else body
         # Accounted size: the body, the SSE frame cached beside it once
         # anyone streams it, and a rough fixed cost of the object.
         self.size = 2 * len(self.body) + 200
@@ -122,7 +143,6 @@ class Entry:
         streamed when it was live, so a resume after a restart sends the
         same bytes (store/, core/restore.py). Its fields are the store's
         columns (`fields`), or else read from the body."""
-        entry = cls.__new__(cls)
         if fields is None:
             msg = orjson.loads(body)
             level = msg.get("level")
@@ -136,29 +156,15 @@ class Entry:
                 msg.get("state"),
                 LOG_LEVELS[level] if level is not None else 0,
             )
-        (
-            entry.workflow_id,
-            entry.epoch,
-            entry.seq,
-            entry.seq_from,
-            entry.kind,
-            entry.task_id,
-            entry.state,
-            entry.level,
-        ) = fields
-        entry.event_id = None  # a stored entry's id is in the dedup window (restored apart)
-        entry.tenant = tenant
-        entry.ancestors = ancestors
-        entry.terminal = terminal
-        entry.after_terminal = after_terminal
-        entry.body = body
-        entry.size = 2 * len(body) + 200
-        entry.offset = 0
-        entry.log_counts = NO_LOGS
-        entry.cursor = f"{entry.epoch}:{entry.seq}"
-        entry._sse = None
-        entry._sse_multi = None
-        return entry
+        return cls(
+            _NO_MSG,
+            tenant=tenant,
+            ancestors=ancestors,
+            terminal=terminal,
+            after_terminal=after_terminal,
+            body=body,
+            fields=fields,
+        )
 
     def sse(self) -> bytes:
         """SSE frame for a single-workflow stream (id = epoch:seq)."""

@@ -267,15 +267,15 @@ def validate(obj: Any, exact: bool = False) -> dict[str, Any]:
 
     for key in ("result", "error", "data"):
         if key in obj:
-            value = obj[key]
-            if isinstance(value, (dict, list)):
-                if not _depth_within(value, MAX_DEPTH, exact):
+            payload = obj[key]  # any JSON (its own name: `value` above is a str)
+            if isinstance(payload, (dict, list)):
+                if not _depth_within(payload, MAX_DEPTH, exact):
                     raise Reject("invalid_field", f"'{key}' nests deeper than {MAX_DEPTH} levels")
             elif exact:
-                _check_int(value)
-            elif _suspect(value):
+                _check_int(payload)
+            elif _suspect(payload):
                 raise MaybeBigInt()
-            ev[key] = value
+            ev[key] = payload
     ev["kind"] = kind
     return ev
 

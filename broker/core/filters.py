@@ -28,8 +28,12 @@ KINDS = frozenset({"state", "progress", "log", "event"})
 VIEWS = ("all", "tasks", "logs")
 
 
+# A filter's fields, in order (compiled, a class has no `__slots__` to read).
+_FIELDS = ("types", "tasks", "states", "min_level", "coalesce", "view")
+
+
 class Filter:
-    __slots__ = ("types", "tasks", "states", "min_level", "coalesce", "view")
+    __slots__ = _FIELDS
 
     def __init__(
         self,
@@ -49,7 +53,7 @@ class Filter:
         self.view = view
 
     def _fields(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
+        return tuple(getattr(self, name) for name in _FIELDS)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Filter) and self._fields() == other._fields()
@@ -58,9 +62,7 @@ class Filter:
         return hash(self._fields())
 
     def __repr__(self) -> str:
-        given = ", ".join(
-            f"{n}={getattr(self, n)!r}" for n in self.__slots__ if getattr(self, n) not in (None, 0, False)
-        )
+        given = ", ".join(f"{n}={getattr(self, n)!r}" for n in _FIELDS if getattr(self, n) not in (None, 0, False))
         return f"Filter({given})"
 
     @property

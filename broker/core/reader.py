@@ -189,6 +189,9 @@ class WorkflowReader:
             self._page = None
             self._opening = RESYNC
 
+    def _paging(self) -> bool:
+        return self._page is not None
+
     def _from_page(self) -> list[Item]:
         """The entries of the fetched page; then either the next page is
         wanted or the ring takes over after the last one."""
@@ -233,6 +236,15 @@ class WorkflowReader:
             return 0
         return max(0, self.wf.snapshot.seq - self.seq)
 
+    def written(self) -> None:
+        """The adapter's write of what it pulled last is done. If nothing
+        came meanwhile, this subscriber is caught up: the next burst, however
+        large, comes whole (a burst that piles up during a write is what
+        `coalesce_after` is for). A direct write is done when it returns,
+        so an SSE stream written that way says so after every write."""
+        if self.wf.ring.next_index == self.index:
+            self._idle = True
+
     def _log_counts_before(self, index: int) -> tuple[int, ...]:
         ring = self.wf.ring
         if not ring.first_index <= index < ring.next_index:
@@ -271,7 +283,10 @@ class WorkflowReader:
             if self.wants_history:
                 return out
             out.extend(self._from_page())
-            if self._page is not None or self.done:
+            # Asked again, through a call: `_from_page` may have cleared it,
+            # and the check above would otherwise still hold for the
+            # compiler (mypyc keeps a narrowed attribute's type).
+            if self._paging() or self.done:
                 return out
         ring = self.wf.ring
         if ring.next_index == self.index:
@@ -518,6 +533,11 @@ class MultiReader:
             self.done = all(self._has_ended(w) for w in scope.ids)
         elif scope.kind == PARENT and self._has_ended(scope.name):
             self.done = all(self._has_ended(wf.id) for wf in self._descendants())
+
+    def written(self) -> None:
+        """As `WorkflowReader.written`: caught up if the journal has nothing new."""
+        if self.state.journal.next_index == self.index:
+            self._idle = True
 
     def pull(self) -> list[Item]:
         if self.done:

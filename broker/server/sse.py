@@ -382,6 +382,7 @@ class _Stream:
             if not direct.write(self.encode(taken[0])):
                 conn.hand_back()
                 return
+            self.reader.written()  # all of it is out: caught up
         if self.reader.done and self.end_state is None:
             # Its last events are out; its end waits for its turn, parked.
             self.end_state = False

@@ -453,6 +453,7 @@ class WsSession:
                 # Served: to the back of the line, so paced rounds take turns.
                 self.subs[sub.id] = self.subs.pop(sub.id)
                 await self.send(self._encode(sub, items), len(items))
+                reader.written()  # caught up, unless more came during the send
             if reader.done:
                 self._stop(sub)
                 if sub.multi:  # its scope ended: each workflow's `end` went out, and now this

@@ -8,6 +8,7 @@ backstop for a call whose thread cannot be interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,7 +199,7 @@ def copy_workflow_rows(rows: Sequence[WorkflowRow]) -> bytes:
     return b"\n".join(lines)
 
 
-_ROW_COLUMNS = tuple(f for f in WorkflowRow.__slots__ if f != "fresh")
+_ROW_COLUMNS = tuple(f.name for f in dataclasses.fields(WorkflowRow) if f.name != "fresh")
 _ROW_COLUMN_LIST = ", ".join(_ROW_COLUMNS)
 _ROW_STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS broker_row_stage (LIKE broker_workflows INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
