@@ -42,6 +42,9 @@ CHUNK = 32
 TURN_BATCH = 4096
 TURN_SLICE = 0.004
 MAX_TURN_SLICE = 0.025
+# The option as a plain int: pyzmq turns its enum member into an option
+# code in Python on every call (0.6 of the 1.7 µs a part cost, measured).
+RCVMORE = int(zmq.RCVMORE)
 
 
 def bind_pull(
@@ -102,7 +105,7 @@ class _Parts:
                 self.kept += 1
             else:
                 self.skipped += 1
-            if sock.getsockopt(zmq.RCVMORE):
+            if sock.getsockopt(RCVMORE):
                 self.in_message = True
             else:
                 self.in_message = False
