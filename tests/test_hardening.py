@@ -290,10 +290,15 @@ async def test_idle_slow_and_silent_connections_are_closed_on_the_idle_timer(bro
 
         results: dict[str, float] = {}
 
-        async def case(name: str, first: bytes, drip: bytes, limit: float) -> None:
+        async def case(name: str, first: bytes, drip: bytes, limit: float, answered: bool = False) -> None:
             sock = await connect(d)
             if first:
                 await sock.send(first)
+            if answered:  # a whole response first: the connection is kept alive after it
+                got = b""
+                while b"\r\n\r\n" not in got or not got.endswith(b"}"):
+                    got += await sock.recv(65536)
+                assert got.startswith(b"HTTP/1.1 200")
             results[name] = await closed_within(sock, limit, drip)
             sock.close()
 
@@ -303,6 +308,9 @@ async def test_idle_slow_and_silent_connections_are_closed_on_the_idle_timer(bro
                 case, "headers a byte at a time", b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 40, 4
             )
             n.start_soon(case, "h2c preface, then silence", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"", 4)
+            healthz = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            n.start_soon(case, "idle after a response", healthz, b"", 4, True)
+            n.start_soon(case, "after a response, the next head a byte at a time", healthz, healthz * 3, 4, True)
             n.start_soon(
                 case,
                 "stream request, body dripping",
@@ -315,6 +323,9 @@ async def test_idle_slow_and_silent_connections_are_closed_on_the_idle_timer(bro
         assert results["headers a byte at a time"] < 2.5
         assert results["stream request, body dripping"] < 3.5  # body_timeout 2
         assert results["h2c preface, then silence"] < 1.5  # answered in HTTP/1.1 and closed
+        # Kept alive after a response: the idle timer runs again from there.
+        assert results["idle after a response"] < 2.5
+        assert results["after a response, the next head a byte at a time"] < 2.5
 
 
 @pytest.mark.slow

@@ -108,7 +108,17 @@ class BrokerTCPServer(TCPServer):
         # on a connection whose reader is gone: no timer, and the server
         # closes it now (≈ 1 in 200 one-request connections of the stream
         # path waited http.idle_timeout for it, measured).
-        if isinstance(event, Updated) and event.idle and self._reader_done:
+        if isinstance(event, Updated):
+            if event.idle and self._reader_done:
+                return
+            # The keep-alive timer is (re)started from the request's task,
+            # which may be cancelled right then (Quart ends its handler
+            # tasks as the response completes): unshielded, the restart
+            # was cancelled and a connection kept alive after a response
+            # was never closed (nor one sending its next head a byte at a
+            # time), however long http.idle_timeout.
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)
             return
         await super().protocol_send(event)
 
