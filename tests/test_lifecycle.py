@@ -144,6 +144,50 @@ async def test_sigterm_with_open_streams_delivers_everything_then_closes_without
     assert exited_after < SHUTDOWN_TIMEOUT, f"exit took {exited_after:.2f}s, shutdown_timeout is {SHUTDOWN_TIMEOUT}s"
 
 
+@pytest.mark.slow
+async def test_sigterm_exits_within_shutdown_timeout_while_a_client_has_stopped_reading(tmp_path: Path):
+    """DESIGN §11: exit within shutdown_timeout, even with an SSE client
+    that stopped reading (its socket full, a write blocked in the kernel)
+    and a slow-consumer timeout far beyond it: the sockets still open at
+    the deadline are cut."""
+    sections = {**BASE_SECTIONS, "stream": {**BASE_SECTIONS.get("stream", {}), "slow_consumer_timeout": 20}}
+    cfg = write_config(tmp_path / "broker.toml", sections)
+    cfg.write_text(f"shutdown_timeout = {SHUTDOWN_TIMEOUT}\n" + cfg.read_text())
+    d = Daemon(cfg)
+    try:
+        wid = uid("stuck")
+        with trio.fail_after(40):
+            async with client_for(d) as client:
+                await post_events(client, ev(wid, "workflow.running"))
+                sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                host, port = d.http.rsplit(":", 1)
+                await sock.connect((host, int(port)))
+                await sock.send(f"GET {wf_path(wid)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert (await sock.recv(4096)).startswith(b"HTTP/1.1 200")
+                # Never read again: a few MB of logs fill both socket buffers.
+                big = "x" * 4000
+                for _ in range(20):
+                    r = await post_events(client, [log(wid, big) for _ in range(100)])
+                    assert r.status_code == 202
+                await poll(lambda: _write_in_flight(client), 10)
+                t0 = time.monotonic()
+                d.proc.send_signal(signal.SIGTERM)
+                rc = await trio.to_thread.run_sync(d.proc.wait, 30)
+                exited_after = time.monotonic() - t0
+                sock.close()
+        assert rc == 0, d.output()
+        assert exited_after < SHUTDOWN_TIMEOUT + 1.5, f"exit took {exited_after:.2f}s"
+    finally:
+        d.stop()
+
+
+async def _write_in_flight(client: httpx.AsyncClient) -> bool:
+    """A stream's write is blocked (its client reads nothing)."""
+    conns = (await client.get("/v1/admin/connections")).json()["connections"]
+    return any(c["blocked"] > 0 for c in conns)
+
+
 def _all_threads_stopped(pid: int) -> bool:
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/stat") as f:

@@ -802,3 +802,41 @@ async def test_a_resume_50000_events_back_streams_the_store_then_live_exactly_on
             st = await stats(client)
             # The part before the ring (1,024) came from the store, 500 at a time.
             assert st["streams"].get("history_pages", 0) >= (DEEP - 1024) // 500
+
+
+@pytest.mark.slow
+async def test_sigterm_waits_shutdown_timeout_not_durable_timeout_for_the_last_writes(pg_dsn: str, tmp_path: Path):
+    """DESIGN §11: SIGTERM flushes the store within `shutdown_timeout` (6 s
+    here), not the durable publish's `durable_timeout` (1 s): with the
+    events table locked for 2.5 s after the signal, every accepted event is
+    written, the node marked clean, and the exit is 0."""
+    from .conftest import BASE_SECTIONS
+
+    sections = {**BASE_SECTIONS, "store": store_section(pg_dsn, durable_timeout=1)}
+    cfg = write_config(tmp_path / "broker.toml", sections)
+    cfg.write_text("shutdown_timeout = 6\n" + cfg.read_text())
+    d = Daemon(cfg)
+    wid = uid("flush")
+    try:
+        with trio.fail_after(40):
+            async with client_for(d) as client:
+                await post_ok(client, ev(wid, "workflow.running"))
+                await wait_written(client)
+                lock = await trio.to_thread.run_sync(lambda: psycopg.connect(pg_dsn))
+                try:
+                    await trio.to_thread.run_sync(lock.execute, "LOCK TABLE broker_events IN ACCESS EXCLUSIVE MODE")
+                    await post_ok(client, *[log(wid, f"late {i}") for i in range(5)])
+                    t0 = time.monotonic()
+                    d.proc.send_signal(signal.SIGTERM)
+                    await trio.sleep(2.5)
+                finally:
+                    await trio.to_thread.run_sync(lock.close)  # rolls back: the lock goes
+                rc = await trio.to_thread.run_sync(d.proc.wait, 20)
+                exited_after = time.monotonic() - t0
+        assert rc == 0, d.output()
+        assert "not written at exit" not in d.output()
+        assert 2.5 <= exited_after < 6 + 1.5, exited_after
+        assert [r[0] for r in await stored_events(pg_dsn, wid)] == list(range(1, 7))
+        assert await sql(pg_dsn, "SELECT clean FROM broker_nodes") == [(True,)]
+    finally:
+        d.stop()

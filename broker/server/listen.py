@@ -30,6 +30,7 @@ sends its headers a byte at a time is closed when it expires.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -273,15 +274,32 @@ async def serve_http(
     listener = trio.socket.from_stdlib_socket(sock)
     acceptor: Acceptor
 
+    streams: set[trio.SocketStream] = set()  # every connection still open
+
     async def one(conn: trio.socket.SocketType) -> None:
         stream = trio.SocketStream(conn)
+        streams.add(stream)
         try:
             # (Typed for TLS streams; a plain SocketStream is what it serves here.)
             server = BrokerTCPServer(app, hc, context, ConnectionState(lifespan_state.copy()), stream)  # type: ignore[arg-type]
             await server
         finally:
+            streams.discard(stream)
             acceptor.closed()
             await trio.aclose_forcefully(stream)
+
+    async def abort_at(deadline: float) -> None:
+        """At the graceful deadline (or when cancelled), shut down every
+        socket still open. Hypercorn's `send_all` is shielded from
+        cancellation, so a response whose client stopped reading would
+        otherwise hold the shutdown until the kernel gave up on it
+        (TCP_USER_TIMEOUT: tens of seconds past shutdown_timeout)."""
+        try:
+            await trio.sleep_until(deadline)
+        finally:
+            for stream in list(streams):
+                with contextlib.suppress(OSError):
+                    stream.socket.shutdown(socket.SHUT_RDWR)
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
@@ -301,6 +319,8 @@ async def serve_http(
             # Idle keep-alive connections close when they see this; requests
             # in progress get the graceful timeout.
             await context.terminated.set()
-            handlers.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
+            deadline = trio.current_time() + hc.graceful_timeout
+            handlers.cancel_scope.deadline = deadline
+            lifespan_nursery.start_soon(abort_at, deadline)
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()

@@ -19,7 +19,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 import zmq
@@ -39,6 +39,9 @@ from .listen import serve_http
 from .notify import Notifier
 from .probe import Probe
 from .zmq_ingest import bind_pull, serve_zmq_ingest
+
+if TYPE_CHECKING:  # imported when a store is configured (psycopg is heavy)
+    from ..store.writer import Store
 
 log = logging.getLogger("broker")
 
@@ -209,6 +212,15 @@ async def _watchdog_from_the_loop(notifier: Notifier) -> None:
         await trio.sleep(notifier.watchdog / 2)
 
 
+async def _flush_store(store: Store, node_id: str, deadline: float) -> None:
+    """What ingest accepted goes to disk before the exit (by `deadline`)."""
+    if await store.wait_committed(store.queue.pushed, timeout=max(0.0, deadline - trio.current_time())):
+        with trio.move_on_at(deadline):
+            await store.end_run(node_id)
+    else:
+        log.error("store: %d events not written at exit", len(store.queue))
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT (or cancellation)."""
     nofile = raise_nofile_limit()
@@ -376,17 +388,18 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                 # does not close idle keep-alive connections on shutdown and
                 # would wait its whole graceful_timeout for them, so once our
                 # streams are gone we give plain requests a moment and stop.
-                with trio.move_on_after(config.shutdown_timeout):
-                    await hub.wait_streams_closed()
-                with trio.move_on_after(0.25):
-                    await http_done.wait()
-                if hub.store is not None:
-                    # What ingest accepted goes to disk before we exit.
-                    with trio.move_on_after(config.shutdown_timeout):
-                        if await hub.store.wait_committed(hub.store.queue.pushed):
-                            await hub.store.end_run(config.node.id)
-                        else:
-                            log.error("store: %d events not written at exit", len(hub.store.queue))
+                # One deadline for the whole drain (the streams' ends and the
+                # store's last writes go on together), so the exit comes within
+                # shutdown_timeout (and what is still open then is cut:
+                # serve_http shuts its sockets at the same deadline).
+                deadline = trio.current_time() + config.shutdown_timeout
+                async with trio.open_nursery() as draining:
+                    if hub.store is not None:
+                        draining.start_soon(_flush_store, hub.store, config.node.id, deadline)
+                    with trio.move_on_at(deadline):
+                        await hub.wait_streams_closed()
+                    with trio.move_on_at(min(deadline, trio.current_time() + 0.25)):
+                        await http_done.wait()
                 nursery.cancel_scope.cancel()
         log.info("stopped")
     finally:

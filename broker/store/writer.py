@@ -136,22 +136,23 @@ class Store:
         """Write what is queued now (a durable publish is waiting)."""
         self._kick.set()
 
-    async def wait_committed(self, target: int, first: int = 0) -> bool:
+    async def wait_committed(self, target: int, first: int = 0, timeout: float | None = None) -> bool:
         """True once the first `target` entries ever queued are committed;
-        False after `store.durable_timeout`, or if one of the entries from
-        position `first` on was refused by the database (never stored)."""
+        False after `timeout` (a durable publish: `store.durable_timeout`),
+        or if one of the entries from position `first` on was refused by
+        the database (never stored)."""
         self._durable_waiting += 1
         began = trio.current_time()
         try:
             self.kick()
-            with trio.move_on_after(self.config.durable_timeout):
+            with trio.move_on_after(self.config.durable_timeout if timeout is None else timeout):
                 while self.queue.done < target:
                     await self._committed.wait()
                 return not any(lo < target and hi > first for lo, hi in self._refused)
             return False
         finally:
             self._durable_waiting -= 1
-            if self.on_durable is not None:
+            if self.on_durable is not None and timeout is None:  # a durable publish's commit latency
                 self.on_durable(trio.current_time() - began)
 
     async def serve(self, state: BrokerState, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -293,7 +294,9 @@ class Store:
                 while more:  # small batches, never one long transaction
                     more = await self.call(pg.prune, cutoff, 5000)
                     await trio.sleep(0.05)
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreRefused) as exc:
+                # Down, or the statement refused (a role without DELETE):
+                # the broker goes on, and retention tries again next round.
                 log.warning("store: retention skipped: %s", exc)
 
     def statistics(self) -> StoreStatistics:
