@@ -140,3 +140,33 @@ async def test_the_restore_leaves_the_collector_as_it_found_it(pg_dsn: str) -> N
         with pytest.raises(StoreRefused):
             await open_store(cfg, BrokerState("n2"))
     assert gc.isenabled()
+
+
+def test_retention_keeps_what_a_restore_needs(pg_dsn: str) -> None:
+    """Retention prunes by age, but never the events of an active
+    workflow after its stored snapshot: the restore rebuilds from them
+    (the row and snapshot are written at intervals, so a workflow that
+    went quiet has events past them). A terminal workflow's go."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        pg.migrate(conn)
+        st = _state()
+        for i in range(3):
+            st.ingest_frame(orjson.dumps(ev("active", "x.tick", data={"i": i})), now=1.0)
+        st.ingest_frame(orjson.dumps(ev("done", "workflow.running")), now=1.0)
+        st.ingest_frame(orjson.dumps(ev("done", "workflow.completed")), now=1.0)
+        _write(conn, st, 1.0)
+        for i in range(3, 6):  # the row was written < 1 s ago, the snapshot is not due: both lag
+            st.ingest_frame(orjson.dumps(ev("active", "x.tick", data={"i": i})), now=1.5)
+        _write(conn, st, 1.5)
+        (snapshot_seq,) = conn.execute(
+            "SELECT snapshot_seq FROM broker_workflows WHERE workflow_id = 'active'"
+        ).fetchone()
+        assert snapshot_seq < 6
+        while pg.prune(conn, cutoff_ms=10**15, limit=2):  # everything is older than the cutoff
+            pass
+        assert [seq for seq, _ in _events(conn, "active")] == list(range(snapshot_seq + 1, 7))
+        assert _events(conn, "done") == []
+        restored = pg.load(conn, now_ms=2000, terminal_ttl=600, ring_events=1024, restore_events=100_000)
+        [wf] = [w for w in restored.workflows if w.workflow_id == "active"]
+        entries = [e.seq for e in restored.entries if e.workflow_id == "active"]
+        assert entries == list(range(snapshot_seq + 1, 7)) and wf.snapshot_seq == snapshot_seq

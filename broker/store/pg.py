@@ -423,10 +423,17 @@ def list_workflows(
 
 def prune(conn: psycopg.Connection[Any], cutoff_ms: int, limit: int) -> bool:
     """Delete up to `limit` events stored before `cutoff_ms` (and terminal
-    workflows' rows that ended before it); True if there may be more."""
+    workflows' rows that ended before it); True if there may be more.
+
+    Never the events of an active workflow after its stored snapshot: a
+    restore rebuilds its state and sequence from them (its row and
+    snapshot are written at intervals, so one that went quiet has events
+    past both), however old they are."""
     with conn.transaction():
         cur = conn.execute(
-            "DELETE FROM broker_events WHERE ctid IN (SELECT ctid FROM broker_events WHERE stored_at < %s LIMIT %s)",
+            "DELETE FROM broker_events WHERE ctid IN (SELECT e.ctid FROM broker_events e WHERE e.stored_at < %s "
+            "AND NOT EXISTS (SELECT 1 FROM broker_workflows w WHERE w.workflow_id = e.workflow_id "
+            "AND w.epoch = e.epoch AND w.terminal_seq IS NULL AND e.seq > w.snapshot_seq) LIMIT %s)",
             (cutoff_ms, limit),
         )
         events = cur.rowcount
