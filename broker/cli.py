@@ -57,18 +57,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
+        from .server.curve import CurveServer
         from .server.tokens import load_verifier
 
         load_verifier(config.auth)  # the key files are read and checked too
+        for section in ("ingest", "control"):  # and the CURVE key pairs and clients directories
+            sec = getattr(config, section)
+            CurveServer.from_config(section, sec.curve_secret_file, sec.curve_clients_dir)
+        if config.control.curve_secret_file and not config.control.bind:
+            raise ConfigError("config key 'control.curve_secret_file': CURVE is set but control.bind is not")
     except ConfigError as exc:
         return _fail(str(exc))
     import tomli_w
 
     source = args.config or "the built-in defaults (no -c FILE given)"
-    print(f"# broker check-config: the effective configuration, from {source}")
-    if args.json:
+    if args.json:  # JSON has no comments: the source goes to stderr, stdout parses as it stands
+        print(f"broker check-config: the effective configuration, from {source}", file=sys.stderr)
         print(orjson.dumps(config.as_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
+        print(f"# broker check-config: the effective configuration, from {source}")
         print(tomli_w.dumps(config.as_dict()), end="")
     return 0
 
@@ -166,11 +173,12 @@ def _push_lines(pub: Publisher, max_frame_bytes: int) -> tuple[int, int]:
     from .core.errors import Reject
 
     sent = refused = 0
-    for lineno, line in enumerate(sys.stdin, 1):
-        line = line.strip()
-        if not line:
+    # Bytes, not text: a line that is not UTF-8 is refused like any other
+    # bad line (invalid_json), not a traceback.
+    for lineno, line in enumerate(sys.stdin.buffer, 1):
+        frame = line.strip()
+        if not frame:
             continue
-        frame = line.encode()
         results = decode_frame(frame, max_frame_bytes)
         bad = [(i, r) for i, r in enumerate(results) if isinstance(r, Reject)]
         if bad:

@@ -346,6 +346,30 @@ BAD_CONFIGS = [
     ("duplicate key", "[stream]\nkeepalive = 1\nkeepalive = 2\n", "TOML"),
 ]
 
+# Checked once the config has loaded: `run` has begun logging (stdout) by then.
+BAD_KEYS = [
+    (
+        "CURVE key pair unreadable",
+        '[ingest]\ncurve_secret_file = "/nonexistent/b.key_secret"\ncurve_clients_dir = "/tmp"\n',
+        "ingest.curve_secret_file",
+    ),
+    (
+        "CURVE half set",
+        '[control]\nbind = "tcp://127.0.0.1:0"\ncurve_secret_file = "/x"\n',
+        "control.curve_clients_dir",
+    ),
+]
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+@pytest.mark.parametrize("text, needle", [c[1:] for c in BAD_KEYS], ids=[c[0] for c in BAD_KEYS])
+async def test_bad_key_files_are_refused_alike_by_check_config_and_run(tmp_path: Path, command, text, needle):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    rc, out, err = await run_cli(command, "-c", str(cfg))
+    assert rc == 2, (rc, out, err)
+    assert_one_line(err, needle)
+
 
 @pytest.mark.parametrize("command", ["check-config", "run"])
 @pytest.mark.parametrize("text, needle", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
