@@ -306,6 +306,30 @@ async def test_workflow_ids_with_slashes_are_one_path_segment(daemon):
     assert second.event == "snapshot" and second.json["workflow_id"] == b
 
 
+async def test_an_id_ending_in_history_is_a_snapshot_and_names_with_controls_name_nothing(daemon):
+    """`x%2Fhistory` is the workflow "x/history" (its snapshot), not the
+    history of "x"; the history of "x/history" is `x%2Fhistory/history`.
+    A control character (NUL included) names no workflow, tenant or
+    parent: 404 for an id, 400 for a listing argument, never a 5xx."""
+    x = uid("x")
+    odd = f"{x}/history"
+    with trio.fail_after(10):
+        async with client_for(daemon) as client:
+            await post(client, ev(x, "workflow.running"), ev(odd, "workflow.failed"))
+            r = await client.get(f"/v1/workflows/{quote(odd, safe='')}")
+            assert r.status_code == 200 and r.json()["kind"] == "snapshot" and r.json()["workflow_id"] == odd
+            r = await client.get(f"/v1/workflows/{quote(odd, safe='')}/history")
+            assert r.status_code == 200 and [e["type"] for e in r.json()["events"]] == ["workflow.failed"]
+            r = await client.get(f"/v1/workflows/{x}/history")
+            assert r.status_code == 200 and [e["type"] for e in r.json()["events"]] == ["workflow.running"]
+            for path in ("/v1/workflows/t%00x", "/v1/workflows/t%00x/history", "/v1/workflows/t%01x/history"):
+                r = await client.get(path)
+                assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+            for arg in ("after=1:%00", "tenant=a%00", "parent=p%00"):
+                r = await client.get(f"/v1/workflows?{arg}")
+                assert r.status_code == 400 and "control characters" in r.text, (arg, r.text)
+
+
 async def test_logs_stream_has_log_lines_only(daemon):
     wid = uid()
     with trio.fail_after(10):

@@ -123,6 +123,12 @@ def exact_items(frame: bytes) -> list[Any]:
     return obj if isinstance(obj, list) else [obj]
 
 
+def has_control(value: str) -> bool:
+    """Whether `value` holds a control character, which no name (workflow
+    id, tenant, task id) may: such a name names nothing."""
+    return not (value.isascii() and value.isprintable()) and _CONTROL_RE.search(value) is not None
+
+
 def _name(obj: dict[str, Any], key: str, max_len: int, *, required: bool = False) -> str | None:
     value = obj.get(key)
     if value is None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .cursor import parse_workflow_cursor
 from .entry import Entry
-from .envelope import TERMINAL_STATES, is_state_word
+from .envelope import TERMINAL_STATES, has_control, is_state_word
 from .errors import InvalidArgument, PermissionDenied
 from .filters import Filter
 from .limits import Principal
@@ -125,6 +125,9 @@ def parse_list_query(args: Mapping[str, str], principal: Principal) -> ListQuery
     unknown = sorted(set(args) - known)
     if unknown:
         raise InvalidArgument(f"unknown argument '{unknown[0][:64]}'")
+    for key in ("tenant", "parent", "after"):
+        if has_control(args.get(key, "")):  # no name holds one (nor can the store's text hold a NUL)
+            raise InvalidArgument(f"'{key}' must not contain control characters")
     tenant = args.get("tenant") or None
     grant = principal.grant
     if grant is not None:

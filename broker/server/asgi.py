@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from werkzeug.datastructures import Headers, MultiDict
 
 
-def path_segments(scope: dict[str, Any]) -> list[str]:
+def path_segments(scope: Mapping[str, Any]) -> list[str]:
     """The request path's segments, each percent-decoded on its own: a
     workflow id may hold a '/' (sent as %2F), which the decoded
     `scope["path"]` cannot tell from a separator."""

@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..core.control import data_size, parse_request
+from ..core.envelope import has_control
 from ..core.errors import (
     BrokerError,
     DeadlineExceeded,
@@ -31,6 +32,7 @@ from ..core.errors import (
 from ..core.limits import Principal
 from ..core.subscribe import require
 from . import dashboard
+from .asgi import path_segments
 from .cors import cors_headers
 from .hub import Hub
 
@@ -250,8 +252,26 @@ def create_app(hub: Hub) -> QuartTrio:
         status = 202 if result.accepted or result.duplicates or not rejected else 400
         return json_response(payload, status)
 
-    @app.route("/v1/workflows/<path:wid>")  # an id may hold a '/' (sent as %2F)
+    def workflow_path(action: str) -> str:
+        """The workflow id of /v1/workflows/{id}[/{action}], from the raw
+        path: an id is one percent-encoded segment and may hold a '/'
+        (%2F), which the decoded path the routes match cannot tell from a
+        separator. NotFound if the raw path is another one (an id ending
+        in "%2Fhistory" is no history request)."""
+        segments = path_segments(request.scope)
+        if len(segments) != (5 if action else 4) or (action and segments[4] != action) or not segments[3]:
+            raise NotFound(f"no such path: {request.path[:200]}")
+        wid = segments[3]
+        if has_control(wid):  # no workflow id holds one (the envelope refuses them)
+            raise NotFound("workflow ids hold no control characters")
+        return wid
+
+    @app.route("/v1/workflows/<path:wid>")
     async def get_workflow(wid: str) -> Response:
+        segments = path_segments(request.scope)
+        if len(segments) == 5 and segments[4] == "history":  # /{id}/history, routed here by its %2F
+            return await workflow_history(wid)
+        wid = workflow_path("")
         reader = principal("subscribe")
         wf = hub.state.get(wid)
         if wf is None or not reader.may_see(wf.tenant, wf.id):  # another tenant's: as unknown
@@ -265,6 +285,9 @@ def create_app(hub: Hub) -> QuartTrio:
 
     @app.route("/v1/workflows/<path:wid>/history")
     async def workflow_history(wid: str) -> Response:
+        if len(path_segments(request.scope)) == 4:  # /{id} with an id ending in %2Fhistory
+            return await get_workflow(wid)
+        wid = workflow_path("history")
         who = principal("subscribe")
         body = await hub.history(who, wid, request.args)
         return Response(body, status=200, content_type="application/json")
@@ -279,6 +302,7 @@ def create_app(hub: Hub) -> QuartTrio:
 
     async def control_request(kind: str, wid: str) -> Response:
         """DESIGN §8: 202 with the request id once published."""
+        wid = workflow_path(kind)
         try:
             who = hub.principal_of(request.headers, request.args)
             body = await read_body(hub, MAX_CONTROL_BODY, ingest=False)
