@@ -211,6 +211,7 @@ class ClusterConfig(_Section):
     bind: str = _key("", "zmq_opt")
     replay_bind: str = _key("", "zmq_opt")
     peers: tuple[PeerConfig, ...] = _key((), "peers")
+    announce_interval: float = _key(1.0, "positive")  # DESIGN §13: head-offset announcements (seconds)
     curve_secret_file: str = _key("", "str")  # not built yet: validated, unused
     curve_peers_dir: str = _key("", "str")
 

@@ -21,6 +21,13 @@ async def test_health_and_ready(broker):
             assert r.status_code == 200 and r.json()["ready"] is True
 
 
+async def test_stats_name_every_transport_also_at_zero(broker):
+    """docs/reference.md: `connections` has total, sse, ws, users, tenants."""
+    async with httpx.AsyncClient(base_url=broker.url) as client:
+        conns = (await client.get("/v1/admin/stats")).json()["connections"]
+    assert conns == {"total": 0, "sse": 0, "ws": 0, "users": {}, "tenants": {}}
+
+
 async def test_zmq_event_reaches_sse_subscriber(broker):
     broker.push(ev("wf-1", "workflow.running"))
     with trio.fail_after(10):

@@ -889,6 +889,8 @@ class Hub:
         st = self.statistics()
         out["connections"] = {
             "total": st.connections,
+            "sse": 0,  # each transport, also when none of its kind is open
+            "ws": 0,
             **st.by_transport,
             **{k: v for k, v in self.table.counts().items() if k != "total"},
         }

@@ -107,7 +107,14 @@ DEFAULTS: dict[str, Any] = {
         "statement_timeout": 10.0,
         "restore_events": 100000,
     },
-    "cluster": {"bind": "", "replay_bind": "", "peers": [], "curve_secret_file": "", "curve_peers_dir": ""},
+    "cluster": {
+        "bind": "",
+        "replay_bind": "",
+        "peers": [],
+        "announce_interval": 1.0,
+        "curve_secret_file": "",
+        "curve_peers_dir": "",
+    },
     "control": {"bind": "", "curve_secret_file": "", "curve_clients_dir": ""},
     "log": {"level": "info", "format": "text"},
     "service": {"probe_interval": 5.0},
@@ -371,6 +378,15 @@ def test_load_reads_limits_global_from_toml(tmp_path: Path) -> None:
     cfg = load(path)
     assert cfg.limits.global_ == 42 and cfg.stream.keepalive == 2.0 and cfg.source == str(path)
     assert cfg.http.cors_origins == ("*",)
+
+
+def test_the_design_cards_cluster_keys_are_accepted() -> None:
+    """DESIGN §13 lists `announce_interval` among the keys operators rely
+    on: the cluster is not built yet, but its block loads as written."""
+    cfg = from_mapping({"cluster": {"bind": "", "replay_bind": "", "peers": [], "announce_interval": 1}})
+    assert cfg.cluster.announce_interval == 1.0
+    with pytest.raises(ConfigError, match="cluster.announce_interval"):
+        from_mapping({"cluster": {"announce_interval": 0}})
 
 
 # ------------------------------------------------------------------ round trip
