@@ -188,6 +188,34 @@ async def _write_in_flight(client: httpx.AsyncClient) -> bool:
     return any(c["blocked"] > 0 for c in conns)
 
 
+async def test_sigterm_applies_and_delivers_what_ingest_had_read(short_shutdown_daemon):
+    """DESIGN §11: stop ingest, deliver what is buffered. Four ZMQ frames
+    of 2,500 events each, SIGTERM at once: what the ingest had read (or its
+    socket held) is applied whole and streamed before the stream closes,
+    nothing half-applied."""
+    d = short_shutdown_daemon
+    wid = uid("held")
+    frames, per = 4, 2500
+    with trio.fail_after(30):
+        async with client_for(d) as client:
+            await post_events(client, ev(wid, "workflow.running"))
+            async with open_sse(client, wf_path(wid, "logs")) as s:
+                assert (await s.expect()).event == "snapshot"
+                for f in range(frames):
+                    d.push([log(wid, f"{f}.{i}") for i in range(per)])
+                await trio.sleep(0.05)  # in the broker's socket, or being applied
+                d.proc.send_signal(signal.SIGTERM)
+                got = await s.rest()
+            rc = await trio.to_thread.run_sync(d.proc.wait, 10)
+    assert rc == 0, d.output()
+    lines = [e.json["message"] for e in got if e.event == "log"]
+    skipped = sum(e.json["dropped"] for e in got if e.event == "gap")  # a busy stream skips, counted
+    assert len(lines) + skipped == frames * per, (len(lines), skipped, d.output()[-2000:])
+    last = got[-1].json
+    assert last.get("to", last["seq"]) == 1 + frames * per  # up to the last event (a line, or a gap's end)
+    assert "not applied" not in d.output()
+
+
 def _all_threads_stopped(pid: int) -> bool:
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/stat") as f:

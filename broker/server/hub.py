@@ -715,6 +715,12 @@ class Hub:
                         extra=ids(conn.id),
                     )
 
+    def refuse_new(self) -> None:
+        """Shutdown, first step: new streams and HTTP publishes get 503 (and
+        /readyz says draining) while the ingest applies its last frames;
+        open streams go on until `begin_drain`."""
+        self._draining = True
+
     def begin_drain(self) -> None:
         """Shutdown: every stream flushes what it has and ends."""
         self._draining = True

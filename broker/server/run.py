@@ -304,9 +304,14 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
             async with trio.open_nursery() as nursery:
                 ingest_scope = trio.CancelScope()
 
+                ingest_stopped = trio.Event()
+
                 async def ingest() -> None:
-                    with ingest_scope:
-                        await serve_zmq_ingest(pull, hub, max_parts=config.ingest.max_parts, curve=curve)
+                    try:
+                        with ingest_scope:
+                            await serve_zmq_ingest(pull, hub, max_parts=config.ingest.max_parts, curve=curve)
+                    finally:
+                        ingest_stopped.set()
 
                 if hub.store is not None:
                     nursery.start_soon(hub.store.serve, hub.state)
@@ -381,6 +386,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[dict[str, Any]] 
                     notifier.send(STOPPING=1, STATUS="draining")
                     break
                 ingest_scope.cancel()
+                hub.refuse_new()
+                # Its last frames applied first (zmq_ingest: at most 1 s), so
+                # the drain below delivers them too.
+                await ingest_stopped.wait()
                 hub.tick()  # release what the reorder buffers hold past their window
                 hub.begin_drain()
                 stop_http.set()
