@@ -550,6 +550,26 @@ async def test_waits_for_unknown_workflows_count_toward_limits_global(broker_fac
             sock.close()
 
 
+async def test_a_client_that_leaves_a_wait_for_an_unknown_workflow_frees_its_place_at_once(broker_factory):
+    """20 clients ask for workflows that do not exist yet, then close: their
+    sockets and their places under the limits go within a second, not
+    after stream.unknown_workflow_wait (20 s here)."""
+    d = broker_factory(stream={"unknown_workflow_wait": 20})
+    with trio.fail_after(15):
+        socks = []
+        for _ in range(20):
+            sock = await connect(d)
+            await sock.send(f"GET {wf_path(uid('later'))} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            socks.append(sock)
+        async with client_for(d) as client:
+            await poll(lambda: _connections(client, 20), 5)
+            for sock in socks:
+                sock.close()
+            began = trio.current_time()
+            await poll(lambda: _connections(client, 0), 5)
+            assert trio.current_time() - began < 2
+
+
 async def _connections(client: httpx.AsyncClient, n: int) -> bool:
     return (await stats(client))["connections"]["total"] == n
 

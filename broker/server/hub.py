@@ -34,7 +34,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -662,7 +662,9 @@ class Hub:
         self.counters["history_pages"] += 1
         reader.feed(page)
 
-    async def open_when_known(self, sub: Subscription, conn: Connection) -> Opened:
+    async def open_when_known(
+        self, sub: Subscription, conn: Connection, receive: Callable[[], Awaitable[Any]] | None = None
+    ) -> Opened:
         """`open()`, waiting up to `stream.unknown_workflow_wait` for a
         single-workflow subscription's first event (clients subscribe right
         after starting a workflow). NotFound after that, ShuttingDown when
@@ -672,12 +674,18 @@ class Hub:
         opened = self.open(sub, principal)
         if opened is None:
             conn.watch(None, sub)  # the admins see what it waits for
-            with trio.move_on_after(self.stream.unknown_workflow_wait):
-                while (opened := self.open(sub, principal, waited=True)) is None and not self._draining:
-                    if conn.closing:
-                        raise Unavailable("the connection was closed while it waited for its workflow")
-                    # A close does not wake this wait: look again every so often.
-                    await self.wait(NEW_WORKFLOW, 0.5)
+            async with trio.open_nursery() as watching:
+                if receive is not None:  # the client leaving ends the wait (and frees its socket) at once
+                    watching.start_soon(_until_disconnect, receive, conn)
+                with trio.move_on_after(self.stream.unknown_workflow_wait):
+                    while (opened := self.open(sub, principal, waited=True)) is None and not self._draining:
+                        if conn.closing:
+                            break
+                        # A close does not wake this wait: look again every so often.
+                        await self.wait(NEW_WORKFLOW, 0.5)
+                watching.cancel_scope.cancel()
+            if opened is None and conn.closing:  # raised here, not inside the nursery (an ExceptionGroup)
+                raise Unavailable("the connection was closed while it waited for its workflow")
         if opened is None:
             if self._draining:
                 raise ShuttingDown("the broker is shutting down")
@@ -942,3 +950,11 @@ class Hub:
             "log_level": logging.getLevelName(logging.getLogger().level).lower(),
         }
         return out
+
+
+async def _until_disconnect(receive: Callable[[], Awaitable[Any]], conn: Connection) -> None:
+    """While a stream waits for its workflow: the client's disconnect
+    (after the request, `receive()` returns nothing else) closes it."""
+    message = await receive()
+    if message.get("type") == "http.disconnect":
+        conn.close_soon("client gone")  # the wait sees it within its 0.5 s look

@@ -202,7 +202,7 @@ async def handle(hub: Hub, scope: dict[str, Any], receive: Receive, send: Send, 
         return
     try:
         try:
-            opened = await hub.open_when_known(sub, conn)
+            opened = await hub.open_when_known(sub, conn, receive)
         except BrokerError as err:
             hub.refused(err, "sse", conn.remote, conn.principal)
             await _respond(send, err.status, orjson.dumps(err.to_json()), [JSON, *cors])
