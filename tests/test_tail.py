@@ -120,6 +120,12 @@ async def test_a_refusal_is_one_line_and_exit_1_and_bad_arguments_exit_2(broker:
             [*TAIL, "wf", "--level", "loud", "--url", broker.url], capture_stdout=True, capture_stderr=True, check=False
         )
         none = await trio.run_process([*TAIL, "--url", broker.url], capture_stderr=True, check=False)
+        # A URL without its scheme could never connect: said at once, not retried for ever in silence.
+        schemeless = broker.url.removeprefix("http://")
+        no_scheme = await trio.run_process(
+            [*TAIL, "wf", "--json", "--url", schemeless], capture_stderr=True, check=False
+        )
+    assert no_scheme.returncode == 2 and "url must be http://" in no_scheme.stderr.decode()
     err = bad.stderr.decode()
     assert bad.returncode == 1 and err.count("\n") == 1 and "invalid_argument" in err and "Traceback" not in err, err
     assert none.returncode == 2 and "give one workflow" in none.stderr.decode()

@@ -112,6 +112,10 @@ def subscribe(
         raise ValueError("transport must be 'sse' or 'ws'")
     if view != "all" and (transport != "sse" or workflow is None):
         raise ValueError("view applies to single-workflow SSE streams; elsewhere use types=")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Else every connect fails the same way, retried for ever, in silence.
+        raise ValueError(f"url must be http://host:port or https://host:port, not {url!r}")
     flt: dict[str, Any] = {}
     for key, value in (("types", types), ("tasks", tasks), ("states", states)):
         if value is not None:
