@@ -537,11 +537,7 @@ async def test_waits_for_unknown_workflows_count_toward_limits_global(broker_fac
     known = uid("known")
     d.push(ev(known, "workflow.running"))
     with trio.fail_after(20):
-        socks = []
-        for _ in range(3):
-            sock = await connect(d)
-            await sock.send(f"GET {wf_path(uid('later'))} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            socks.append(sock)
+        socks = await _waiting_for_unknown(d, 3)
         async with client_for(d) as client:
             await poll(lambda: _connections(client, 3), 5)
             r = await client.get(wf_path(known))
@@ -556,11 +552,7 @@ async def test_a_client_that_leaves_a_wait_for_an_unknown_workflow_frees_its_pla
     after stream.unknown_workflow_wait (20 s here)."""
     d = broker_factory(stream={"unknown_workflow_wait": 20})
     with trio.fail_after(15):
-        socks = []
-        for _ in range(20):
-            sock = await connect(d)
-            await sock.send(f"GET {wf_path(uid('later'))} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            socks.append(sock)
+        socks = await _waiting_for_unknown(d, 20)
         async with client_for(d) as client:
             await poll(lambda: _connections(client, 20), 5)
             for sock in socks:
@@ -568,6 +560,16 @@ async def test_a_client_that_leaves_a_wait_for_an_unknown_workflow_frees_its_pla
             began = trio.current_time()
             await poll(lambda: _connections(client, 0), 5)
             assert trio.current_time() - began < 2
+
+
+async def _waiting_for_unknown(d, n: int) -> list[trio.socket.SocketType]:
+    """`n` raw connections, each asking for the stream of a workflow not known yet."""
+    socks = []
+    for _ in range(n):
+        sock = await connect(d)
+        await sock.send(f"GET {wf_path(uid('later'))} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        socks.append(sock)
+    return socks
 
 
 async def _connections(client: httpx.AsyncClient, n: int) -> bool:

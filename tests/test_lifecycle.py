@@ -374,7 +374,7 @@ BAD_CONFIGS = [
     ("duplicate key", "[stream]\nkeepalive = 1\nkeepalive = 2\n", "TOML"),
 ]
 
-# Checked once the config has loaded: `run` has begun logging (stdout) by then.
+# Key files, read once the config has loaded.
 BAD_KEYS = [
     (
         "CURVE key pair unreadable",
@@ -390,24 +390,20 @@ BAD_KEYS = [
 
 
 @pytest.mark.parametrize("command", ["check-config", "run"])
-@pytest.mark.parametrize("text, needle", [c[1:] for c in BAD_KEYS], ids=[c[0] for c in BAD_KEYS])
-async def test_bad_key_files_are_refused_alike_by_check_config_and_run(tmp_path: Path, command, text, needle):
+@pytest.mark.parametrize(
+    "text, needle, loaded",
+    [(*c[1:], False) for c in BAD_CONFIGS] + [(*c[1:], True) for c in BAD_KEYS],
+    ids=[c[0] for c in BAD_CONFIGS + BAD_KEYS],
+)
+async def test_bad_config_is_one_line_naming_the_key_and_exit_2(tmp_path: Path, command, text, needle, loaded):
+    """check-config and run refuse alike; `loaded`: a key file, checked
+    once the config has loaded (run has begun logging to stdout by then)."""
     cfg = tmp_path / "bad.toml"
     cfg.write_text(text)
     rc, out, err = await run_cli(command, "-c", str(cfg))
     assert rc == 2, (rc, out, err)
     assert_one_line(err, needle)
-
-
-@pytest.mark.parametrize("command", ["check-config", "run"])
-@pytest.mark.parametrize("text, needle", [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
-async def test_bad_config_is_one_line_naming_the_key_and_exit_2(tmp_path: Path, command, text, needle):
-    cfg = tmp_path / "bad.toml"
-    cfg.write_text(text)
-    rc, out, err = await run_cli(command, "-c", str(cfg))
-    assert rc == 2, (rc, out, err)
-    assert_one_line(err, needle)
-    assert out == ""
+    assert out == "" or loaded
 
 
 @pytest.mark.parametrize("command", ["check-config", "run"])
