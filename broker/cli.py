@@ -208,6 +208,16 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._compiled import StaleBuild, check_core_fresh
+
+    try:
+        check_core_fresh()  # before any command imports the core: one line, not a traceback
+    except StaleBuild as exc:
+        return _fail(str(exc))
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="broker", description="Workflow event broker")
     parser.add_argument("--version", action="version", version=f"broker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
