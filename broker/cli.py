@@ -208,12 +208,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._compiled import StaleBuild, check_core_fresh
-
     try:
-        check_core_fresh()  # before any command imports the core: one line, not a traceback
-    except StaleBuild as exc:
-        return _fail(str(exc))
+        from . import core  # noqa: F401  # its import checks the compiled core against its sources
+    except ImportError as exc:
+        if type(exc).__name__ != "StaleBuild":  # the class is in the package that failed to import
+            raise
+        return _fail(str(exc))  # one line, not a traceback
     return _main(argv)
 
 

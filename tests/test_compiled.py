@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import broker.core.state
-from broker._compiled import StaleBuild, check_core_fresh
+from broker.core import StaleBuild, check_core_fresh
 
 
 def _tree(root: Path, *, source_newer: bool, setup_py: bool = True) -> Path:

@@ -470,6 +470,7 @@ class MultiReader:
         reader has no count of yet (a resumed stream), the skipped lines
         still in the journal are counted."""
         journal = self.state.journal
+        skipped_from = self.index
         cursor = f"{self.state.node_epoch}.{journal.next_index}"
         min_level = self.filter.min_level
         in_scope = self.scope.contains
@@ -483,8 +484,8 @@ class MultiReader:
                 in_journal[e.workflow_id] = in_journal.get(e.workflow_id, 0) + 1
         out: list[Item] = []
         for wf in self._scope_workflows():
-            if wf.id in self.ended:
-                continue
+            if wf.id in self.ended or (wf.terminal and wf.terminal_offset <= skipped_from):
+                continue  # ended before the stretch skipped: its lines and its `end` went out
             base = self._log_base(wf)
             if base is None:
                 dropped = in_journal.get(wf.id, 0)
@@ -500,6 +501,9 @@ class MultiReader:
             self._log_seen[wf.id] = (wf.log_counts, to)
             if dropped:
                 out.append(gap_message(wf.id, wf.epoch, seq_from, to, dropped, cursor))
+            if wf.terminal:  # it ended in the stretch skipped: its `end`, as a resync gives it
+                out.append(workflow_end(wf, cursor))
+                self._mark_ended(wf.id)
         self.index = journal.next_index
         self._check_done()
         return out

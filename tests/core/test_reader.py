@@ -683,6 +683,37 @@ def test_multi_log_stream_falling_behind_gets_gaps_per_workflow_not_resync() -> 
     assert [body(e)["message"] for e in r.pull()] == ["next"]
 
 
+def test_multi_log_stream_falling_behind_ends_each_workflow_that_ended_in_the_skipped_stretch() -> None:
+    """As a resync does: a workflow that ended while the log stream was
+    behind gets its `end` after its gap, and `workflows=` then ends."""
+    st = mk()
+    send(st, wfe("a"))
+    r = MultiReader(st, Filter.parse({"types": "log"}), Start(SNAPSHOT), workflows=frozenset({"a"}), coalesce_after=2)
+    r.pull()
+    _busy(r, st, log("a", message="first"))
+    send(st, *[log("a", message=f"m{i}") for i in range(10)], wfe("a", "workflow.completed"))
+    out = [body(m) for m in r.pull()]
+    assert [m["kind"] for m in out] == ["gap", "end"], out
+    assert out[0]["dropped"] == 10 and out[1]["state"] == "completed"
+    assert r.done
+
+
+def test_tenant_log_stream_falling_behind_gives_no_gap_for_a_workflow_it_saw_end() -> None:
+    """A workflow that started after the stream opened and ended with
+    every line delivered gets nothing more when the stream later falls
+    behind on another workflow."""
+    st = mk()
+    send(st, wfe("other"))
+    r = MultiReader(st, Filter.parse({"types": "log"}), Start(SNAPSHOT), tenant="default", coalesce_after=2)
+    r.pull()
+    send(st, wfe("x"), log("x", message="one"), log("x", message="two"), wfe("x", "workflow.completed"))
+    assert [body(m)["kind"] for m in r.pull()] == ["log", "log", "end"]
+    _busy(r, st, log("other", message="first"))
+    send(st, *[log("other", message=f"m{i}") for i in range(10)])
+    out = [body(m) for m in r.pull()]
+    assert [(m["kind"], m["workflow_id"]) for m in out] == [("gap", "other")], out
+
+
 def test_multi_log_stream_that_fell_off_the_journal_counts_only_matching_lines_of_its_scope() -> None:
     """Falling off the journal is falling behind too: the gaps must still
     count only the skipped lines that the stream would have delivered."""
