@@ -130,7 +130,7 @@ async def serve_zmq_ingest(
     fd = sock.getsockopt(zmq.FD)
     assert isinstance(fd, int)
     parts = _Parts(sock, max_parts, curve)
-    ingest_batch, resume, turn = hub.ingest_batch, hub.resume, hub.ingest_turn
+    resume, turn = hub.resume, hub.ingest_turn
     task_status.started()
     turn_began: float | None = None  # None: the ingest waited for input since
     turn_ended: float | None = None  # when the last turn stopped at a limit
@@ -155,16 +155,7 @@ async def serve_zmq_ingest(
             if carry:
                 carry = resume(carry, until)
             while not carry:
-                frames: list[bytes] = []
-                tenants: list[str | None] = []  # empty unless a certificate binds its engine to a tenant
-                more = parts.read(frames, CHUNK, tenants)
-                for dropped in parts.dropped:
-                    hub.reject_message(
-                        f"message of {max_parts + dropped} parts exceeds ingest.max_parts ({max_parts})", "zmq"
-                    )
-                parts.dropped.clear()
-                if frames:
-                    carry = ingest_batch(frames, "zmq", until, tenants or None)
+                carry, more = _take_chunk(parts, hub, max_parts, until)
                 taken += CHUNK
                 if not more:
                     backlog = bool(carry)
@@ -189,6 +180,19 @@ async def serve_zmq_ingest(
         sock.close(0)
 
 
+def _take_chunk(parts: _Parts, hub: Hub, max_parts: int, until: float) -> tuple[deque[FrameIngest], bool]:
+    """Read up to CHUNK parts and apply them (until `until`): what is left
+    to apply, and whether the socket may hold more."""
+    frames: list[bytes] = []
+    tenants: list[str | None] = []  # empty unless a certificate binds its engine to a tenant
+    more = parts.read(frames, CHUNK, tenants)
+    for dropped in parts.dropped:
+        hub.reject_message(f"message of {max_parts + dropped} parts exceeds ingest.max_parts ({max_parts})", "zmq")
+    parts.dropped.clear()
+    carry = hub.ingest_batch(frames, "zmq", until, tenants or None) if frames else deque()
+    return carry, more
+
+
 def _drain_at_stop(parts: _Parts, hub: Hub, carry: deque[FrameIngest], max_parts: int) -> None:
     until = trio.current_time() + DRAIN_AT_STOP
     try:
@@ -197,16 +201,7 @@ def _drain_at_stop(parts: _Parts, hub: Hub, carry: deque[FrameIngest], max_parts
             if trio.current_time() >= until:
                 break
         while not carry and trio.current_time() < until:
-            frames: list[bytes] = []
-            tenants: list[str | None] = []
-            more = parts.read(frames, CHUNK, tenants)
-            for dropped in parts.dropped:
-                hub.reject_message(
-                    f"message of {max_parts + dropped} parts exceeds ingest.max_parts ({max_parts})", "zmq"
-                )
-            parts.dropped.clear()
-            if frames:
-                carry = hub.ingest_batch(frames, "zmq", until, tenants or None)
+            carry, more = _take_chunk(parts, hub, max_parts, until)
             if not more:
                 break
     except zmq.ZMQError:
