@@ -92,6 +92,7 @@ async def test_snapshot_first_then_live_events_in_order(broker):
     wid = "wf-live"
     broker.push([ev(wid, "workflow.running"), ev(wid, "task.running", task_id="t-1")])
     with trio.fail_after(10):
+        await _until_seq(broker, wid, 2)
         async with ws_client(ws_url(broker)) as c:
             snap = await open_sub(c, "s1", workflow=wid)
             epoch = snap["epoch"]
@@ -122,6 +123,7 @@ async def test_resume_with_since_and_cursor_gives_exactly_the_suffix(broker):
     wid = "wf-resume"
     broker.push([ev(wid, "workflow.running")] + [log(wid, f"l{i}") for i in range(2, 7)])
     with trio.fail_after(10):
+        await _until_seq(broker, wid, 6)
         async with ws_client(ws_url(broker)) as c:
             snap = await open_sub(c, "live", workflow=wid)
             epoch = snap["epoch"]
@@ -148,10 +150,23 @@ async def test_resume_with_since_and_cursor_gives_exactly_the_suffix(broker):
     assert [e["message"] for e in got["since3"][0]] == ["l4", "l5", "l6", "l7"]
 
 
+async def _until_seq(daemon, wid: str, seq: int) -> None:
+    """Until `wid` is known with at least `seq` events (the ingest is ZMQ: no ack)."""
+    async with httpx.AsyncClient(base_url=daemon.url) as client:
+        while True:
+            r = await client.get(f"/v1/workflows/{wid}")
+            if r.status_code == 200 and r.json()["seq"] >= seq:
+                return
+            await trio.sleep(0.01)
+
+
 async def test_cursor_of_another_epoch_or_malformed_resyncs(broker):
     wid = "wf-resync"
     broker.push([ev(wid, "workflow.running"), ev(wid, "task.running", task_id="t-1")])
     with trio.fail_after(10):
+        # Both events in before the first subscription (else it waits for the
+        # workflow and gets its events from the first, not a snapshot).
+        await _until_seq(broker, wid, 2)
         async with ws_client(ws_url(broker)) as c:
             snap = await open_sub(c, "live", workflow=wid)
             epoch = snap["epoch"]
