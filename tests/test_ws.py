@@ -14,6 +14,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from .builders import ev, log
+from .e2e import poll
 from .ws_client import Msg, WsClient, unbatch, ws_client
 
 JOURNAL_CURSOR = re.compile(r"^[A-Za-z0-9_-]+\.(\d+)$")
@@ -153,11 +154,12 @@ async def test_resume_with_since_and_cursor_gives_exactly_the_suffix(broker):
 async def _until_seq(daemon, wid: str, seq: int) -> None:
     """Until `wid` is known with at least `seq` events (the ingest is ZMQ: no ack)."""
     async with httpx.AsyncClient(base_url=daemon.url) as client:
-        while True:
+
+        async def known() -> bool:
             r = await client.get(f"/v1/workflows/{wid}")
-            if r.status_code == 200 and r.json()["seq"] >= seq:
-                return
-            await trio.sleep(0.01)
+            return r.status_code == 200 and r.json()["seq"] >= seq
+
+        await poll(known, 5, interval=0.01)
 
 
 async def test_cursor_of_another_epoch_or_malformed_resyncs(broker):
